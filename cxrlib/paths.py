@@ -1,0 +1,108 @@
+"""Every path the package writes or reads, anchored on the repository root.
+
+Each function reads its environment variable at call time, so a test or a smoke run can redirect
+all outputs by setting ``CXR_WORKDIR`` (one folder for data/, build/, results/, figures/) or the
+individual overrides below. Users who keep data sets elsewhere set ``OPENI_ROOT`` / ``MIMIC_ROOT``.
+
+=====================  ===============================  ==========================================
+function               environment variable             default
+=====================  ===============================  ==========================================
+``repo_root()``        --                               the folder holding ``pyproject.toml``
+``workdir()``          ``CXR_WORKDIR``                  ``repo_root()``
+``data_dir()``         ``CXR_DATA_DIR``                 ``workdir()/data``
+``raw_dir()``          ``CXR_RAW_DIR``                  ``data_dir()/raw`` (downloads, synthetic images)
+``processed_dir()``    --                               ``data_dir()/processed`` (study tables)
+``embeddings_dir()``   ``CXR_EMBEDDINGS_DIR``           ``data_dir()/embeddings`` (embedding cache)
+``models_dir()``       --                               ``data_dir()/models`` (adapted backbones)
+``build_dir()``        ``CXR_BUILD_DIR``                ``workdir()/build`` (executed notebooks)
+``results_dir(p)``     ``CXR_RESULTS_DIR``              ``workdir()/results/<profile>``
+``figures_dir(p)``     ``CXR_FIGURES_DIR``              ``workdir()/figures/<profile>``
+``configs_dir()``      --                               ``repo_root()/configs``
+``openi_root()``       ``OPENI_ROOT``                   ``raw_dir()/openi``
+``mimic_root()``       ``MIMIC_ROOT``                   None (credentialed data: never guessed)
+=====================  ===============================  ==========================================
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env_path(var: str) -> Path | None:
+    value = os.environ.get(var, "").strip()
+    return Path(value).expanduser().resolve() if value else None
+
+
+def repo_root() -> Path:
+    """The repository (source checkout) root."""
+    return _REPO_ROOT
+
+
+def workdir() -> Path:
+    """Root of every generated folder; ``CXR_WORKDIR`` redirects all of them at once."""
+    return _env_path("CXR_WORKDIR") or _REPO_ROOT
+
+
+def data_dir() -> Path:
+    return _env_path("CXR_DATA_DIR") or workdir() / "data"
+
+
+def raw_dir() -> Path:
+    return _env_path("CXR_RAW_DIR") or data_dir() / "raw"
+
+
+def processed_dir() -> Path:
+    return data_dir() / "processed"
+
+
+def embeddings_dir() -> Path:
+    return _env_path("CXR_EMBEDDINGS_DIR") or data_dir() / "embeddings"
+
+
+def models_dir() -> Path:
+    return data_dir() / "models"
+
+
+def build_dir() -> Path:
+    return _env_path("CXR_BUILD_DIR") or workdir() / "build"
+
+
+def results_dir(profile: str = "paper") -> Path:
+    base = _env_path("CXR_RESULTS_DIR")
+    return base / profile if base else workdir() / "results" / profile
+
+
+def figures_dir(profile: str = "paper") -> Path:
+    base = _env_path("CXR_FIGURES_DIR")
+    return base / profile if base else workdir() / "figures" / profile
+
+
+def configs_dir() -> Path:
+    return _REPO_ROOT / "configs"
+
+
+def openi_root() -> Path:
+    return _env_path("OPENI_ROOT") or raw_dir() / "openi"
+
+
+def mimic_root() -> Path | None:
+    return _env_path("MIMIC_ROOT")
+
+
+def shared_data_dir() -> Path:
+    """``../shared/data`` beside the checkout (development and CI only; never committed)."""
+    return _env_path("CXR_SHARED_DATA") or _REPO_ROOT.parent / "shared" / "data"
+
+
+def study_table_path(dataset: str) -> Path:
+    """``data/processed/<dataset>.parquet``: the study table every later node reads."""
+    return processed_dir() / f"{dataset}.parquet"
+
+
+def ensure_dir(path: Path) -> Path:
+    """Create ``path`` (a folder) if needed and return it."""
+    path.mkdir(parents=True, exist_ok=True)
+    return path

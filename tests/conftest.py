@@ -1,0 +1,44 @@
+"""Shared fixtures: CPU only, offline hubs, an isolated work folder, the ../shared data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("CXR_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """Redirect every generated folder (data/, build/, results/, figures/) into a temp folder."""
+    monkeypatch.setenv("CXR_WORKDIR", str(tmp_path))
+    for var in ("CXR_DATA_DIR", "CXR_RAW_DIR", "CXR_EMBEDDINGS_DIR", "CXR_BUILD_DIR",
+                "CXR_RESULTS_DIR", "CXR_FIGURES_DIR", "OPENI_ROOT", "MIMIC_ROOT"):
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path
+
+
+def _shared(sub: str) -> Path:
+    path = SHARED / sub
+    if not path.is_dir():
+        pytest.skip(f"real data folder {path} is absent (it sits beside the checkout on dev and CI machines)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def openi_shared() -> Path:
+    """../shared/data/openi: the real Open-I Kaggle tables (no images)."""
+    return _shared("openi")
+
+
+@pytest.fixture(scope="session")
+def covid_shared() -> Path:
+    """../shared/data/covid-cxr-sample: 130 real radiographs for image-reading tests."""
+    return _shared("covid-cxr-sample")
