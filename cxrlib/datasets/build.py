@@ -1,0 +1,65 @@
+"""``build_study_table(dataset, **params)``: one entry point for every source.
+
+Parameters shared by all sources (see :func:`cxrlib.datasets.table.assemble`): ``view``
+("frontal", "lateral" or None = all), ``one_image_per_study``, ``verify_images``, ``text_sections``,
+``anon``, ``max_studies``, ``seed``, ``val_frac``, ``test_frac``. Source parameters:
+
+* ``openi``: ``root`` (default ``OPENI_ROOT``), ``layout`` (auto|nlm|kaggle), ``views_csv``,
+  ``no_indexing``, ``download`` (fetch the NLM release into ``root`` when it is empty).
+* ``openi_synth``: ``image_size``, ``no_indexing``, ``out_dir``.
+* ``mimic``: ``root`` (default ``MIMIC_ROOT``), ``uncertain``, ``normal_rule``, ``split`` (official|random).
+* ``synthetic``: ``n_studies``, ``image_size``, ``views``, ``out_dir``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from cxrlib import paths
+from cxrlib.datasets.labels import FINDING_LABELS
+from cxrlib.datasets.table import SkipLog, assemble
+
+DATASETS = ("openi", "openi_synth", "mimic", "synthetic")
+
+
+def build_synthetic(n_studies: int = 200, image_size: int = 256, views=("frontal",), seed: int = 0,
+                    out_dir: str | Path | None = None, **assemble_kw) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Fully synthetic studies (templated reports, rendered radiographs) as a study table."""
+    from cxrlib.datasets import synthetic
+
+    out_dir = Path(out_dir) if out_dir else paths.raw_dir() / "synthetic"
+    raw = synthetic.make_synthetic_studies(n_studies, out_dir, seed=seed, size=image_size, views=tuple(views))
+    study_cols = ["study_id", "patient_id", "findings", "impression", "mesh", "label_abnormal",
+                  *[c for c in FINDING_LABELS if c in raw.columns]]
+    studies = raw[study_cols].drop_duplicates("study_id").reset_index(drop=True)
+    images = raw[["study_id", "image_id", "image_path", "view"]].reset_index(drop=True)
+    skips = SkipLog()
+    table = assemble(studies, images, skips, source="synthetic", seed=seed, **assemble_kw)
+    return table, skips.table()
+
+
+def build_study_table(dataset: str, **params) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(table, skips)`` of ``dataset``; ``skips`` lists every dropped item with its reason."""
+    if dataset == "openi":
+        from cxrlib.datasets import openi
+
+        if params.pop("download", False):
+            from cxrlib.datasets.download import download_openi
+
+            root = Path(params.get("root") or paths.openi_root())
+            if not root.is_dir() or not any(root.iterdir()):
+                download_openi(root)
+        return openi.build_openi(**params)
+    if dataset == "openi_synth":
+        from cxrlib.datasets import openi
+
+        return openi.build_openi_synth(**params)
+    if dataset == "mimic":
+        from cxrlib.datasets import mimic
+
+        return mimic.build_mimic(**params)
+    if dataset == "synthetic":
+        return build_synthetic(**params)
+    raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")

@@ -1,0 +1,186 @@
+"""Open-I readers: NLM and Kaggle layouts on fake trees, bad input, and the real tables in ../shared."""
+
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from cxrlib.datasets import build_study_table, skip_counts
+from cxrlib.datasets.fixtures import fake_openi_studies, make_fake_openi_kaggle, make_fake_openi_nlm
+from cxrlib.datasets.labels import FINDING_LABELS
+from cxrlib.datasets.openi import (
+    detect_layout,
+    infer_nlm_views,
+    kaggle_candidates,
+    kaggle_image_id,
+    nlm_candidates,
+    openi_candidates,
+    parse_report_xml,
+    projection_views,
+    read_nlm_reports,
+    torchxrayvision_data,
+)
+from cxrlib.datasets.table import SkipLog
+
+COMPARE = ["study_id", "patient_id", "image_id", "view", "report", "text_sections", "label_abnormal",
+           *FINDING_LABELS, "split", "report_group", "report_dup_count"]
+
+
+@pytest.fixture(scope="module")
+def trees(tmp_path_factory):
+    base = tmp_path_factory.mktemp("openi")
+    return {"nlm": make_fake_openi_nlm(base / "nlm"), "kaggle": make_fake_openi_kaggle(base / "kaggle"),
+            "tgz": make_fake_openi_nlm(base / "tgz", archive=True)}
+
+
+def test_layouts_detected(trees):
+    assert detect_layout(trees["nlm"]) == "nlm" and detect_layout(trees["tgz"]) == "nlm"
+    assert detect_layout(trees["kaggle"]) == "kaggle"
+
+
+def test_both_layouts_give_the_same_table(trees):
+    tables = {k: build_study_table("openi", root=v, seed=1)[0] for k, v in trees.items()}
+    for other in ("kaggle", "tgz"):
+        pd.testing.assert_frame_equal(tables["nlm"][COMPARE], tables[other][COMPARE])
+    t = tables["kaggle"]
+    assert len(t) == 24 and (t["view"] == "frontal").all() and t["image_id"].str.endswith("-1001").all()
+    assert t["image_path"].map(lambda p: Path(p).is_file()).all()
+    assert (t.loc[t["study_id"] == "CXR1", "label_abnormal"] == 0).all()
+    row = t[t["study_id"] == "CXR2"].iloc[0]
+    assert row["label_abnormal"] == 1 and row["Cardiomegaly"] == 1 and row["Pleural Effusion"] == 1
+    assert row["No Finding"] == 0 and row["mesh"] == "Cardiomegaly/mild;Pleural Effusion/right/small"
+    row3 = t[t["study_id"] == "CXR3"].iloc[0]  # empty findings -> impression only, XXXX removed
+    assert row3["report"] == "Normal chest x." and row3["text_sections"] == "impression"
+
+
+def test_text_and_view_parameters(trees):
+    t, skips = build_study_table("openi", root=trees["kaggle"], text_sections="impression", anon="keep",
+                                 view="lateral")
+    assert (t["view"] == "lateral").all() and t.loc[t["study_id"] == "CXR3", "report"].item() == "Normal chest x-XXXX."
+    assert skip_counts(skips).set_index("reason")["count"].to_dict() == {"not_lateral": 24}
+    t, _ = build_study_table("openi", root=trees["kaggle"], view=None, one_image_per_study=False)
+    assert len(t) == 48
+
+
+def test_wrong_root_and_wrong_layout(tmp_path, trees):
+    with pytest.raises(FileNotFoundError, match="OPENI_ROOT.*make demo"):
+        build_study_table("openi", root=tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="Kaggle layout"):
+        detect_layout(tmp_path / "empty")
+    with pytest.raises(ValueError, match="kaggle layout, not nlm"):
+        build_study_table("openi", root=trees["kaggle"], layout="nlm")
+    with pytest.raises(ValueError, match="layout must be"):
+        build_study_table("openi", root=trees["kaggle"], layout="zip")
+
+
+def test_openi_root_from_environment(trees, workdir, monkeypatch):
+    monkeypatch.setenv("OPENI_ROOT", str(trees["kaggle"]))
+    t, _ = build_study_table("openi")
+    assert len(t) == 24 and t["source"].eq("openi-kaggle").all()
+
+
+def test_nlm_bad_input(tmp_path):
+    specs = fake_openi_studies(16)
+    specs[5]["images"] = [(specs[5]["images"][0][0], "Oblique"), specs[5]["images"][1]]  # unknown view
+    specs[6]["findings"] = specs[6]["impression"] = ""                                  # empty sections
+    specs[7]["mesh"] = ["No Indexing"]                                                  # no label
+    root = make_fake_openi_nlm(tmp_path / "nlm", studies=specs)
+    (root / "ecgen-radiology" / "3.xml").write_text("<eCitation><uId id='CXR3'>")        # malformed XML
+    (root / "ecgen-radiology" / "4.xml").write_text("<eCitation><MeSH/></eCitation>")    # no uId
+    (root / "NLMCXR_png" / "CXR9_IM-1009-1001.png").unlink()                             # missing image
+    p = root / "NLMCXR_png" / "CXR10_IM-1010-1001.png"
+    p.write_bytes(p.read_bytes()[:50])                                                   # truncated image
+    table, skips = build_study_table("openi", root=root)
+    counts = skip_counts(skips).set_index("reason")["count"].to_dict()
+    assert counts["malformed_xml"] == 2 and counts["unknown_view"] == 1 and counts["no_frontal_image"] == 1
+    assert counts["empty_report"] == 1 and counts["no_label"] == 1
+    assert counts["missing_image"] == 1 and counts["unreadable_image"] == 1 and counts["no_readable_image"] == 2
+    assert len(table) == 16 - 7 and not {"CXR3", "CXR4", "CXR6", "CXR7", "CXR8", "CXR9", "CXR10"} & set(table["study_id"])
+    assert set(skips.loc[skips["reason"] == "malformed_xml", "item"]) == {"3.xml", "4.xml"}
+    assert "malformed XML" in skips.loc[skips["item"] == "3.xml", "detail"].item()
+
+
+def test_parse_report_xml_errors():
+    with pytest.raises(ValueError, match="x.xml: malformed XML"):
+        parse_report_xml(b"<a>", "x.xml")
+    with pytest.raises(ValueError, match="y.xml: no <uId"):
+        parse_report_xml(b"<eCitation/>", "y.xml")
+
+
+def test_views_inferred_without_projections(tmp_path):
+    root = make_fake_openi_nlm(tmp_path / "nlm", n_studies=8, projections=False)
+    with pytest.warns(UserWarning, match="views inferred"):
+        studies, images = openi_candidates(root)
+    assert images.set_index("image_id")["view"].to_dict() == {
+        i: ("frontal" if i.endswith("-1001") else "lateral") for i in images["image_id"]}
+
+
+def test_kaggle_names():
+    assert kaggle_image_id("10_IM-0002-1001.dcm.png") == "CXR10_IM-0002-1001"
+    assert kaggle_image_id("1_IM-0001-4001.dcm.png") == "CXR1_1_IM-0001-4001"
+
+
+# ---- the real Open-I tables (../shared/data/openi, no images) and the NLM reports of torchxrayvision ----
+
+@pytest.fixture(scope="module")
+def real(openi_shared):
+    ks, ki = kaggle_candidates(openi_shared)
+    skips = SkipLog()
+    reports = read_nlm_reports(torchxrayvision_data("NLMCXR_reports.tgz"), skips)
+    return ks, ki, reports, skips
+
+
+def test_real_counts(real):
+    ks, ki, reports, skips = real
+    assert len(ks) == 3851 and ks["study_id"].is_unique
+    assert len(ki) == 7466 and ki["image_id"].is_unique
+    assert len(reports) == 3955 and skips.counts() == {}
+    normal = (ks["mesh"] == "normal").mean()
+    assert 0.34 < normal < 0.37
+
+
+def test_real_layouts_agree(real, openi_shared):
+    from cxrlib.datasets.openi import _label_studies
+
+    ks, ki, reports, _ = real
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ks, _ = openi_candidates(openi_shared)
+    ns, ni = nlm_candidates(reports, Path("/nowhere"), pd.Series(dtype=object))
+    ns = _label_studies(ns, "skip")
+    j = ks.merge(ns, on="study_id", suffixes=("_k", "_n"))
+    assert len(j) == 3851
+    assert (j["label_abnormal_k"] == j["label_abnormal_n"]).all()
+    for name in FINDING_LABELS:
+        a, b = j[f"{name}_k"], j[f"{name}_n"]
+        assert ((a == b) | (a.isna() & b.isna())).all(), name
+    assert set(ki["image_id"]) <= set(ni["image_id"])  # Kaggle images map onto the Open-I names
+
+
+def test_real_view_inference_accuracy(real, openi_shared):
+    _, ki, reports, _ = real
+    truth = projection_views(openi_shared / "indiana_projections.csv")
+    pred = infer_nlm_views([i for ids in reports["image_ids"] for i in ids])
+    both = truth.index.intersection(pred.index)
+    assert len(both) == 7466
+    assert (pred[both] == truth[both]).mean() > 0.93
+    assert (truth[both][pred[both] == "frontal"] == "frontal").mean() > 0.93
+
+
+def test_real_kaggle_table_is_leak_free(openi_shared, tmp_path):
+    import shutil
+
+    for f in ("indiana_reports.csv", "indiana_projections.csv"):
+        shutil.copy(openi_shared / f, tmp_path / f)
+    table, skips = build_study_table("openi", root=tmp_path, verify_images=False, seed=0)
+    counts = skip_counts(skips).set_index("reason")["count"].to_dict()
+    assert counts["no_label"] == 92 and counts["no_frontal_image"] > 100
+    assert len(table) + sum(counts[r] for r in ("no_label", "empty_report", "no_frontal_image")) == 3851
+    assert table.groupby("patient_id")["split"].nunique().max() == 1
+    frac = table["split"].value_counts(normalize=True)
+    assert abs(frac["test"] - 0.2) < 0.01
+    assert table.groupby("split")["label_abnormal"].mean().agg(lambda s: s.max() - s.min()) < 0.02
+    imp, _ = build_study_table("openi", root=tmp_path, verify_images=False, text_sections="impression")
+    assert imp["report_dup_count"].max() > 200  # "No acute cardiopulmonary abnormality." repeats
