@@ -1,0 +1,602 @@
+"""Contrastive adaptation of an open_clip backbone on the training split (notebook 00).
+
+The image tower is trained end to end on radiographs streamed from disk; the text tower is locked
+(default: each distinct report is encoded once and cached, which makes CPU training fast) or trained
+too. The objective is :class:`cxrlib.losses.MultiTaskLoss`, the projector's loss, applied to the
+backbone's own normalised embeddings (BCE through a small linear head on them). Default weights are
+CLIP only: adaptation aligns the image tower with the report space, and the paper's multi-task
+objective (and its ablation) stays with the projector, so SupCon/BCE effects are not baked into the
+backbone. AdamW with linear warm-up then cosine decay; validation loss and retrieval recall each
+epoch; early stopping on ``monitor``; the best epoch's weights are kept.
+
+The checkpoint is ``torch.save({"backbone", "state_dict", "config", "history", "classifier"})`` at
+:func:`checkpoint_path`, written atomically; ``cxrlib.backbones.load_backbone(name,
+checkpoint=path)`` loads it. Under ``torchrun`` (``WORLD_SIZE > 1``: ``python -m cxrlib.adapt``)
+the model is wrapped in DDP, each rank takes a shard of every epoch and the contrastive terms gather
+across ranks; rank 0 writes the checkpoint.
+
+Radiograph augmentation: a small random-resized crop, a few degrees of rotation, brightness and
+contrast jitter; no horizontal flip by default (it moves the heart to the wrong side).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+from tqdm.auto import tqdm
+
+from cxrlib import paths
+from cxrlib.images import ImageReadError, load_cxr_image
+from cxrlib.io import atomic_path
+
+REQUIRED_COLUMNS = ("study_id", "image_id", "image_path", "report", "label_abnormal", "split")
+MONITORS = {"val_loss": "min", "val_recall": "max"}
+PRECISIONS = ("fp32", "bf16")
+#: suffix of an adapted backbone's name and checkpoint file
+ADAPTED_SUFFIX = "-adapted"
+
+
+# ---- configuration -------------------------------------------------------------------------------
+
+@dataclass
+class AugmentConfig:
+    """Train-time augmentation for radiographs (all mild; ``hflip`` off because it breaks anatomy)."""
+
+    scale: tuple[float, float] = (0.85, 1.0)
+    ratio: tuple[float, float] = (0.9, 1.1)
+    rotation: float = 7.0
+    brightness: float = 0.2
+    contrast: float = 0.2
+    hflip: bool = False
+
+
+@dataclass
+class AdaptConfig:
+    """Every setting of one adaptation run (recorded in the checkpoint)."""
+
+    backbone: str
+    dataset: str = ""
+    seed: int = 0
+    epochs: int = 3
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    batch_size: int = 32
+    warmup_frac: float = 0.1
+    lock_text: bool = True
+    image_size: int | None = None
+    w_clip: float = 1.0
+    w_supcon: float = 0.0
+    w_bce: float = 0.0
+    supcon_temperature: float = 0.1
+    num_workers: int = 0
+    max_steps: int | None = None
+    monitor: str = "val_loss"
+    patience: int = 2
+    precision: str = "fp32"
+    device: str = "cpu"
+    eval_batch_size: int = 64
+    recall_ks: tuple[int, ...] = (1, 5, 10)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self):
+        if isinstance(self.augment, dict):
+            self.augment = AugmentConfig(**self.augment)
+        self.recall_ks = tuple(int(k) for k in self.recall_ks)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad setting."""
+        for k in ("w_clip", "w_supcon", "w_bce"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"{k} must be a number >= 0, got {v!r}")
+        if self.w_clip + self.w_supcon + self.w_bce == 0:
+            raise ValueError("all adaptation loss weights are 0: nothing to train")
+        checks = {"epochs": self.epochs >= 1, "batch_size": self.batch_size >= 2, "lr": self.lr > 0,
+                  "num_workers": self.num_workers >= 0, "patience": self.patience >= 1,
+                  "warmup_frac": 0 <= self.warmup_frac < 1, "seed": isinstance(self.seed, int) and self.seed >= 0,
+                  "max_steps": self.max_steps is None or self.max_steps >= 1,
+                  "image_size": self.image_size is None or self.image_size >= 16}
+        for k, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{k} out of range: {getattr(self, k)!r}")
+        if self.monitor not in MONITORS:
+            raise ValueError(f"monitor must be one of {sorted(MONITORS)}, got {self.monitor!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def checkpoint_path(dataset: str, backbone: str) -> Path:
+    """``models_dir()/<dataset>/<backbone>-adapted.pt`` (the path the make DAG expects)."""
+    return paths.models_dir() / dataset / f"{backbone}{ADAPTED_SUFFIX}.pt"
+
+
+# ---- transforms ----------------------------------------------------------------------------------
+
+def image_config(model: nn.Module, preprocess: Any = None) -> dict[str, Any]:
+    """The model's input size, mean, std (from ``visual.preprocess_cfg`` or the eval ``preprocess``)."""
+    cfg = dict(getattr(model.visual, "preprocess_cfg", None) or {})
+    if preprocess is not None and ("mean" not in cfg or "std" not in cfg):
+        for t in getattr(preprocess, "transforms", []):
+            if isinstance(t, T.Normalize):
+                cfg.setdefault("mean", tuple(t.mean))
+                cfg.setdefault("std", tuple(t.std))
+    size = cfg.get("size") or getattr(model.visual, "image_size", None)
+    if size is None or "mean" not in cfg:
+        raise ValueError("cannot derive the input size / mean / std of this backbone's image tower")
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    return {"size": size, "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
+
+
+def train_transform(size: int, mean: tuple, std: tuple, aug: AugmentConfig | None = None) -> T.Compose:
+    """Random-resized crop (mild), rotation, brightness/contrast; optional flip; then normalise."""
+    aug = aug or AugmentConfig()
+    steps: list[Any] = [T.RandomResizedCrop(size, scale=tuple(aug.scale), ratio=tuple(aug.ratio),
+                                            interpolation=T.InterpolationMode.BICUBIC)]
+    if aug.rotation > 0:
+        steps.append(T.RandomRotation(aug.rotation, interpolation=T.InterpolationMode.BILINEAR))
+    if aug.brightness > 0 or aug.contrast > 0:
+        steps.append(T.ColorJitter(brightness=aug.brightness, contrast=aug.contrast))
+    if aug.hflip:
+        steps.append(T.RandomHorizontalFlip())
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+class ImageReportDataset(Dataset):
+    """Row ``i`` of a study table -> ``{"index": i, "image": tensor}``, read from disk each time.
+
+    An unreadable image yields ``{"index": i, "error": reason}`` instead of raising, so a worker
+    never dies on one bad file; :func:`collate_skipping` moves it to the batch's ``skipped`` list.
+    """
+
+    def __init__(self, image_paths: list[str], transform: Any):
+        self.image_paths = [str(p) for p in image_paths]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        try:
+            img = load_cxr_image(self.image_paths[i], mode="RGB")
+        except ImageReadError as exc:
+            return {"index": i, "error": exc.reason}
+        return {"index": i, "image": self.transform(img)}
+
+
+def collate_skipping(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the readable items; unreadable ones go to ``skipped`` as ``(index, reason)``."""
+    good = [it for it in items if "image" in it]
+    return {"index": torch.tensor([it["index"] for it in good], dtype=torch.long),
+            "image": torch.stack([it["image"] for it in good]) if good else None,
+            "skipped": [(it["index"], it["error"]) for it in items if "error" in it]}
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def check_table(table: pd.DataFrame) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"study table lacks columns {missing}")
+    for split in ("train", "val"):
+        if not (table["split"] == split).any():
+            raise ValueError(f"study table has no {split!r} rows: adaptation needs train and val")
+
+
+# ---- model pieces --------------------------------------------------------------------------------
+
+class AdaptModel(nn.Module):
+    """The open_clip model plus a linear normal/abnormal head on its normalised embeddings.
+
+    ``forward(images, text)`` returns the dict ``MultiTaskLoss`` expects; ``text`` is either token
+    ids (text tower trained) or cached normalised text features (text tower locked).
+    """
+
+    def __init__(self, model: nn.Module, embed_dim: int, text_is_features: bool):
+        super().__init__()
+        self.model = model
+        self.classifier = nn.Linear(embed_dim, 1)
+        self.text_is_features = text_is_features
+
+    def forward(self, images: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+        img = self.model.encode_image(images, normalize=True)
+        txt = text if self.text_is_features else self.model.encode_text(text, normalize=True)
+        scale = self.model.logit_scale.clamp(max=math.log(100.0)).exp()
+        return {"image": img, "text": txt, "logit_scale": scale,
+                "image_logits": self.classifier(img.float()).squeeze(-1),
+                "text_logits": self.classifier(txt.float()).squeeze(-1)}
+
+
+def set_trainable(model: nn.Module, lock_text: bool) -> list[str]:
+    """Image tower (``visual.*``) and the logit scale train; the rest only when the text is unlocked."""
+    trainable = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(not lock_text or name.startswith("visual.") or name in ("logit_scale", "logit_bias"))
+        if p.requires_grad:
+            trainable.append(name)
+    return trainable
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on biases, norms, embeddings and the logit scale (open_clip's rule)."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        flat = p.ndim < 2 or "bn" in name or "ln" in name or "embedding" in name or "logit_scale" in name
+        (no_decay if flat else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_frac: float) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up over ``warmup_frac`` of the steps, then cosine decay to 0 (torch schedulers)."""
+    warm = int(round(total_steps * warmup_frac))
+    if warm == 0:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [
+        torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / (warm + 1), total_iters=warm),
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps - warm, 1))], milestones=[warm])
+
+
+@torch.no_grad()
+def encode_texts(model: nn.Module, tokenizer: Any, texts: list[str], batch_size: int = 64,
+                 device: str | torch.device = "cpu", progress: bool = True) -> torch.Tensor:
+    """L2-normalised text features of ``texts`` (the locked-text cache), in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in tqdm(range(0, len(texts), batch_size), desc="encode reports", disable=not progress, leave=False):
+        tokens = tokenizer(texts[i:i + batch_size]).to(device)
+        out.append(model.encode_text(tokens, normalize=True).float().cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def recall_at_k(img: torch.Tensor, txt: torch.Tensor, groups: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
+    """Image->text and text->image Recall@K; a hit is any item with the query's report group.
+
+    Identical reports (same ``groups`` id) are interchangeable, so retrieving a duplicate of the
+    paired report counts; ``i2t_R@k``, ``t2i_R@k`` and their mean ``recall`` (over all K) are returned.
+    """
+    g = torch.as_tensor(np.asarray(groups))
+    same = g[:, None] == g[None, :]
+    sims = img.float() @ txt.float().T
+    out: dict[str, float] = {}
+    for name, s in (("i2t", sims), ("t2i", sims.T)):
+        k_max = min(max(ks), s.shape[1])
+        top = s.topk(k_max, dim=1).indices
+        hits = same.gather(1, top)  # same is symmetric
+        for k in ks:
+            out[f"{name}_R@{k}"] = float(hits[:, :min(k, k_max)].any(1).float().mean())
+    out["recall"] = float(np.mean([v for v in out.values()]))
+    return out
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+@dataclass
+class AdaptResult:
+    """The adapted open_clip model, per-epoch history, best epoch, skipped images and the config."""
+
+    model: nn.Module
+    classifier: nn.Module
+    history: pd.DataFrame
+    best_epoch: int
+    skipped: pd.DataFrame
+    config: dict[str, Any]
+
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available (the rank's GPU under torchrun), else ``cpu``."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        return "cpu"
+    return device
+
+
+class _SkipLog:
+    """Unreadable images by id (first reason kept); counted once however many epochs meet them."""
+
+    def __init__(self, image_ids: np.ndarray):
+        self.image_ids, self.reasons = image_ids, {}
+
+    def add(self, skipped: list[tuple[int, str]]) -> None:
+        for i, reason in skipped:
+            self.reasons.setdefault(str(self.image_ids[i]), reason)
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame([{"image_id": k, "reason": v} for k, v in self.reasons.items()],
+                            columns=["image_id", "reason"])
+
+
+def _loader(dataset: Dataset, batch_size: int, shuffle: bool, cfg: AdaptConfig, seed: int,
+            drop_last: bool) -> DataLoader:
+    _, world = _world()
+    sampler = None
+    if world > 1 and shuffle:
+        sampler = torch.utils.data.distributed.DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=cfg.num_workers, collate_fn=collate_skipping, drop_last=drop_last,
+                      worker_init_fn=_seed_worker, generator=g, persistent_workers=cfg.num_workers > 0,
+                      pin_memory=False)
+
+
+def _autocast(device: str, precision: str):
+    return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def _text_input(idx: torch.Tensor, text_rows: torch.Tensor, text_cache: torch.Tensor | None,
+                tokens: torch.Tensor | None, device: str) -> torch.Tensor:
+    rows = text_rows[idx]
+    return (text_cache[rows] if text_cache is not None else tokens[rows]).to(device)
+
+
+@torch.no_grad()
+def _evaluate(net: AdaptModel, loader: DataLoader, labels: torch.Tensor, text_rows: torch.Tensor,
+              text_cache: torch.Tensor | None, tokens: torch.Tensor | None, groups: np.ndarray,
+              loss_fn: nn.Module, cfg: AdaptConfig, device: str, skips: _SkipLog, progress: bool) -> dict[str, float]:
+    """Validation loss (fixed batches of ``eval_batch_size``, in eval mode) and Recall@K on all val pairs."""
+    net.eval()
+    totals: dict[str, float] = {}
+    n_batches = 0
+    imgs, txts, kept = [], [], []
+    for batch in tqdm(loader, desc="validate", disable=not progress, leave=False):
+        skips.add(batch["skipped"])
+        if batch["image"] is None or len(batch["index"]) < 2:
+            continue
+        idx = batch["index"]
+        with _autocast(device, cfg.precision):
+            out = net(batch["image"].to(device), _text_input(idx, text_rows, text_cache, tokens, device))
+        terms = loss_fn(out, labels[idx].to(device))
+        for k, v in terms.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+        n_batches += 1
+        imgs.append(out["image"].float().cpu())
+        txts.append(out["text"].float().cpu())
+        kept.append(idx)
+    net.train()
+    if not n_batches:
+        raise RuntimeError("no readable validation batch: every validation image was skipped")
+    result = {f"val_{k}": v / n_batches for k, v in totals.items()}
+    result["val_loss"] = result.pop("val_total")
+    rec = recall_at_k(torch.cat(imgs), torch.cat(txts), groups[torch.cat(kept).numpy()], cfg.recall_ks)
+    result.update({f"val_{k}": v for k, v in rec.items()})
+    return result
+
+
+def adapt(table: pd.DataFrame, backbone: Any, cfg: AdaptConfig, progress: bool = True) -> AdaptResult:
+    """Train ``backbone.model`` contrastively on ``table``'s train rows; early-stop on its val rows.
+
+    ``backbone`` is a :class:`cxrlib.backbones.Backbone`; its model is trained in place and the
+    best epoch's weights are restored at the end. Every unreadable image is reported in
+    ``AdaptResult.skipped`` (by ``image_id``) and counted in the history, never silently dropped.
+    """
+    from cxrlib.losses import MultiTaskLoss
+
+    cfg.validate()
+    check_table(table)
+    rank, world = _world()
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    model = backbone.model.to(device)
+    icfg = image_config(model, backbone.preprocess)
+    if cfg.image_size is not None and cfg.image_size != icfg["size"]:
+        # load_backbone rebuilds the tower from its config, so a resized tower could not be loaded back
+        raise ValueError(f"image_size={cfg.image_size} differs from backbone {cfg.backbone!r}'s input size "
+                         f"{icfg['size']}: set the size in the backbone's config (configs/models/) or use None")
+    train_tf = train_transform(icfg["size"], icfg["mean"], icfg["std"], cfg.augment)
+    eval_tf = backbone.preprocess  # the model's own eval preprocessing, as in embedding extraction
+
+    table = table.reset_index(drop=True)
+    reports = table["report"].astype(str)
+    texts, text_rows_np = np.unique(reports.to_numpy(), return_inverse=True)  # each distinct report once
+    text_rows = torch.as_tensor(text_rows_np, dtype=torch.long)
+    labels = torch.tensor(table["label_abnormal"].to_numpy(np.int64))
+    groups = (table["report_group"].to_numpy(np.int64) if "report_group" in table else text_rows_np.astype(np.int64))
+    image_ids = table["image_id"].astype(str).to_numpy()
+    skips = _SkipLog(image_ids)
+
+    text_cache = tokens = None
+    if cfg.lock_text:
+        text_cache = encode_texts(model, backbone.tokenizer, list(texts), cfg.eval_batch_size, device, progress)
+    else:
+        tokens = torch.cat([backbone.tokenizer(list(texts[i:i + 256])) for i in range(0, len(texts), 256)])
+    trainable = set_trainable(model, cfg.lock_text)
+    net = AdaptModel(model, backbone.embed_dim, text_is_features=cfg.lock_text).to(device)
+    # parameters no active term uses stay frozen (DDP requires every trainable parameter to get a gradient)
+    if cfg.w_clip == 0:
+        model.logit_scale.requires_grad_(False)
+    net.classifier.requires_grad_(cfg.w_bce > 0)
+    model.train()
+    if cfg.lock_text:  # a locked text tower is never run; keep its dropout/norm statistics fixed anyway
+        for name, m in model.named_children():
+            if name not in ("visual",):
+                m.eval()
+    ddp_net: nn.Module = net
+    if world > 1:
+        ddp_net = nn.parallel.DistributedDataParallel(
+            net, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+
+    train_idx = np.flatnonzero(table["split"].to_numpy() == "train")
+    val_idx = np.flatnonzero(table["split"].to_numpy() == "val")
+    paths_all = table["image_path"].astype(str).tolist()
+    train_ds = torch.utils.data.Subset(ImageReportDataset(paths_all, train_tf), train_idx.tolist())
+    val_ds = torch.utils.data.Subset(ImageReportDataset(paths_all, eval_tf), val_idx.tolist())
+    if len(train_idx) < cfg.batch_size * world:
+        raise ValueError(f"{len(train_idx)} training rows are fewer than one batch of {cfg.batch_size} x {world} ranks")
+    # Subset hands the dataset's own index through, so batch["index"] are table rows
+    train_loader = _loader(train_ds, cfg.batch_size, True, cfg, cfg.seed, drop_last=True)
+    val_loader = _loader(val_ds, cfg.eval_batch_size, False, cfg, cfg.seed, drop_last=False)
+
+    steps_per_epoch = len(train_loader)
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    loss_fn = MultiTaskLoss(w_bce=cfg.w_bce, w_supcon=cfg.w_supcon, w_clip=cfg.w_clip,
+                            supcon_temperature=cfg.supcon_temperature, bce_on="both")
+    # validation runs the whole val set on every rank: its loss must not gather across ranks
+    val_loss_fn = MultiTaskLoss(w_bce=cfg.w_bce, w_supcon=cfg.w_supcon, w_clip=cfg.w_clip,
+                                supcon_temperature=cfg.supcon_temperature, bce_on="both", rank=0, world_size=1)
+    optimizer = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=cfg.lr)
+    scheduler = warmup_cosine(optimizer, total_steps, cfg.warmup_frac)
+
+    def evaluate() -> dict[str, float]:
+        return _evaluate(net, val_loader, labels, text_rows, text_cache, tokens, groups, val_loss_fn, cfg, device,
+                         skips, progress and rank == 0)
+
+    history: list[dict[str, Any]] = [{"epoch": 0, "step": 0, "lr": 0.0, "seconds": 0.0, "images_per_s": float("nan"),
+                                      **evaluate(), "skipped": len(skips.reasons)}]
+    mode = MONITORS[cfg.monitor]
+    best = history[0][cfg.monitor]
+    best_epoch, best_state, bad_epochs, step = 0, None, 0, 0
+    bar = tqdm(total=total_steps, desc=f"adapt {cfg.backbone}", disable=not progress or rank != 0)
+    for epoch in range(1, cfg.epochs + 1):
+        if isinstance(train_loader.sampler, torch.utils.data.distributed.DistributedSampler):
+            train_loader.sampler.set_epoch(epoch)
+        t0, n_images, sums, n_batches = time.perf_counter(), 0, {}, 0
+        for batch in train_loader:
+            skips.add(batch["skipped"])
+            if batch["image"] is None or len(batch["index"]) < 2:
+                continue
+            idx = batch["index"]
+            with _autocast(device, cfg.precision):
+                out = ddp_net(batch["image"].to(device), _text_input(idx, text_rows, text_cache, tokens, device))
+            terms = loss_fn(out, labels[idx].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            n_images += len(idx)
+            n_batches += 1
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(terms['total'].detach()):.3f}")
+            if step >= total_steps:
+                break
+        seconds = time.perf_counter() - t0
+        row = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
+               "images_per_s": n_images * world / seconds if seconds > 0 else float("nan")}
+        row["train_loss"] = sums.pop("total", float("nan")) / max(n_batches, 1)
+        row.update({f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()})
+        row.update(evaluate())
+        row["skipped"] = len(skips.reasons)
+        history.append(row)
+        value = row[cfg.monitor]
+        improved = value < best if mode == "min" else value > best
+        if improved:
+            best, best_epoch, bad_epochs = value, epoch, 0
+            best_state = copy.deepcopy(net.state_dict())
+        else:
+            bad_epochs += 1
+        if bad_epochs >= cfg.patience or step >= total_steps:
+            break
+    bar.close()
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    run = {**cfg.to_dict(), "image_size": icfg["size"], "mean": list(icfg["mean"]), "std": list(icfg["std"]),
+           "base_fingerprint": getattr(backbone, "fingerprint", None), "best_epoch": best_epoch,
+           "monitor_best": best, "trainable_tensors": len(trainable), "world_size": world,
+           "n_train": int(len(train_idx)), "n_val": int(len(val_idx)), "skipped": len(skips.reasons)}
+    # the backbone's open_clip config (load_backbone checks it against the named backbone) + this run
+    config = {**copy.deepcopy(getattr(backbone, "config", {}) or {}), "adapt": run}
+    return AdaptResult(model=model, classifier=net.classifier, history=pd.DataFrame(history), best_epoch=best_epoch,
+                       skipped=skips.table(), config=config)
+
+
+def save_adapted(path: str | os.PathLike, result: AdaptResult) -> Path:
+    """Write the checkpoint atomically (``load_backbone(name, checkpoint=path)`` reads it)."""
+    history = json.loads(result.history.to_json(orient="records"))
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save({"backbone": result.config["adapt"]["backbone"],
+                    "state_dict": {k: v.detach().cpu() for k, v in result.model.state_dict().items()},
+                    "config": result.config, "history": history,
+                    "classifier": result.classifier.state_dict()}, tmp)
+    return Path(path)
+
+
+# ---- torchrun entry point ------------------------------------------------------------------------
+
+def n_devices() -> int:
+    """How many GPUs this process sees (torchrun is used when more than one)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 1
+
+
+def torchrun_command(table: str | os.PathLike, cfg: AdaptConfig, out: str | os.PathLike, nproc: int) -> list[str]:
+    """The ``torchrun`` command that runs :func:`main` on ``nproc`` devices."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "cxrlib.adapt", "--table", str(table), "--out", str(out), "--config", json.dumps(cfg.to_dict())]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cxrlib.adapt --table T --out CKPT --config JSON`` (also under torchrun)."""
+    ap = argparse.ArgumentParser(prog="python -m cxrlib.adapt")
+    ap.add_argument("--table", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--config", required=True, help="AdaptConfig fields as a JSON object")
+    args = ap.parse_args(argv)
+    cfg = AdaptConfig(**json.loads(args.config))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    try:
+        from cxrlib.backbones import load_backbone
+
+        rank, _ = _world()
+        device = resolve_device(cfg.device)
+        backbone = load_backbone(cfg.backbone, device=device)
+        result = adapt(pd.read_parquet(args.table), backbone, cfg, progress=rank == 0)
+        if rank == 0:
+            save_adapted(args.out, result)
+            if len(result.skipped):
+                print(f"skipped {len(result.skipped)} unreadable images: {result.skipped.head().to_dict('records')}")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Backbone adaptation (cxrlib.adapt): loss goes down, seeded runs repeat, checkpoints load back,
+unreadable images are reported, and the helpers match hand-worked or naive references."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from torchvision import transforms as T
+
+from cxrlib import adapt as A
+from cxrlib.backbones import load_backbone
+
+
+def _make_table(root, n_train: int = 32, n_val: int = 16, seed: int = 0) -> pd.DataFrame:
+    """Generated 'radiographs': abnormal = a bright disc, normal = a grey bar; reports say which."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_train + n_val):
+        lab = i % 2
+        size = int(rng.integers(70, 100))
+        img = Image.new("L", (size, size), int(rng.integers(10, 50)))
+        d = ImageDraw.Draw(img)
+        if lab:
+            d.ellipse([size * 0.3, size * 0.25, size * 0.75, size * 0.7], fill=230)
+        else:
+            d.rectangle([size * 0.1, size * 0.6, size * 0.45, size * 0.9], fill=150)
+        path = root / f"im{i}.png"
+        img.save(path)
+        rows.append({"study_id": f"s{i}", "image_id": f"i{i}", "image_path": str(path),
+                     "report": "large right lung opacity" if lab else "no acute cardiopulmonary findings",
+                     "label_abnormal": lab, "split": "train" if i < n_train else "val"})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def table(tmp_path):
+    return _make_table(tmp_path)
+
+
+def _cfg(**kw) -> A.AdaptConfig:
+    base = dict(backbone="tiny", dataset="synthetic", epochs=2, batch_size=8, lr=1e-3, eval_batch_size=16,
+                patience=5, seed=0)
+    return A.AdaptConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One tiny adaptation run shared by the tests that only read its result."""
+    table = _make_table(tmp_path_factory.mktemp("imgs"))
+    result = A.adapt(table, load_backbone("tiny"), _cfg(epochs=3), progress=False)
+    return table, result
+
+
+def test_adaptation_lowers_contrastive_loss(run):
+    _, result = run
+    h = result.history
+    assert list(h["epoch"]) == [0, 1, 2, 3]
+    before, after = h.loc[0, "val_clip"], h["val_clip"].iloc[1:].min()
+    assert after < before - 0.2, h[["epoch", "val_clip"]]
+    assert h["train_loss"].iloc[-1] < h["train_loss"].iloc[1]
+    assert h.loc[0, "skipped"] == 0 and result.skipped.empty
+    assert result.config["adapt"]["best_epoch"] == result.best_epoch >= 1
+    assert result.config["model_cfg"]["embed_dim"] == 32
+
+
+def test_seeded_runs_repeat_and_seeds_differ(table):
+    a = A.adapt(table, load_backbone("tiny"), _cfg(epochs=1), progress=False)
+    b = A.adapt(table, load_backbone("tiny"), _cfg(epochs=1), progress=False)
+    c = A.adapt(table, load_backbone("tiny"), _cfg(epochs=1, seed=1), progress=False)
+    cols = ["train_loss", "val_loss", "val_recall"]
+    pd.testing.assert_frame_equal(a.history[cols], b.history[cols])
+    sa, sb, sc = a.model.state_dict(), b.model.state_dict(), c.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_checkpoint_round_trips_through_load_backbone(run, tmp_path):
+    table, result = run
+    path = A.save_adapted(tmp_path / "m" / "tiny-adapted.pt", result)
+    assert path.is_file() and not list(path.parent.glob(".*"))  # atomic: no temp file left
+    raw = torch.load(path, weights_only=True)
+    assert raw["backbone"] == "tiny" and len(raw["history"]) == len(result.history)
+    loaded = load_backbone("tiny", checkpoint=path)
+    fresh = load_backbone("tiny")
+    x = torch.stack([loaded.preprocess(Image.open(p).convert("RGB")) for p in table["image_path"][:4]])
+    result.model.eval()
+    with torch.no_grad():
+        want = result.model.encode_image(x)
+        assert torch.allclose(loaded.model.encode_image(x), want, atol=1e-6)
+        assert not torch.allclose(fresh.model.encode_image(x), want, atol=1e-3)
+    assert loaded.fingerprint != fresh.fingerprint
+
+
+def test_unreadable_images_are_reported_by_id(table):
+    Path(table.loc[3, "image_path"]).write_bytes(b"not a png")
+    table.loc[40, "image_path"] = table.loc[40, "image_path"] + ".missing"
+    result = A.adapt(table, load_backbone("tiny"), _cfg(epochs=1), progress=False)
+    got = dict(zip(result.skipped["image_id"], result.skipped["reason"]))
+    assert set(got) == {"i3", "i40"}
+    assert got["i40"] == "file not found" and "i3" in got
+    assert result.history["skipped"].iloc[-1] == 2 and result.config["adapt"]["skipped"] == 2
+
+
+def test_locked_text_tower_stays_fixed_and_unlocked_trains(table):
+    base = load_backbone("tiny").model.state_dict()
+    locked = A.adapt(table, load_backbone("tiny"), _cfg(epochs=1, max_steps=2), progress=False).model.state_dict()
+    free = A.adapt(table, load_backbone("tiny"), _cfg(epochs=1, max_steps=2, lock_text=False),
+                   progress=False).model.state_dict()
+    text_keys = [k for k in base if not k.startswith("visual.") and k != "logit_scale"]
+    assert text_keys and all(torch.equal(base[k], locked[k]) for k in text_keys)
+    assert not all(torch.equal(base[k], free[k]) for k in text_keys)
+    assert not torch.equal(base["visual.conv1.weight"], locked["visual.conv1.weight"])
+
+
+def test_max_steps_caps_training(table):
+    result = A.adapt(table, load_backbone("tiny"), _cfg(epochs=3, max_steps=3), progress=False)
+    assert result.history["step"].iloc[-1] == 3 and len(result.history) == 2
+
+
+def test_recall_matches_naive_loop_with_duplicate_reports():
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(30, 8, generator=g), torch.randn(30, 8, generator=g)
+    groups = np.array([i // 3 if i < 12 else i for i in range(30)])  # some reports repeated 3 times
+    got = A.recall_at_k(img, txt, groups, (1, 5))
+    sims = (img @ txt.T).numpy()
+    for name, s in (("i2t", sims), ("t2i", sims.T)):
+        for k in (1, 5):
+            hits = [any(groups[j] == groups[q] for j in np.argsort(-s[q], kind="stable")[:k]) for q in range(30)]
+            assert got[f"{name}_R@{k}"] == pytest.approx(np.mean(hits))
+    assert got["recall"] == pytest.approx(np.mean([got[k] for k in got if k != "recall"]))
+
+
+def test_warmup_then_cosine_schedule():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = A.warmup_cosine(opt, total_steps=20, warmup_frac=0.2)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    # 4 warm-up steps rising linearly from 1/5 of the rate, then a cosine over the remaining 16 steps
+    assert lrs[:4] == pytest.approx([(i + 1) / 5 for i in range(4)])
+    assert lrs[4:] == pytest.approx([0.5 * (1 + math.cos(math.pi * i / 16)) for i in range(16)])
+
+
+def test_train_transform_is_radiograph_safe():
+    tf = A.train_transform(32, (0.5,) * 3, (0.25,) * 3)
+    assert not any(isinstance(t, T.RandomHorizontalFlip) for t in tf.transforms)
+    assert any(isinstance(t, T.RandomHorizontalFlip)
+               for t in A.train_transform(32, (0.5,) * 3, (0.25,) * 3, A.AugmentConfig(hflip=True)).transforms)
+    x = tf(Image.new("RGB", (50, 70), (128, 128, 128)))
+    assert x.shape == (3, 32, 32)
+
+
+def test_image_config_of_tiny_backbone():
+    bk = load_backbone("tiny")
+    cfg = A.image_config(bk.model, bk.preprocess)
+    assert cfg["size"] == 64 and cfg["mean"] == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+
+
+@pytest.mark.parametrize("kw, msg", [({"w_clip": -1.0}, "w_clip"), ({"w_clip": 0.0}, "all adaptation loss weights"),
+                                     ({"monitor": "acc"}, "monitor"), ({"batch_size": 1}, "batch_size"),
+                                     ({"precision": "fp16"}, "precision")])
+def test_bad_config_is_named(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        _cfg(**kw).validate()
+
+
+def test_bad_table_and_image_size_are_named(table):
+    with pytest.raises(ValueError, match="lacks columns"):
+        A.adapt(table.drop(columns="report"), load_backbone("tiny"), _cfg(), progress=False)
+    with pytest.raises(ValueError, match="no 'val' rows"):
+        A.adapt(table[table["split"] == "train"], load_backbone("tiny"), _cfg(), progress=False)
+    with pytest.raises(ValueError, match="image_size=96 differs"):
+        A.adapt(table, load_backbone("tiny"), _cfg(image_size=96), progress=False)
