@@ -1,0 +1,192 @@
+"""Loss terms against independent references: naive loops, hand-worked cases, the raw libraries."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning.losses import SupConLoss
+
+from cxrlib.losses import BCETerm, ClipTerm, CrossModalSupCon, MultiTaskLoss
+
+
+def _norm(x):
+    return F.normalize(torch.as_tensor(x, dtype=torch.float64), dim=1)
+
+
+def supcon_reference(anchors, refs, a_labels, r_labels, tau: float) -> float:
+    """SupCon L_out written as loops: anchor i's positives are refs with its label (the pair included);
+    anchors without positives are left out of the mean; no positive or no negative pair at all -> 0."""
+    a, r = _norm(anchors).tolist(), _norm(refs).tolist()
+    a_labels, r_labels = [int(v) for v in a_labels], [int(v) for v in r_labels]
+    pairs = [(i, j) for i in range(len(a)) for j in range(len(r))]
+    if not any(a_labels[i] == r_labels[j] for i, j in pairs) or not any(a_labels[i] != r_labels[j] for i, j in pairs):
+        return 0.0
+    losses = []
+    for i in range(len(a)):
+        sims = [sum(p * q for p, q in zip(a[i], r[j])) / tau for j in range(len(r))]
+        log_den = math.log(sum(math.exp(s) for s in sims))
+        pos = [j for j in range(len(r)) if r_labels[j] == a_labels[i]]
+        if pos:
+            losses.append(-sum(sims[j] - log_den for j in pos) / len(pos))
+    return sum(losses) / len(losses)
+
+
+def cross_modal_reference(img, txt, labels, tau):
+    return (supcon_reference(img, txt, labels, labels, tau) + supcon_reference(txt, img, labels, labels, tau)) / 2
+
+
+def clip_reference(img, txt, scale: float) -> float:
+    """Symmetric InfoNCE on the diagonal, as loops."""
+    i, t = _norm(img).tolist(), _norm(txt).tolist()
+    n = len(i)
+
+    def ce(q, g):
+        total = 0.0
+        for a in range(n):
+            logits = [scale * sum(x * y for x, y in zip(q[a], g[b])) for b in range(n)]
+            total += math.log(sum(math.exp(v) for v in logits)) - logits[a]
+        return total / n
+
+    return (ce(i, t) + ce(t, i)) / 2
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(12, 8, generator=g), dim=1)
+    txt = F.normalize(torch.randn(12, 8, generator=g), dim=1)
+    labels = torch.tensor([0, 1, 1, 0, 1, 1, 1, 0, 0, 1, 0, 1])
+    return img, txt, labels
+
+
+def test_supcon_matches_loop_reference(batch):
+    img, txt, labels = batch
+    got = CrossModalSupCon(temperature=0.1)(img, txt, labels)
+    assert float(got) == pytest.approx(cross_modal_reference(img, txt, labels, 0.1), rel=1e-5)
+
+
+def test_supcon_hand_worked_two_pairs():
+    # orthogonal classes, each image identical to its report: every anchor has one positive (sim 1) and
+    # one negative (sim 0), so each term is log(1 + exp(-1/tau))
+    e = torch.eye(2)
+    got = CrossModalSupCon(temperature=0.5)(e, e.clone(), torch.tensor([0, 1]))
+    assert float(got) == pytest.approx(math.log(1 + math.exp(-2.0)), rel=1e-6)
+
+
+def test_supcon_counts_the_paired_report_as_positive():
+    """The PML pitfall: the same label object as ref_labels drops the pair; our module must not."""
+    img = F.normalize(torch.randn(6, 5, generator=torch.Generator().manual_seed(1)), dim=1)
+    txt = F.normalize(img + 0.1 * torch.randn(6, 5, generator=torch.Generator().manual_seed(2)), dim=1)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])  # label 2: the pair is the only positive
+    ours = float(CrossModalSupCon(0.1)(img, txt, labels))
+    assert ours == pytest.approx(cross_modal_reference(img, txt, labels, 0.1), rel=1e-5)
+    pitfall = SupConLoss(temperature=0.1)
+    wrong = (float(pitfall(img, labels, ref_emb=txt, ref_labels=labels)) +
+             float(pitfall(txt, labels, ref_emb=img, ref_labels=labels))) / 2
+    assert abs(wrong - ours) > 1e-3
+
+
+def test_supcon_one_class_batch_is_zero_with_finite_grad():
+    img = F.normalize(torch.randn(5, 4), dim=1).requires_grad_()
+    txt = F.normalize(torch.randn(5, 4), dim=1)
+    loss = CrossModalSupCon(0.1)(img, txt, torch.ones(5, dtype=torch.long))
+    assert float(loss.detach()) == 0.0 == cross_modal_reference(img.detach(), txt, [1] * 5, 0.1)
+    loss.backward()
+    assert torch.isfinite(img.grad).all()
+
+
+def test_supcon_anchor_without_positive_is_left_out():
+    """PML's SupConLoss (as our module calls it) averages over anchors that have positives only."""
+    g = torch.Generator().manual_seed(3)
+    a, r = F.normalize(torch.randn(4, 6, generator=g), dim=1), F.normalize(torch.randn(5, 6, generator=g), dim=1)
+    a_lab, r_lab = torch.tensor([0, 1, 1, 2]), torch.tensor([0, 0, 1, 1, 1])  # anchor 3 has no positive
+    got = float(SupConLoss(temperature=0.2)(a, a_lab, ref_emb=r, ref_labels=r_lab))
+    assert got == pytest.approx(supcon_reference(a, r, a_lab, r_lab, 0.2), rel=1e-5)
+    with_anchor3_as_zero = supcon_reference(a[:3], r, a_lab[:3], r_lab, 0.2)
+    assert got == pytest.approx(with_anchor3_as_zero, rel=1e-5)
+
+
+def test_duplicate_reports_in_one_batch(batch):
+    img, txt, labels = batch
+    txt = txt.clone()
+    txt[4] = txt[1]  # two studies with the same report text (same label 1)
+    scale = torch.tensor(10.0)
+    assert float(ClipTerm()(img, txt, scale)) == pytest.approx(clip_reference(img, txt, 10.0), rel=1e-5)
+    assert float(CrossModalSupCon(0.1)(img, txt, labels)) == pytest.approx(
+        cross_modal_reference(img, txt, labels, 0.1), rel=1e-5)
+
+
+def test_clip_matches_loop_reference_and_hand_worked(batch):
+    img, txt, _ = batch
+    assert float(ClipTerm()(img, txt, torch.tensor(14.3))) == pytest.approx(clip_reference(img, txt, 14.3), rel=1e-5)
+    e = torch.eye(2)  # each direction: log(1 + exp(-s)) per row
+    assert float(ClipTerm()(e, e, torch.tensor(3.0))) == pytest.approx(math.log(1 + math.exp(-3.0)), rel=1e-6)
+
+
+def test_bce_matches_formula_with_pos_weight():
+    logits, y = torch.tensor([2.0, -1.0, 0.5, -3.0]), torch.tensor([1, 0, 0, 1])
+    sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    for pw in (None, 2.5):
+        w = pw or 1.0
+        ref = -sum(w * yi * math.log(sig(x)) + (1 - yi) * math.log(1 - sig(x))
+                   for x, yi in zip(logits.tolist(), y.tolist())) / 4
+        assert float(BCETerm(pw)(logits, y)) == pytest.approx(ref, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs_are_upcast(batch, dtype):
+    img, txt, labels = batch
+    out = {"image": img.to(dtype), "text": txt.to(dtype), "logit_scale": torch.tensor(14.0, dtype=dtype),
+           "image_logits": img[:, 0].to(dtype), "text_logits": txt[:, 0].to(dtype)}
+    got = MultiTaskLoss()(out, labels)
+    ref = MultiTaskLoss()({k: v.float() for k, v in out.items()}, labels)
+    for k in ("clip", "supcon", "bce", "total"):
+        assert got[k].dtype == torch.float32 and torch.isfinite(got[k])
+        assert float(got[k]) == pytest.approx(float(ref[k]), rel=1e-6)
+    # and close to the full-precision inputs
+    full = MultiTaskLoss()({"image": img, "text": txt, "logit_scale": torch.tensor(14.0),
+                            "image_logits": img[:, 0], "text_logits": txt[:, 0]}, labels)
+    assert float(got["total"]) == pytest.approx(float(full["total"]), rel=2e-2)
+
+
+def test_multitask_total_and_skipped_terms(batch, monkeypatch):
+    img, txt, labels = batch
+    out = {"image": img, "text": txt, "logit_scale": torch.tensor(10.0),
+           "image_logits": img[:, 0], "text_logits": txt[:, 1]}
+    full = MultiTaskLoss(w_bce=0.5, w_supcon=2.0, w_clip=1.5)(out, labels)
+    assert float(full["total"]) == pytest.approx(
+        0.5 * float(full["bce"]) + 2.0 * float(full["supcon"]) + 1.5 * float(full["clip"]), rel=1e-6)
+    bce_both = (float(BCETerm()(img[:, 0], labels)) + float(BCETerm()(txt[:, 1], labels))) / 2
+    assert float(full["bce"]) == pytest.approx(bce_both, rel=1e-6)
+    assert float(MultiTaskLoss(bce_on="image")(out, labels)["bce"]) == pytest.approx(
+        float(BCETerm()(img[:, 0], labels)), rel=1e-6)
+
+    loss = MultiTaskLoss(w_bce=1.0, w_supcon=0.0, w_clip=0.0)
+
+    def boom(*a, **k):
+        raise AssertionError("a term with weight 0 was computed")
+
+    monkeypatch.setattr(loss.supcon, "forward", boom)
+    monkeypatch.setattr(loss.clip, "forward", boom)
+    terms = loss({k: v for k, v in out.items()}, labels)
+    assert set(terms) == {"bce", "total"} and float(terms["total"]) == pytest.approx(float(terms["bce"]))
+    no_logits = {"image": img, "text": txt, "logit_scale": torch.tensor(10.0)}
+    assert set(MultiTaskLoss(w_bce=0)(no_logits, labels)) == {"clip", "supcon", "total"}
+    with pytest.raises(ValueError, match="classifier logits"):
+        MultiTaskLoss(w_bce=1)(no_logits, labels)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"w_bce": -1}, "w_bce must be a number >= 0"),
+    ({"w_supcon": float("nan")}, "w_supcon must be a number >= 0"),
+    ({"w_bce": 0, "w_supcon": 0, "w_clip": 0}, "all loss weights are 0"),
+    ({"bce_on": "report"}, "bce_on"),
+    ({"supcon_temperature": 0}, "temperature"),
+    ({"pos_weight": -2.0}, "pos_weight"),
+])
+def test_bad_settings_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MultiTaskLoss(**kwargs)
