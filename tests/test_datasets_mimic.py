@@ -1,0 +1,85 @@
+"""MIMIC-CXR-JPG reader on fake trees with the real file formats."""
+
+import gzip
+import math
+
+import pandas as pd
+import pytest
+
+from cxrlib.datasets import build_study_table, skip_counts
+from cxrlib.datasets.fixtures import MIMIC_REPORT, make_fake_mimic
+from cxrlib.datasets.mimic import findings_impression, report_sections
+
+
+@pytest.fixture(scope="module")
+def mimic_zip(tmp_path_factory):
+    return make_fake_mimic(tmp_path_factory.mktemp("mimic") / "mimic-cxr-jpg")
+
+
+def test_report_sections():
+    text = MIMIC_REPORT.format(findings="Lungs clear.\n Heart normal.", impression="No acute process.")
+    sec = report_sections(text)
+    assert sec["FINDINGS"] == "Lungs clear. Heart normal." and sec["IMPRESSION"] == "No acute process."
+    assert sec["INDICATION"] == "___ year old woman with cough."
+    assert findings_impression(text) == ("Lungs clear. Heart normal.", "No acute process.")
+    assert findings_impression(" FINAL REPORT\n IMPRESSION: Effusion.\n") == ("", "Effusion.")
+    assert findings_impression("no headers at all") == ("", "")
+
+
+def test_official_split_and_labels(mimic_zip):
+    table, skips = build_study_table("mimic", root=mimic_zip)
+    assert (table["view"] == "frontal").all() and table["image_id"].str.endswith("-pa").all()
+    assert table["study_id"].str.match(r"^s\d+$").all() and table["patient_id"].str.match(r"^p\d+$").all()
+    split = pd.read_csv(mimic_zip / "mimic-cxr-2.0.0-split.csv.gz").drop_duplicates("study_id")
+    official = dict(zip("s" + split["study_id"].astype(str), split["split"].replace({"validate": "val"})))
+    assert (table["split"] == table["study_id"].map(official)).all()
+    # case 3 (only an uncertain finding) has no label under the defaults
+    counts = skip_counts(skips).set_index("reason")["count"].to_dict()
+    assert counts == {"no_label": 6, "not_frontal": 18}
+    row = table[table["report"].str.startswith("Moderate cardiomegaly")].iloc[0]
+    assert row["label_abnormal"] == 1 and row["Cardiomegaly"] == 1 and math.isnan(row["Edema"])
+    assert row["report"] == "Moderate cardiomegaly. Possible mild edema. Cardiomegaly."
+    normal = table[table["No Finding"] == 1]
+    assert len(normal) == 6 and (normal["label_abnormal"] == 0).all()
+
+
+def test_uncertain_and_normal_rule(mimic_zip):
+    t, skips = build_study_table("mimic", root=mimic_zip, uncertain="positive")
+    assert len(t) == 24 and t.loc[t["report"].str.contains("Possible pneumonia"), "label_abnormal"].eq(1).all()
+    t, _ = build_study_table("mimic", root=mimic_zip, normal_rule="no_positive")
+    assert t.loc[t["report"].str.contains("Possible pneumonia"), "label_abnormal"].eq(0).all()
+    t, _ = build_study_table("mimic", root=mimic_zip, uncertain="negative")
+    assert t.loc[t["report"].str.startswith("Moderate"), "Edema"].eq(0).all()
+
+
+def test_random_split_is_patient_level(mimic_zip):
+    t, _ = build_study_table("mimic", root=mimic_zip, split="random", uncertain="positive", seed=2,
+                             val_frac=0.2, test_frac=0.2)
+    assert t.groupby("patient_id")["split"].nunique().max() == 1 and set(t["split"]) == {"train", "val", "test"}
+
+
+def test_txt_reports_and_bad_input(tmp_path):
+    root = make_fake_mimic(tmp_path / "m", n_patients=6, reports="txt")
+    (root / "files" / "p10" / "p10000000" / "s50000000.txt").unlink()                     # no report
+    (root / "files" / "p10" / "p10000037" / "s50001000.txt").write_text(" FINAL REPORT\n")  # no sections
+    jpg = next((root / "files" / "p10" / "p10000074" / "s50002001").glob("*-pa.jpg"))
+    jpg.write_bytes(jpg.read_bytes()[:100])                                                 # truncated
+    meta = pd.read_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz")
+    meta.loc[meta["dicom_id"].str.endswith("-pa") & (meta["study_id"] == 50003000), "ViewPosition"] = "AP AXIAL"
+    with gzip.open(root / "mimic-cxr-2.0.0-metadata.csv.gz", "wt") as fh:
+        meta.to_csv(fh, index=False)
+    t, skips = build_study_table("mimic", root=root, uncertain="positive")
+    counts = skip_counts(skips).set_index("reason")["count"].to_dict()
+    assert counts["no_report_file"] == 1 and counts["empty_report"] == 1
+    assert counts["unreadable_image"] == 1 and counts["unknown_view"] == 1
+    assert len(t) == 12 - 4
+
+
+def test_wrong_root(tmp_path, workdir):
+    with pytest.raises(FileNotFoundError, match="MIMIC_ROOT"):
+        build_study_table("mimic")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_study_table("mimic", root=tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="metadata.csv.gz is missing"):
+        build_study_table("mimic", root=tmp_path / "empty")
