@@ -1,0 +1,508 @@
+"""Embedding extraction: batched, cached, resumable, and sharded across torchrun ranks.
+
+``extract_embeddings(table, backbone, out_dir)`` writes ``<out_dir>/image.npz`` (keyed by
+``image_id``) and ``<out_dir>/text.npz`` (keyed by ``study_id``, one report per study) as
+L2-normalised float32 through :mod:`cxrlib.embstore`, then ``done.json`` last.
+
+Cache and resume. Each modality's items are cut into fixed chunks (in table order); every chunk is
+written as an atomic shard under ``<out_dir>/.partial/<modality>-<key>/`` and the shards are merged
+by id at the end. The key hashes the backbone fingerprint (weights, so also the checkpoint),
+the preprocessing, the precision and the rows' ids and inputs: a rerun with the same key reads the
+cache; an interrupted run recomputes only the chunks without a shard; a changed input changes the
+key, so a stale shard is never reused. ``done.json`` is deleted before any recomputation and
+written after the merge, so a half-written set never passes for a whole one.
+
+Bad input. An unreadable image is a counted skip listed by id and reason in ``done.json`` and in the
+returned :class:`ExtractionResult` (never a zero vector); an empty report likewise; a study whose
+rows carry different reports is an error naming it.
+
+Many processes. Under ``torchrun --nproc-per-node N -m cxrlib.embed ...`` (gloo on CPU, nccl on GPU)
+chunk ``c`` goes to rank ``c % N``; ranks write their shards to the shared ``out_dir`` and rank 0
+merges by id (dropping any duplicate id, as one would drop ``DistributedSampler``'s padding; the
+chunking here pads nothing). Across nodes ``out_dir`` must be on a shared file system.
+
+Precision. ``"auto"`` uses bf16 autocast on GPUs that support it (else fp16) and on CPUs with
+native bf16 (AMX / AVX512-BF16); elsewhere fp32, because emulated bf16 is slower than fp32
+(``benchmarks/embed_throughput.py`` measures it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from cxrlib.backbones import Backbone, load_backbone
+from cxrlib.embstore import Embeddings, load_embeddings, save_embeddings
+from cxrlib.images import ImageReadError, load_cxr_image
+from cxrlib.io import atomic_path, write_json
+
+MODALITIES = ("image", "text")
+#: bump when image reading or the shard layout changes (part of every cache key)
+CACHE_VERSION = 1
+STAMP = "done.json"
+PARTIAL = ".partial"
+
+
+class ExtractionResult(dict):
+    """``{modality: Path}`` plus what a notebook wants to see: skips, cache hits, the stamp."""
+
+    def __init__(self, files: dict[str, Path], skipped: dict[str, list[dict[str, str]]],
+                 cached: dict[str, bool], stamp: Path, counts: dict[str, int]):
+        super().__init__(files)
+        self.skipped, self.cached, self.stamp, self.counts = skipped, cached, stamp, counts
+
+    def __repr__(self) -> str:
+        parts = [f"{m}: {self.counts.get(m, 0)} embedded, {len(self.skipped.get(m, []))} skipped"
+                 f"{' (cache)' if self.cached.get(m) else ''}" for m in self]
+        return f"ExtractionResult({'; '.join(parts)})"
+
+
+# ---- precision and device ---------------------------------------------------------------------
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 in hardware (AMX or AVX512-BF16), from /proc/cpuinfo."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in (" amx_bf16", " avx512_bf16"))
+
+
+def resolve_device(device: str = "auto") -> str:
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto`` -> bf16 / fp16 / fp32 for ``device`` (see the module docstring); others pass through."""
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if precision != "auto":
+        if precision == "fp16" and not device.startswith("cuda"):
+            raise ValueError("fp16 autocast is for GPUs; on CPU use bf16 or fp32")
+        return precision
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def autocast(device: str, precision: str):
+    """The autocast context of ``precision`` (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+
+
+# ---- items -------------------------------------------------------------------------------------
+
+def _require(table: pd.DataFrame, columns: Sequence[str]) -> None:
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise ValueError(f"study table lacks columns {missing} (has {list(table.columns)})")
+
+
+def image_items(table: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """(image ids, image paths) in table order; duplicate or empty ids are errors naming them."""
+    _require(table, ["image_id", "image_path"])
+    ids = table["image_id"].astype(str).tolist()
+    dup = table["image_id"][table["image_id"].duplicated()].astype(str).unique().tolist()
+    if dup:
+        raise ValueError(f"duplicate image_id in the study table: {dup[:5]}")
+    if table["image_path"].isna().any():
+        raise ValueError(f"image_path missing for image_id {table.loc[table['image_path'].isna(), 'image_id'].tolist()[:5]}")
+    return ids, table["image_path"].astype(str).tolist()
+
+
+def text_items(table: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """(study ids, report texts), one per study in order of first appearance."""
+    _require(table, ["study_id", "report"])
+    rows = table[["study_id", "report"]].copy()
+    rows["study_id"] = rows["study_id"].astype(str)
+    rows["report"] = rows["report"].fillna("").astype(str)
+    n_texts = rows.groupby("study_id", sort=False)["report"].nunique()
+    conflicting = n_texts[n_texts > 1].index.tolist()
+    if conflicting:
+        raise ValueError(f"studies with different reports on different rows: {conflicting[:5]}")
+    first = rows.drop_duplicates("study_id")
+    return first["study_id"].tolist(), first["report"].tolist()
+
+
+def _hash_items(ids: Sequence[str], values: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for i, v in zip(ids, values):
+        h.update(i.encode())
+        h.update(b"\x00")
+        h.update(v.encode())
+        h.update(b"\x01")
+    return h.hexdigest()
+
+
+def cache_key(modality: str, backbone: Backbone, precision: str, ids: Sequence[str], values: Sequence[str]) -> str:
+    """What decides the embeddings: weights (so the checkpoint), preprocessing/tokenizer, precision, rows."""
+    parts = {
+        "version": CACHE_VERSION, "modality": modality, "fingerprint": backbone.fingerprint,
+        "precision": precision, "rows": _hash_items(ids, values),
+        "transform": repr(backbone.preprocess) if modality == "image" else
+        f"{type(backbone.tokenizer).__name__}:{backbone.context_length}",
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+# ---- datasets ----------------------------------------------------------------------------------
+
+class ImageFiles(Dataset):
+    """Item ``i``: ``(i, tensor, None)``, or ``(i, None, reason)`` when the file cannot be read."""
+
+    def __init__(self, paths: Sequence[str], preprocess):
+        self.paths, self.preprocess = list(paths), preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.preprocess(load_cxr_image(self.paths[i])), None
+        except ImageReadError as exc:
+            return i, None, exc.reason
+        except Exception as exc:  # noqa: BLE001 - a transform failing on one odd file is that file's skip
+            return i, None, f"preprocess failed: {type(exc).__name__}: {exc}"
+
+
+class Texts(Dataset):
+    """Item ``i``: ``(i, text, None)``, or ``(i, None, "empty report")``."""
+
+    def __init__(self, texts: Sequence[str]):
+        self.texts = list(texts)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, i: int):
+        text = self.texts[i].strip()
+        return (i, text, None) if text else (i, None, "empty report")
+
+
+def collate_items(batch):
+    """-> (indices of good items, their tensors stacked or texts listed (None if none), [(index, reason)])."""
+    good = [(i, x) for i, x, r in batch if r is None]
+    bad = [(i, r) for i, _, r in batch if r is not None]
+    idx = torch.tensor([i for i, _ in good], dtype=torch.long)
+    if not good:
+        return idx, None, bad
+    xs = [x for _, x in good]
+    return idx, (torch.stack(xs) if isinstance(xs[0], torch.Tensor) else xs), bad
+
+
+# ---- shards ------------------------------------------------------------------------------------
+
+def _shard_path(shard_dir: Path, chunk: int) -> Path:
+    return shard_dir / f"chunk-{chunk:06d}.npz"
+
+
+def _write_shard(path: Path, ids: list[str], emb: np.ndarray, bad: list[tuple[str, str]]) -> None:
+    try:
+        with atomic_path(path, suffix=".npz") as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, ids=np.array(ids, dtype=str), emb=emb.astype(np.float32),
+                         bad_ids=np.array([b[0] for b in bad], dtype=str),
+                         bad_reasons=np.array([b[1] for b in bad], dtype=str))
+    except OSError as exc:
+        raise OSError(f"cannot write embedding shard {path} ({exc.strerror or exc}); is the disk full?") from exc
+
+
+def _read_shard(path: Path, expected: list[str]) -> dict[str, Any] | None:
+    """A shard's contents, or None when it is unreadable or does not cover exactly ``expected``."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {k: z[k] for k in ("ids", "emb", "bad_ids", "bad_reasons")}
+    except Exception:  # noqa: BLE001 - any unreadable shard is recomputed
+        return None
+    got = out["ids"].tolist() + out["bad_ids"].tolist()
+    if sorted(got) != sorted(expected) or len(out["ids"]) != len(out["emb"]):
+        return None
+    return out
+
+
+# ---- the extraction loop -----------------------------------------------------------------------
+
+def _encode(model, modality: str, x, tokenizer, device: str, precision: str) -> np.ndarray:
+    with torch.inference_mode(), autocast(device, precision):
+        if modality == "image":
+            out = model.encode_image(x.to(device, non_blocking=True))
+        else:
+            out = model.encode_text(tokenizer(x).to(device))
+    return F.normalize(out.float(), dim=-1).cpu().numpy()
+
+
+def _valid_chunks(shard_dir: Path, ids: list[str], chunk_size: int) -> set[int]:
+    if not shard_dir.is_dir():
+        return set()
+    n_chunks = -(-len(ids) // chunk_size)
+    return {c for c in range(n_chunks) if _shard_path(shard_dir, c).is_file() and
+            _read_shard(_shard_path(shard_dir, c), ids[c * chunk_size:(c + 1) * chunk_size]) is not None}
+
+
+def _run_chunks(modality: str, values: list[str], ids: list[str], chunks: list[int], chunk_size: int,
+                backbone: Backbone, shard_dir: Path, batch_size: int, num_workers: int, device: str,
+                precision: str, progress: bool, desc: str) -> None:
+    """Embed the listed chunks and write one shard per chunk."""
+    if not chunks:
+        return
+    batches, owner = [], []
+    for c in chunks:
+        lo, hi = c * chunk_size, min((c + 1) * chunk_size, len(ids))
+        for b in range(lo, hi, batch_size):
+            batches.append(list(range(b, min(b + batch_size, hi))))
+            owner.append(c)
+    left = Counter(owner)
+    dataset = ImageFiles(values, backbone.preprocess) if modality == "image" else Texts(values)
+    workers = num_workers if modality == "image" else 0
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_items,
+                        pin_memory=device.startswith("cuda"), prefetch_factor=4 if workers else None)
+    acc: dict[int, dict[str, list]] = {}
+    n_items = sum(len(b) for b in batches)
+    with tqdm(total=n_items, desc=desc, unit=modality, disable=not progress, smoothing=0.05) as bar:
+        for c, (idx, x, bad) in zip(owner, loader):
+            a = acc.setdefault(c, {"ids": [], "emb": [], "bad": []})
+            if x is not None:
+                a["emb"].append(_encode(backbone.model, modality, x, backbone.tokenizer, device, precision))
+                a["ids"].extend(ids[i] for i in idx.tolist())
+            a["bad"].extend((ids[i], r) for i, r in bad)
+            bar.update(len(idx) + len(bad))
+            left[c] -= 1
+            if left[c] == 0:
+                emb = np.concatenate(a["emb"]) if a["emb"] else np.zeros((0, backbone.embed_dim), np.float32)
+                _write_shard(_shard_path(shard_dir, c), a["ids"], emb, a["bad"])
+                del acc[c]
+
+
+def _merge(modality: str, ids: list[str], shard_dir: Path, n_chunks: int, chunk_size: int,
+           meta: dict[str, Any], out_path: Path) -> tuple[int, list[dict[str, str]]]:
+    """Merge the shards by id in item order; returns (count, skipped)."""
+    emb_by_id: dict[str, np.ndarray] = {}
+    skipped: dict[str, str] = {}
+    for c in range(n_chunks):
+        shard = _read_shard(_shard_path(shard_dir, c), ids[c * chunk_size:(c + 1) * chunk_size])
+        if shard is None:
+            raise RuntimeError(f"embedding shard {c} of {modality} is missing or incomplete in {shard_dir}")
+        for i, e in zip(shard["ids"].tolist(), shard["emb"]):
+            emb_by_id.setdefault(i, e)  # a duplicate id (padding) keeps its first copy
+        skipped.update(zip(shard["bad_ids"].tolist(), shard["bad_reasons"].tolist()))
+    order = [i for i in ids if i in emb_by_id]
+    if not order:
+        raise RuntimeError(f"no {modality} could be embedded: all {len(ids)} skipped "
+                           f"(e.g. {list(skipped.items())[:3]})")
+    emb = np.stack([emb_by_id[i] for i in order]).astype(np.float32)
+    skips = [{"id": i, "reason": skipped[i]} for i in ids if i in skipped]
+    meta = {**meta, "dim": int(emb.shape[1]), "n_skipped": len(skips), "skipped": skips}
+    try:
+        save_embeddings(out_path, Embeddings(ids=np.array(order), emb=emb, meta=meta))
+    except OSError as exc:
+        raise OSError(f"cannot write {out_path} ({exc.strerror or exc}); is the disk full?") from exc
+    return len(order), skips
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if _dist()[1] > 1:
+        torch.distributed.barrier()
+
+
+def _read_stamp(out_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((out_dir / STAMP).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _cached(out_dir: Path, modality: str, key: str | None) -> bool:
+    """True when ``<modality>.npz`` exists and was written for ``key`` (files are atomic and self-describing)."""
+    path = out_dir / f"{modality}.npz"
+    if not key or not path.is_file():
+        return False
+    try:
+        return load_embeddings(path).meta.get("cache_key") == key
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def extract_embeddings(table: pd.DataFrame | str | os.PathLike, backbone: Backbone | str,
+                       out_dir: str | os.PathLike, modalities: Sequence[str] = MODALITIES,
+                       batch_size: int = 64, num_workers: int = 2, precision: str = "auto",
+                       device: str = "auto", checkpoint: str | os.PathLike | None = None,
+                       name: str | None = None, chunk_size: int | None = None,
+                       progress: bool = True) -> ExtractionResult:
+    """Embed a study table's images and/or reports into ``out_dir`` (cached, resumable, rank-sharded).
+
+    ``backbone`` is a loaded :class:`Backbone` or a name for :func:`load_backbone` (with
+    ``checkpoint``); ``name`` is recorded as the embeddings' backbone (default: the backbone's name,
+    e.g. ``offline-adapted`` for an adapted checkpoint). ``chunk_size`` (default 16 batches) is the
+    unit of resumption. Returns ``{modality: path}`` with ``.skipped``, ``.cached``, ``.counts``.
+    """
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    bad_mod = [m for m in modalities if m not in MODALITIES]
+    if bad_mod or not modalities:
+        raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {list(modalities)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(table, (str, os.PathLike)):
+        table = pd.read_parquet(table)
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+    if isinstance(backbone, str):
+        backbone = load_backbone(backbone, device=device, checkpoint=checkpoint)
+    else:
+        backbone.model.to(device).eval()
+    label = name or backbone.name
+    chunk_size = int(chunk_size or batch_size * 16)
+    rank, world = _dist()
+
+    items = {m: image_items(table) if m == "image" else text_items(table) for m in modalities}
+    keys = {m: cache_key(m, backbone, precision, *items[m]) for m in modalities}
+    stamp = _read_stamp(out_dir)
+    cached = {m: _cached(out_dir, m, keys[m]) for m in modalities}
+    _barrier()  # every rank has read the stamp before rank 0 may remove it
+    todo = [m for m in modalities if not cached[m]]
+    # chunks with a valid shard from an interrupted run (scanned before any rank writes)
+    done_chunks = {m: _valid_chunks(out_dir / PARTIAL / f"{m}-{keys[m]}-c{chunk_size}", items[m][0], chunk_size)
+                   for m in todo}
+    _barrier()
+    if todo and rank == 0:
+        (out_dir / STAMP).unlink(missing_ok=True)
+    if not todo and all(stamp.get("modalities", {}).get(m, {}).get("key") == keys[m] for m in modalities):
+        return ExtractionResult({m: out_dir / f"{m}.npz" for m in modalities},
+                                {m: stamp["modalities"][m]["skipped"] for m in modalities}, cached,
+                                out_dir / STAMP, {m: stamp["modalities"][m]["n"] for m in modalities})
+
+    for m in todo:
+        ids, values = items[m]
+        shard_dir = out_dir / PARTIAL / f"{m}-{keys[m]}-c{chunk_size}"
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        n_chunks = -(-len(ids) // chunk_size)
+        mine = [c for c in range(n_chunks) if c % world == rank and c not in done_chunks[m]]
+        _run_chunks(m, values, ids, mine, chunk_size, backbone, shard_dir, batch_size, num_workers, device,
+                    precision, progress and rank == 0, f"{label} {m}" + (f" [rank {rank}/{world}]" if world > 1 else ""))
+    _barrier()
+
+    if rank == 0:
+        for m in todo:
+            ids, _ = items[m]
+            meta = {"backbone": label, "fingerprint": backbone.fingerprint, "modality": m,
+                    "precision": precision, "cache_key": keys[m], "source_backbone": backbone.name}
+            shard_dir = out_dir / PARTIAL / f"{m}-{keys[m]}-c{chunk_size}"
+            _merge(m, ids, shard_dir, -(-len(ids) // chunk_size), chunk_size, meta, out_dir / f"{m}.npz")
+            shutil.rmtree(shard_dir, ignore_errors=True)  # only once the merged file is on disk
+        with contextlib.suppress(OSError):
+            (out_dir / PARTIAL).rmdir()
+        entries = {m: _entry(out_dir, m) for m in modalities}
+        for m in todo:
+            entries[m]["chunks_reused"] = len(done_chunks[m])
+        # other modalities embedded earlier stay listed while their files still hold the key they had
+        for m, old in stamp.get("modalities", {}).items():
+            if m not in entries and _cached(out_dir, m, old.get("key")):
+                entries[m] = _entry(out_dir, m)
+        write_json(out_dir / STAMP, {
+            "backbone": label, "source_backbone": backbone.name, "fingerprint": backbone.fingerprint,
+            "checkpoint": str(checkpoint) if checkpoint else None, "precision": precision, "device": device,
+            "world_size": world, "batch_size": batch_size, "chunk_size": chunk_size,
+            "seconds": round(time.perf_counter() - t0, 2), "modalities": entries,
+        })
+    _barrier()
+    entries = _read_stamp(out_dir)["modalities"]
+    return ExtractionResult({m: out_dir / f"{m}.npz" for m in modalities},
+                            {m: entries[m]["skipped"] for m in modalities}, cached,
+                            out_dir / STAMP, {m: entries[m]["n"] for m in modalities})
+
+
+def _entry(out_dir: Path, modality: str) -> dict[str, Any]:
+    """The stamp's record of one embedding file, from the file's own metadata."""
+    emb = load_embeddings(out_dir / f"{modality}.npz")
+    skips = emb.meta.get("skipped", [])
+    return {"key": emb.meta["cache_key"], "file": f"{modality}.npz", "n": len(emb.ids), "dim": emb.dim,
+            "n_skipped": len(skips), "skip_reasons": dict(Counter(_reason_kind(s["reason"]) for s in skips)),
+            "skipped": skips}
+
+
+def _reason_kind(reason: str) -> str:
+    """The reason's category for counting (``file not found``, ``OSError``, ``empty report``, ...)."""
+    return reason.split(":", 1)[0].strip()
+
+
+# ---- command line (plain or under torchrun) ----------------------------------------------------
+
+def _init_distributed(device: str) -> str:
+    """Join the torchrun process group when WORLD_SIZE > 1; returns this rank's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    use_cuda = resolve_device(device).startswith("cuda")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(hours=12))
+    return device
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cxrlib.embed", description=__doc__.split("\n")[0])
+    ap.add_argument("--table", required=True, help="study table (parquet)")
+    ap.add_argument("--backbone", required=True, help="backbone name (see cxrlib.backbones)")
+    ap.add_argument("--checkpoint", default=None, help="adapted weights for the backbone")
+    ap.add_argument("--out-dir", required=True)
+    ap.add_argument("--name", default=None, help="name recorded as the embeddings' backbone")
+    ap.add_argument("--modalities", default="image,text")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--num-workers", type=int, default=2)
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--chunk-size", type=int, default=None)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    device = _init_distributed(args.device)
+    try:
+        result = extract_embeddings(
+            args.table, args.backbone, args.out_dir, modalities=[m for m in args.modalities.split(",") if m],
+            batch_size=args.batch_size, num_workers=args.num_workers, precision=args.precision, device=device,
+            checkpoint=args.checkpoint, name=args.name, chunk_size=args.chunk_size, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if _dist()[0] == 0 and int(os.environ.get("RANK", "0")) == 0:
+        print(repr(result))
+        for m, skips in result.skipped.items():
+            for s in skips[:20]:
+                print(f"skipped {m} {s['id']}: {s['reason']}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
