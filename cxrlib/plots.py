@@ -68,7 +68,115 @@ def save_figure(fig: plt.Figure, stem: str, out_dir: str | Path, formats: tuple[
 
 # --- 01 data prep ----------------------------------------------------------------------------
 
+def plot_label_balance(table, finding_labels=None) -> plt.Figure:
+    """Normal/abnormal studies per split (left) and finding prevalence among known labels (right)."""
+    import pandas as pd
+
+    from cxrlib.datasets.labels import FINDING_LABELS
+
+    names = [n for n in (finding_labels or FINDING_LABELS) if n in table.columns and n != "No Finding"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 1.6]})
+    order = [s for s in ("train", "val", "test") if s in set(table["split"])]
+    counts = pd.crosstab(table["split"], table["label_abnormal"]).reindex(index=order, columns=[0, 1], fill_value=0)
+    counts.columns = [LABEL_NAMES[c] for c in counts.columns]
+    counts.plot.bar(ax=ax1, color=[LABEL_COLORS["normal"], LABEL_COLORS["abnormal"]], rot=0)
+    for cont in ax1.containers:
+        ax1.bar_label(cont, fontsize=8)
+    ax1.set(xlabel="split", ylabel="studies", title="normal / abnormal per split")
+    known = table[names].notna().sum()
+    prev = (table[names] == 1).sum() / known.where(known > 0)
+    prev = prev.fillna(0).sort_values()
+    ax2.barh(prev.index, prev.values, color=LABEL_COLORS["abnormal"])
+    for y, (name, v) in enumerate(prev.items()):
+        ax2.text(v, y, f" {int((table[name] == 1).sum())}", va="center", fontsize=8)
+    ax2.set(xlabel="fraction of studies with the finding (where known)", title="finding labels")
+    fig.tight_layout()
+    return fig
+
+
+def plot_report_lengths(table) -> plt.Figure:
+    """Words per report by label (left) and the sizes of identical-report groups (right)."""
+    import numpy as np
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    words = table["report"].str.split().str.len()
+    bins = np.histogram_bin_edges(words, bins=min(40, max(5, words.nunique())))
+    for lab in (0, 1):
+        w = words[table["label_abnormal"] == lab]
+        if len(w):
+            ax1.hist(w, bins=bins, alpha=0.65, color=LABEL_COLORS[lab], label=f"{LABEL_NAMES[lab]} (median {w.median():g})")
+    ax1.set(xlabel="words per report", ylabel="studies", title="report length")
+    ax1.legend()
+    sizes = table.drop_duplicates("report_group")["report_dup_count"]
+    dup_rows = int((table["report_dup_count"] > 1).sum())
+    ax2.hist(sizes, bins=np.unique(np.geomspace(1, max(2, sizes.max()) + 1, 25).astype(int)), color="0.45")
+    ax2.set(xscale="log", yscale="log", xlabel="studies sharing one report text", ylabel="distinct report texts",
+            title=f"identical reports: {dup_rows} of {len(table)} studies share their text")
+    fig.tight_layout()
+    return fig
+
+
+def plot_example_grid(table, n: int = 8, seed: int = 0, ncols: int = 4, chars: int = 220) -> plt.Figure:
+    """``n`` random studies (half normal, half abnormal where possible): image above, report below."""
+    import textwrap
+
+    import pandas as pd
+
+    from cxrlib.images import load_cxr_image
+
+    parts = [g.sample(min(len(g), n // 2 + n % 2 * (lab == 1)), random_state=seed)
+             for lab, g in table.groupby("label_abnormal")]
+    rows = pd.concat(parts).head(n)
+    if len(rows) < n:
+        rows = pd.concat([rows, table.drop(rows.index).sample(min(n - len(rows), len(table) - len(rows)),
+                                                              random_state=seed)])
+    nrows = -(-len(rows) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.1 * ncols, 4.6 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (_, r) in zip(axes.flat, rows.iterrows()):
+        ax.imshow(load_cxr_image(r["image_path"], mode="L"), cmap="gray", vmin=0, vmax=255)
+        label = LABEL_NAMES[int(r["label_abnormal"])]
+        ax.set_title(f"{r['study_id']} ({r['view']}) | {label}", fontsize=8, color=LABEL_COLORS[label])
+        text = r["report"] if len(r["report"]) <= chars else r["report"][: chars - 1] + "…"
+        ax.text(0, -0.03, textwrap.fill(text, 42), transform=ax.transAxes, va="top", fontsize=6.5)
+    fig.tight_layout()
+    return fig
+
 # --- 02 training ------------------------------------------------------------------------------
+
+#: colours of the loss terms in training curves
+LOSS_TERM_COLORS = {"total": "0.2", "clip": "#55A868", "supcon": "#8172B3", "bce": "#C44E52"}
+
+
+def plot_loss_curves(history, best_epoch: int | None = None, metric: str | None = None) -> plt.Figure:
+    """Two panels: each loss term per epoch (train solid, validation dashed) and the validation
+    retrieval metric (``metric``, default the ``val_p<k>`` column) with the best epoch marked."""
+    apply_style()
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.8))
+    trained = history[history["epoch"] > 0]
+    for term, color in LOSS_TERM_COLORS.items():
+        for prefix, style in (("train", "-"), ("val", "--")):
+            col = f"{prefix}_{term}"
+            if col in history and history[col].notna().any():
+                data = trained if prefix == "train" else history
+                ax_loss.plot(data["epoch"], data[col], style, color=color, label=f"{term} ({prefix})")
+    ax_loss.set(xlabel="epoch", ylabel="loss (terms unweighted, total weighted)", title="loss terms", yscale="log")
+    ax_loss.legend(fontsize=7, ncol=2, loc="best")
+    metric = metric or next(c for c in history.columns if c.startswith("val_p") and c[5:].isdigit())
+    k = metric[len("val_p"):]
+    for suffix, name, style in (("_i2t", "image→text", ":"), ("_t2i", "text→image", ":"), ("", "mean", "-")):
+        if metric + suffix in history:
+            ax_metric.plot(history["epoch"], history[metric + suffix], style, marker="o", markersize=2.5,
+                           label=name, color=MODALITY_COLORS["image"] if suffix == "_i2t" else
+                           MODALITY_COLORS["text"] if suffix == "_t2i" else "0.2")
+    if best_epoch is not None:
+        ax_metric.axvline(best_epoch, color="0.5", lw=0.8, ls="--", label=f"best epoch {best_epoch}")
+    ax_metric.set(xlabel="epoch (0 = before training)", ylabel=f"label-match P@{k}",
+                  title=f"validation Precision@{k}")
+    ax_metric.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 # --- 03 retrieval evaluation ------------------------------------------------------------------
 

@@ -63,3 +63,28 @@ def build_study_table(dataset: str, **params) -> tuple[pd.DataFrame, pd.DataFram
     if dataset == "synthetic":
         return build_synthetic(**params)
     raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
+
+
+def notebook_params(dataset: str, *, seed: int = 0, view: str | None = "frontal",
+                    text_sections: str = "findings+impression", anon: str = "remove", val_frac: float = 0.1,
+                    test_frac: float = 0.2, one_image_per_study: bool = True, max_studies: int | None = None,
+                    verify_images: bool = True, image_size: int = 256, n_synthetic_studies: int = 200,
+                    openi_layout: str = "auto", openi_root: str | None = None, mimic_root: str | None = None,
+                    no_indexing: str = "skip", mimic_uncertain: str = "nan", mimic_normal_rule: str = "no_finding",
+                    mimic_split: str = "official", download: bool = False) -> dict:
+    """Notebook 01's flat parameters -> the keyword arguments of ``build_study_table(dataset, ...)``."""
+    common = dict(seed=seed, view=view, text_sections=text_sections, anon=anon, val_frac=val_frac,
+                  test_frac=test_frac, one_image_per_study=one_image_per_study, max_studies=max_studies,
+                  verify_images=verify_images)
+    if dataset == "openi":
+        return {**common, "root": openi_root or None, "layout": openi_layout, "no_indexing": no_indexing,
+                "download": download}
+    if dataset == "openi_synth":
+        common.pop("verify_images")
+        return {**common, "image_size": image_size, "no_indexing": no_indexing}
+    if dataset == "mimic":
+        return {**common, "root": mimic_root or None, "uncertain": mimic_uncertain, "normal_rule": mimic_normal_rule,
+                "split": mimic_split}
+    if dataset == "synthetic":
+        return {**common, "n_studies": n_synthetic_studies, "image_size": image_size}
+    raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
