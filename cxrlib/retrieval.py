@@ -10,9 +10,15 @@ the rank-based metrics agree item for item, and results never depend on a sort's
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
+
+from cxrlib import stats
+from cxrlib.pairs import PairedSplit
 
 #: upper bound on the number of scores held at once (64 Mi float32 = 256 MiB)
 MAX_BLOCK_ELEMENTS = 1 << 26
@@ -141,3 +147,261 @@ def label_precision_at_k(query_emb, gallery_emb, query_labels, gallery_labels, k
                          f"({len(query_emb)}, {len(gallery_emb)})")
     _, idx = topk_similarity(query_emb, gallery_emb, k)
     return float((gl[idx] == ql[:, None]).mean())
+
+
+# --- per-query metrics -------------------------------------------------------------------------
+
+DIRECTIONS = ("image_to_text", "text_to_image")
+GALLERIES = ("raw", "merged")
+QUERY_CLASSES = ("all", "normal", "abnormal")
+#: metric -> how a per-query vector is summarised (all others are means of per-query values)
+SUMMARY = {"median_rank": "median"}
+
+
+def _first_relevant_rank(block: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:
+    """1-based rank of each row's best relevant item (ties by index), NaN where none is relevant.
+
+    Counted, not sorted: items scoring higher, plus items scoring equal at a lower index.
+    """
+    masked = torch.where(rel, block, torch.tensor(-torch.inf))
+    best = masked.max(dim=1, keepdim=True).values
+    first = (rel & (block == best)).to(torch.uint8).argmax(dim=1, keepdim=True)
+    cols = torch.arange(block.shape[1]).unsqueeze(0)
+    ahead = (block > best).sum(1) + ((block == best) & (cols < first)).sum(1)
+    rank = (ahead + 1).to(torch.float64)
+    rank[~rel.any(1)] = torch.nan
+    return rank
+
+
+def _average_precision(block: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:
+    """AP over the full ranking (stable sort: ties by index); NaN where no item is relevant."""
+    order = torch.argsort(block, dim=1, descending=True, stable=True)
+    r = rel.gather(1, order).to(torch.float64)
+    hits = r.cumsum(1)
+    prec = hits / torch.arange(1, r.shape[1] + 1, dtype=torch.float64)
+    n_rel = r.sum(1)
+    return torch.where(n_rel > 0, (prec * r).sum(1) / n_rel.clamp(min=1), torch.tensor(torch.nan, dtype=torch.float64))
+
+
+def scan_metrics(queries, gallery, relevance: dict, ks, chunk_size: int = 4096,
+                 progress: bool = False) -> dict[tuple[str, str, int], np.ndarray]:
+    """Per-query metrics of one query set against one gallery, for several relevance definitions.
+
+    ``relevance`` maps a name to ``(fn, kinds)``: ``fn(start, stop)`` returns the [rows, gallery]
+    boolean relevance of queries ``start:stop``; ``kinds`` is a subset of ``{"rank", "topk", "ap"}``.
+    Returns ``{(name, metric, k): values}`` with metrics ``rank`` (of the best relevant item),
+    ``precision``/``hit`` at each k (``"topk"``) and ``ap``; k is 0 for k-free metrics. A query with no
+    relevant item gets NaN (callers count and exclude it). Scores are computed once per block.
+    """
+    q, g = as_tensor(queries, "queries"), as_tensor(gallery, "gallery")
+    check_normalised(q, "queries")
+    check_normalised(g, "gallery")
+    ks = sorted({int(k) for k in ks})
+    if any(k < 1 or k > len(g) for k in ks):
+        raise ValueError(f"every k must be between 1 and the gallery size ({len(g)}), got {ks}")
+    n = len(q)
+    out: dict[tuple[str, str, int], np.ndarray] = {}
+    for name, (_, kinds) in relevance.items():
+        unknown = set(kinds) - {"rank", "topk", "ap"}
+        if unknown:
+            raise ValueError(f"relevance {name!r}: unknown metric kinds {sorted(unknown)}")
+        keys = [("rank", 0)] * ("rank" in kinds) + [("ap", 0)] * ("ap" in kinds)
+        keys += [(m, k) for k in ks for m in ("precision", "hit")] if "topk" in kinds else []
+        out.update({(name, m, k): np.full(n, np.nan) for m, k in keys})
+    step = rows_per_block(len(g), chunk_size)
+    need_topk = any("topk" in kinds for _, kinds in relevance.values())
+    for s in tqdm(range(0, n, step), desc="retrieval metrics", disable=not progress, leave=False):
+        e = min(n, s + step)
+        block = q[s:e] @ g.T
+        top = _block_topk(block, ks[-1])[1] if need_topk and ks else None
+        for name, (fn, kinds) in relevance.items():
+            rel = torch.as_tensor(fn(s, e), dtype=torch.bool)
+            if rel.shape != block.shape:
+                raise ValueError(f"relevance {name!r} returned shape {tuple(rel.shape)}, expected {tuple(block.shape)}")
+            has = rel.any(1).numpy()
+            if "rank" in kinds:
+                out[(name, "rank", 0)][s:e] = _first_relevant_rank(block, rel).numpy()
+            if "ap" in kinds:
+                out[(name, "ap", 0)][s:e] = _average_precision(block, rel).numpy()
+            if "topk" in kinds and top is not None:
+                rel_top = rel.gather(1, top).numpy()
+                for k in ks:
+                    out[(name, "precision", k)][s:e] = np.where(has, rel_top[:, :k].mean(1), np.nan)
+                    out[(name, "hit", k)][s:e] = np.where(has, rel_top[:, :k].any(1), np.nan)
+    return out
+
+
+# --- a paired split: both directions, every metric, CIs ----------------------------------------
+
+#: tidy columns of :func:`summarise` / :func:`evaluate_pairs` (see its docstring)
+COLUMNS = ["model", "direction", "gallery", "query_class", "metric", "k", "value", "ci_low", "ci_high",
+           "n", "n_excluded", "n_patients", "gallery_size", "note"]
+PAIRED_COLUMNS = ["model_a", "model_b", "direction", "gallery", "query_class", "metric", "k", "value_a",
+                  "value_b", "diff", "ci_low", "ci_high", "p_value", "n", "n_patients", "n_perm", "exact"]
+
+ScoreKey = tuple  # (direction, gallery, metric, k); k = 0 for k-free metrics
+
+
+@dataclass
+class QueryScores:
+    """Per-query metric values of one model on one split (NaN = query excluded: nothing relevant).
+
+    ``skipped`` maps keys that were not computed (k larger than the gallery) to the reason.
+    """
+
+    model: str
+    values: dict[ScoreKey, np.ndarray]
+    gallery_size: dict[tuple[str, str], int]
+    skipped: dict[ScoreKey, str]
+    labels: np.ndarray
+    patient_ids: np.ndarray
+    study_ids: np.ndarray
+
+
+def _binary_findings(findings: np.ndarray | None) -> np.ndarray | None:
+    """Positive finding indicators (1 = present; 0 and NaN = not present), or None if none is positive."""
+    if findings is None or findings.size == 0:
+        return None
+    pos = np.nan_to_num(np.asarray(findings, np.float32), nan=0.0) == 1
+    return pos.astype(np.float32) if pos.any() else None
+
+
+def query_scores(split: PairedSplit, model_name: str, ks=(1, 5, 10), chunk_size: int = 4096,
+                 progress: bool = False) -> QueryScores:
+    """Every per-query metric of ``split`` in both directions (see :func:`evaluate_pairs`)."""
+    n = len(split)
+    ks = sorted({int(k) for k in ks})
+    groups = np.asarray(split.report_groups)
+    labels = np.asarray(split.labels)
+    fpos = _binary_findings(split.findings)
+    idx = torch.arange(n)
+    values: dict[ScoreKey, np.ndarray] = {}
+    sizes: dict[tuple[str, str], int] = {}
+    skipped: dict[ScoreKey, str] = {}
+
+    def key_rel(qkey, gkey):
+        qk, gk = torch.as_tensor(np.asarray(qkey)), torch.as_tensor(np.asarray(gkey))
+        return lambda s, e: qk[s:e, None] == gk[None, :]
+
+    lab_rel = key_rel(labels, labels)
+    if fpos is not None:
+        ft = torch.from_numpy(fpos)
+
+        def find_rel(s, e):
+            return (ft[s:e] @ ft.T) > 0
+
+    for direction in DIRECTIONS:
+        q, g = (split.img, split.txt) if direction == "image_to_text" else (split.txt, split.img)
+        reps = np.unique(groups, return_index=True)[1]  # first row of each report group
+        merged_gallery, merged_keys = (g[reps], groups[reps]) if direction == "image_to_text" else (g, groups)
+        passes = {"raw": (g, {"pair": (key_rel(idx, idx), {"rank"}), "label": (lab_rel, {"topk", "ap"})}),
+                  "merged": (merged_gallery, {"pair": (key_rel(groups, merged_keys), {"rank"})})}
+        if fpos is not None:
+            passes["raw"][1]["finding"] = (find_rel, {"topk", "ap"})
+        for gallery, (gal, rel) in passes.items():
+            size = len(gal)
+            sizes[(direction, gallery)] = size
+            ok = [k for k in ks if k <= size]
+            for k in sorted(set(ks) - set(ok)):
+                names = ["recall"] + [f"{r}_{m}" for r in rel if r != "pair" for m in ("precision", "hit")]
+                for m in names:
+                    skipped[(direction, gallery, m, k)] = f"k={k} exceeds the {gallery} gallery size ({size})"
+            raw = scan_metrics(q, gal, rel, ok, chunk_size=chunk_size, progress=progress)
+            for (name, metric, k), v in raw.items():
+                if name == "pair":  # rank -> recall@k, reciprocal rank, rank
+                    values[(direction, gallery, "mrr", 0)] = 1.0 / v
+                    values[(direction, gallery, "median_rank", 0)] = v
+                    for kk in ok:
+                        values[(direction, gallery, "recall", kk)] = np.where(np.isnan(v), np.nan, v <= kk)
+                else:
+                    values[(direction, gallery, f"{name}_{'map' if metric == 'ap' else metric}", k)] = v
+    return QueryScores(model_name, values, sizes, skipped, labels, np.asarray(split.patient_ids),
+                       np.asarray(split.study_ids))
+
+
+def _class_masks(labels: np.ndarray) -> dict[str, np.ndarray]:
+    return {"all": np.ones(len(labels), bool), "normal": labels == 0, "abnormal": labels == 1}
+
+
+def summarise(scores: QueryScores, n_boot: int = 1000, seed: int = 0, confidence: float = 0.95) -> pd.DataFrame:
+    """Tidy table of point estimates and patient-bootstrap CIs, per query class (see evaluate_pairs)."""
+    rows = []
+    masks = _class_masks(scores.labels)
+    for (direction, gallery, metric, k), v in scores.values.items():
+        for cls, mask in masks.items():
+            base = dict(model=scores.model, direction=direction, gallery=gallery, query_class=cls,
+                        metric=metric, k=k or pd.NA, gallery_size=scores.gallery_size[(direction, gallery)])
+            if not mask.any():
+                rows.append({**base, "value": np.nan, "ci_low": np.nan, "ci_high": np.nan, "n": 0,
+                             "n_excluded": 0, "n_patients": 0, "note": f"no {cls} queries in the split"})
+                continue
+            vm = v[mask]
+            iv = stats.bootstrap_ci(vm, scores.patient_ids[mask], n_boot, seed, SUMMARY.get(metric, "mean"),
+                                    confidence)
+            excluded = int(np.isnan(vm).sum())
+            note = f"{excluded} queries without a relevant item excluded" if excluded else ""
+            if iv.n and np.isnan(iv.ci_low) and n_boot > 0:
+                note = "; ".join(filter(None, [note, "fewer than 2 patients: no CI"]))
+            rows.append({**base, "value": iv.value, "ci_low": iv.ci_low, "ci_high": iv.ci_high, "n": iv.n,
+                         "n_excluded": excluded, "n_patients": iv.n_clusters, "note": note})
+    for (direction, gallery, metric, k), reason in scores.skipped.items():
+        for cls in masks:
+            rows.append(dict(model=scores.model, direction=direction, gallery=gallery, query_class=cls,
+                             metric=metric, k=k, value=np.nan, ci_low=np.nan, ci_high=np.nan, n=0, n_excluded=0,
+                             n_patients=0, gallery_size=scores.gallery_size[(direction, gallery)], note=reason))
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    df["k"] = df["k"].astype("Int64")
+    return df.sort_values(["model", "direction", "gallery", "query_class", "metric", "k"],
+                          kind="stable", ignore_index=True)
+
+
+def evaluate_pairs(split: PairedSplit, model_name: str, ks=(1, 5, 10), n_boot: int = 1000, seed: int = 0,
+                   chunk_size: int = 4096, confidence: float = 0.95, progress: bool = False) -> pd.DataFrame:
+    """Image-to-text and text-to-image retrieval metrics of one model with patient-bootstrap CIs.
+
+    Tidy columns (:data:`COLUMNS`): ``model``; ``direction`` (``image_to_text``/``text_to_image``);
+    ``gallery``: ``raw`` (every study's item is separate) or ``merged`` (identical report texts,
+    ``split.report_groups``, count as one item: image-to-text searches one text per group and a hit is
+    the query's group; text-to-image counts any image whose report is identical as a hit);
+    ``query_class`` (``all``/``normal``/``abnormal``); ``metric``; ``k`` (empty for k-free metrics);
+    ``value`` with ``ci_low``/``ci_high``; ``n`` queries used, ``n_excluded`` queries without a relevant
+    item, ``n_patients``, ``gallery_size``, ``note`` (exclusions, skipped k). Metrics:
+
+    * exact pair (raw and merged): ``recall`` (@k), ``mrr``, ``median_rank`` (1-based; median, not mean);
+    * label relevance (same normal/abnormal label, raw gallery): ``label_precision``/``label_hit`` (@k),
+      ``label_map`` (AP over the whole ranking);
+    * finding overlap (shares at least one positive finding of ``split.findings``; only when findings
+      exist): ``finding_precision``/``finding_hit`` (@k), ``finding_map``.
+
+    Ties rank by gallery index. A k larger than a gallery gives a NaN row whose note says so.
+    """
+    scores = query_scores(split, model_name, ks, chunk_size=chunk_size, progress=progress)
+    return summarise(scores, n_boot=n_boot, seed=seed, confidence=confidence)
+
+
+def compare_models(a: QueryScores, b: QueryScores, n_boot: int = 1000, n_perm: int = 10000, seed: int = 0,
+                   confidence: float = 0.95) -> pd.DataFrame:
+    """Paired tests of model ``a`` minus model ``b`` on the same queries, for every mean-type metric.
+
+    Columns :data:`PAIRED_COLUMNS`: ``diff`` = value_a - value_b with its patient-bootstrap CI and the
+    two-sided patient sign-flip permutation ``p_value`` (``exact`` when all flips were enumerated).
+    """
+    if not np.array_equal(a.study_ids, b.study_ids):
+        raise ValueError(f"models {a.model!r} and {b.model!r} were evaluated on different queries")
+    rows = []
+    for key in a.values:
+        direction, gallery, metric, k = key
+        if key not in b.values or SUMMARY.get(metric, "mean") != "mean":
+            continue
+        for cls, mask in _class_masks(a.labels).items():
+            if not mask.any():
+                continue
+            r = stats.paired_test(a.values[key][mask], b.values[key][mask], a.patient_ids[mask], n_boot,
+                                  n_perm, seed, confidence)
+            rows.append(dict(model_a=a.model, model_b=b.model, direction=direction, gallery=gallery,
+                             query_class=cls, metric=metric, k=k or pd.NA, value_a=r.value_a, value_b=r.value_b,
+                             diff=r.diff, ci_low=r.ci_low, ci_high=r.ci_high, p_value=r.p_value, n=r.n,
+                             n_patients=r.n_clusters, n_perm=r.n_perm, exact=r.exact))
+    df = pd.DataFrame(rows, columns=PAIRED_COLUMNS)
+    df["k"] = df["k"].astype("Int64")
+    return df
