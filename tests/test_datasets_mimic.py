@@ -50,6 +50,10 @@ def test_uncertain_and_normal_rule(mimic_zip):
     assert t.loc[t["report"].str.contains("Possible pneumonia"), "label_abnormal"].eq(0).all()
     t, _ = build_study_table("mimic", root=mimic_zip, uncertain="negative")
     assert t.loc[t["report"].str.startswith("Moderate"), "Edema"].eq(0).all()
+    t, _ = build_study_table("mimic", root=mimic_zip, uncertain="negative", labeler="negbio")
+    assert t.loc[t["report"].str.startswith("Moderate"), "Edema"].eq(1).all()
+    with pytest.raises(ValueError, match="labeler"):
+        build_study_table("mimic", root=mimic_zip, labeler="manual")
 
 
 def test_random_split_is_patient_level(mimic_zip):

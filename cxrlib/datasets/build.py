@@ -7,7 +7,8 @@ Parameters shared by all sources (see :func:`cxrlib.datasets.table.assemble`): `
 * ``openi``: ``root`` (default ``OPENI_ROOT``), ``layout`` (auto|nlm|kaggle), ``views_csv``,
   ``no_indexing``, ``download`` (fetch the NLM release into ``root`` when it is empty).
 * ``openi_synth``: ``image_size``, ``no_indexing``, ``out_dir``.
-* ``mimic``: ``root`` (default ``MIMIC_ROOT``), ``uncertain``, ``normal_rule``, ``split`` (official|random).
+* ``mimic``: ``root`` (default ``MIMIC_ROOT``), ``reports``, ``uncertain``, ``normal_rule``, ``split``
+  (official|random), ``labeler`` (chexpert|negbio).
 * ``synthetic``: ``n_studies``, ``image_size``, ``views``, ``out_dir``.
 """
 
@@ -71,7 +72,7 @@ def notebook_params(dataset: str, *, seed: int = 0, view: str | None = "frontal"
                     verify_images: bool = True, image_size: int = 256, n_synthetic_studies: int = 200,
                     openi_layout: str = "auto", openi_root: str | None = None, mimic_root: str | None = None,
                     no_indexing: str = "skip", mimic_uncertain: str = "nan", mimic_normal_rule: str = "no_finding",
-                    mimic_split: str = "official", download: bool = False) -> dict:
+                    mimic_split: str = "official", mimic_labeler: str = "chexpert", download: bool = False) -> dict:
     """Notebook 01's flat parameters -> the keyword arguments of ``build_study_table(dataset, ...)``."""
     common = dict(seed=seed, view=view, text_sections=text_sections, anon=anon, val_frac=val_frac,
                   test_frac=test_frac, one_image_per_study=one_image_per_study, max_studies=max_studies,
@@ -84,7 +85,7 @@ def notebook_params(dataset: str, *, seed: int = 0, view: str | None = "frontal"
         return {**common, "image_size": image_size, "no_indexing": no_indexing}
     if dataset == "mimic":
         return {**common, "root": mimic_root or None, "uncertain": mimic_uncertain, "normal_rule": mimic_normal_rule,
-                "split": mimic_split}
+                "split": mimic_split, "labeler": mimic_labeler}
     if dataset == "synthetic":
         return {**common, "n_studies": n_synthetic_studies, "image_size": image_size}
     raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")

@@ -192,6 +192,9 @@ def make_fake_mimic(root: str | Path, n_patients: int = 12, studies_per_patient:
     _gz_csv(pd.DataFrame(meta), root / "mimic-cxr-2.0.0-metadata.csv.gz")
     _gz_csv(pd.DataFrame(split), root / "mimic-cxr-2.0.0-split.csv.gz")
     _gz_csv(pd.DataFrame(chex), root / "mimic-cxr-2.0.0-chexpert.csv.gz")
+    negbio = pd.DataFrame(chex)
+    negbio["Edema"] = negbio["Edema"].replace({-1.0: 1.0})  # the two labelers disagree on a few studies
+    _gz_csv(negbio, root / "mimic-cxr-2.0.0-negbio.csv.gz")
     if reports == "zip":
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w") as zf:

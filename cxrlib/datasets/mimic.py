@@ -10,7 +10,7 @@ Layout read as published::
     <root>/files/pXX/p<subject>/s<study>/<dicom_id>.jpg
     <root>/mimic-cxr-2.0.0-metadata.csv.gz   (dicom_id, subject_id, study_id, ViewPosition, ...)
     <root>/mimic-cxr-2.0.0-split.csv.gz      (dicom_id, study_id, subject_id, split: train/validate/test)
-    <root>/mimic-cxr-2.0.0-chexpert.csv.gz   (subject_id, study_id, 14 observations)
+    <root>/mimic-cxr-2.0.0-chexpert.csv.gz   (subject_id, study_id, 14 observations; or -negbio.csv.gz)
     reports: <root>/mimic-cxr-reports.zip (files/pXX/p<subject>/s<study>.txt) or those .txt files under
              <root>/files/ (or a ``reports`` folder/zip given explicitly)
 
@@ -35,6 +35,8 @@ from cxrlib.datasets.table import SkipLog, assemble
 
 PREFIX = "mimic-cxr-2.0.0"
 VIEW_MAP = {"PA": "frontal", "AP": "frontal", "LATERAL": "lateral", "LL": "lateral"}
+#: which label table to read: the CheXpert labeler's or NegBio's (same columns and values)
+LABELERS = ("chexpert", "negbio")
 SPLIT_MAP = {"train": "train", "validate": "val", "val": "val", "test": "test"}
 _HEADER = re.compile(r"^[ \t]*([A-Z][A-Z /&()-]{2,40}):", re.MULTILINE)
 FINDINGS_HEADERS = {"FINDINGS", "FINDINGS AND IMPRESSION", "FINDINGS/IMPRESSION"}
@@ -106,13 +108,15 @@ def find_reports(root: Path) -> Path:
 
 
 def mimic_candidates(root: Path, reports: str | Path | None = None, uncertain: str = "nan",
-                     normal_rule: str = "no_finding", skips: SkipLog | None = None
+                     normal_rule: str = "no_finding", skips: SkipLog | None = None, labeler: str = "chexpert"
                      ) -> tuple[pd.DataFrame, pd.DataFrame, pd.Series]:
     """Labelled candidate studies, images and the official split (study_id -> split) of a MIMIC folder."""
     skips = skips if skips is not None else SkipLog()
     meta = _read_csv(root, "metadata", {"dicom_id", "subject_id", "study_id", "ViewPosition"})
     split = _read_csv(root, "split", {"dicom_id", "study_id", "subject_id", "split"})
-    chex = _read_csv(root, "chexpert", {"subject_id", "study_id"})
+    if labeler not in LABELERS:
+        raise ValueError(f"labeler must be one of {LABELERS}, got {labeler!r}")
+    chex = _read_csv(root, labeler, {"subject_id", "study_id"})
     src = ReportSource(Path(reports) if reports else find_reports(root))
 
     meta = meta.assign(study_id="s" + meta["study_id"].astype(str), patient_id="p" + meta["subject_id"].astype(str))
@@ -159,7 +163,7 @@ def mimic_candidates(root: Path, reports: str | Path | None = None, uncertain: s
 
 
 def build_mimic(root: str | Path | None = None, reports: str | Path | None = None, uncertain: str = "nan",
-                normal_rule: str = "no_finding", split: str = "official", **assemble_kw
+                normal_rule: str = "no_finding", split: str = "official", labeler: str = "chexpert", **assemble_kw
                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Study table of a local MIMIC-CXR-JPG folder (``root`` or ``MIMIC_ROOT``)."""
     root = Path(root) if root else paths.mimic_root()
@@ -170,7 +174,7 @@ def build_mimic(root: str | Path | None = None, reports: str | Path | None = Non
     if split not in ("official", "random"):
         raise ValueError(f"split must be 'official' or 'random', got {split!r}")
     skips = SkipLog()
-    studies, images, official = mimic_candidates(root, reports, uncertain, normal_rule, skips)
+    studies, images, official = mimic_candidates(root, reports, uncertain, normal_rule, skips, labeler)
     table = assemble(studies, images, skips, source="mimic",
                      splits=official if split == "official" else None, **assemble_kw)
     return table, skips.table()
