@@ -49,6 +49,7 @@ def test_openi_synth_renders_only_the_table_images(workdir, stub_renderer):
     assert table["image_path"].map(lambda p: Path(p).is_file() and Path(p).parent == out_dir).all()
     counts = skip_counts(skips).set_index("reason")["count"].to_dict()
     assert counts["no_label"] >= 92  # the "No Indexing" studies
+    assert 90 < counts["no_image"] <= 104  # reports without images (104, some skipped earlier for text/label)
     assert len(table) + sum(counts.get(r, 0) for r in STUDY_REASONS) == 3955  # every report accounted for
 
 

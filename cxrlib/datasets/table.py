@@ -201,6 +201,7 @@ def assemble(studies: pd.DataFrame, images: pd.DataFrame, skips: SkipLog, *, sou
     studies = studies[~nolabel]
 
     # images
+    all_images = set(images["study_id"])
     orphan = ~images["study_id"].isin(studies["study_id"]) & ~images["study_id"].isin(skips.table()["item"])
     skips.extend(images.loc[orphan, "image_id"], "image_without_report")
     images = images[images["study_id"].isin(studies["study_id"])]
@@ -213,7 +214,9 @@ def assemble(studies: pd.DataFrame, images: pd.DataFrame, skips: SkipLog, *, sou
         skips.extend(images.loc[other, "image_id"], f"not_{view}")
         images = images[~other]
     no_img = ~studies["study_id"].isin(images["study_id"])
-    skips.extend(studies.loc[no_img, "study_id"], "no_image" if view is None else f"no_{view}_image")
+    listed = studies["study_id"].isin(all_images)
+    skips.extend(studies.loc[no_img & ~listed, "study_id"], "no_image", "the report lists no image")
+    skips.extend(studies.loc[no_img & listed, "study_id"], "no_image" if view is None else f"no_{view}_image")
     studies = studies[~no_img]
 
     if max_studies is not None and len(studies) > max_studies:
