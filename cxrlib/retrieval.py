@@ -61,13 +61,14 @@ def _order_candidates(scores: torch.Tensor, indices: torch.Tensor, k: int) -> tu
 def _block_topk(block: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of each row with ties broken by column index.
 
-    ``torch.topk`` picks an arbitrary subset when several items tie with the k-th score; rows where
-    that happens are redone with a stable full sort.
+    ``torch.topk`` picks an arbitrary subset when several items tie with the k-th score. One extra
+    candidate shows where that can happen (the (k+1)-th score equals the k-th); only those rows are
+    redone with a stable full sort.
     """
-    vals, idx = torch.topk(block, k, dim=1, largest=True, sorted=False)
-    kth = vals.min(dim=1, keepdim=True).values
-    tied = (block == kth).sum(1) != (vals == kth).sum(1)
-    vals, idx = _order_candidates(vals, idx, k)
+    extra = min(k + 1, block.shape[1])
+    vals, idx = torch.topk(block, extra, dim=1, largest=True, sorted=True)
+    tied = vals[:, k] == vals[:, k - 1] if extra > k else torch.zeros(len(block), dtype=torch.bool)
+    vals, idx = _order_candidates(vals[:, :k], idx[:, :k], k)
     if tied.any():
         rows = tied.nonzero().squeeze(1)
         order = torch.argsort(block[rows], dim=1, descending=True, stable=True)[:, :k]
@@ -77,13 +78,28 @@ def _block_topk(block: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _topk_torch(q: torch.Tensor, g: torch.Tensor, k: int, chunk_size: int, progress: bool):
-    n = len(q)
-    step = rows_per_block(len(g), chunk_size)
+    """Blocks of up to ``chunk_size`` gallery items x as many queries as fit MAX_BLOCK_ELEMENTS;
+    each block's exact top-k is merged into the running top-k (same order rule, so the merge is exact)."""
+    n, m = len(q), len(g)
+    g_step = max(1, min(int(chunk_size), m))
+    q_step = max(1, min(n, MAX_BLOCK_ELEMENTS // g_step))
     scores = torch.empty((n, k), dtype=torch.float32)
     indices = torch.empty((n, k), dtype=torch.int64)
-    for s in tqdm(range(0, n, step), desc="top-k (torch)", disable=not progress, leave=False):
-        block = q[s:s + step] @ g.T
-        scores[s:s + step], indices[s:s + step] = _block_topk(block, k)
+    with tqdm(total=n * m, desc="top-k (torch)", disable=not progress, leave=False, unit="pair",
+              unit_scale=True) as bar:
+        for s in range(0, n, q_step):
+            qb = q[s:s + q_step]
+            best_s = best_i = None
+            for t in range(0, m, g_step):
+                block = qb @ g[t:t + g_step].T
+                bs, bi = _block_topk(block, min(k, block.shape[1]))
+                bi += t
+                if best_s is None:
+                    best_s, best_i = bs, bi
+                else:
+                    best_s, best_i = _order_candidates(torch.cat([best_s, bs], 1), torch.cat([best_i, bi], 1), k)
+                bar.update(block.numel())
+            scores[s:s + q_step], indices[s:s + q_step] = best_s, best_i
     return scores, indices
 
 
@@ -115,8 +131,9 @@ def topk_similarity(queries, gallery, k: int, chunk_size: int = 4096, backend: s
     """Top-``k`` gallery items by cosine similarity for every query: ``(scores, indices)``, both [n, k].
 
     Inputs are numpy arrays or torch tensors of L2-normalised rows (checked). ``backend="torch"``
-    scores blocks of at most ``chunk_size`` queries (fewer for a huge gallery, see
-    :func:`rows_per_block`); ``"faiss"`` searches an exact ``IndexFlatIP``. Both order results by
+    scores blocks of ``chunk_size`` gallery items against as many queries as keep a block under
+    :data:`MAX_BLOCK_ELEMENTS` scores and merges each block's top-k; ``"faiss"`` searches an exact
+    ``IndexFlatIP`` ``chunk_size`` queries at a time. Both order results by
     score, then by gallery index, so they return the same items.
     """
     q, g = as_tensor(queries, "queries"), as_tensor(gallery, "gallery")
