@@ -192,3 +192,16 @@ def test_save_load_roundtrip_and_atomic(tmp_path, monkeypatch):
     assert sorted(p.name for p in new.parent.iterdir()) == ["t.parquet", "t.splits.csv"]
     with pytest.raises(FileNotFoundError, match="01_data_prep"):
         load_study_table(new)
+
+
+def test_verify_all_threads_match_serial(tmp_path):
+    from cxrlib.datasets.table import verify_all
+    from cxrlib.images import verify_image
+
+    paths = [write_image(tmp_path / f"{k}.png", seed=k) for k in range(40)]
+    paths[3].write_bytes(paths[3].read_bytes()[:30])
+    paths[7].write_text("text")
+    paths.append(tmp_path / "absent.png")
+    threaded = verify_all(paths, n_jobs=4)
+    assert threaded == [verify_image(p) for p in paths] == verify_all(paths, n_jobs=1)
+    assert [k for k, r in enumerate(threaded) if r] == [3, 7, 40] and threaded[40] == "file not found"

@@ -163,6 +163,17 @@ def patient_splits(patient_ids: pd.Series, labels: pd.Series, val_frac: float = 
 
 # ---- assembly ------------------------------------------------------------------------------------
 
+def verify_all(image_paths: Iterable[str], n_jobs: int | None = None) -> list[str | None]:
+    """:func:`cxrlib.images.verify_image` over many files in threads (decoders release the GIL), in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    image_paths = list(image_paths)
+    n_jobs = n_jobs or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=n_jobs) as pool:
+        return list(tqdm(pool.map(verify_image, image_paths, chunksize=16) if n_jobs > 1 else
+                         map(verify_image, image_paths), total=len(image_paths), desc="checking images", leave=False))
+
+
 def assemble(studies: pd.DataFrame, images: pd.DataFrame, skips: SkipLog, *, source: str,
              view: str | None = "frontal", one_image_per_study: bool = True, verify_images: bool = True,
              text_sections: str = "findings+impression", anon: str = "remove",
@@ -228,12 +239,8 @@ def assemble(studies: pd.DataFrame, images: pd.DataFrame, skips: SkipLog, *, sou
 
     images = images.sort_values(["study_id", "image_id"], kind="stable")
     if verify_images:
-        bad = {}
-        for iid, path in tqdm(list(zip(images["image_id"], images["image_path"])), desc="checking images",
-                              leave=False):
-            reason = verify_image(path)
-            if reason is not None:
-                bad[iid] = reason
+        bad = {iid: reason for iid, reason in zip(images["image_id"], verify_all(images["image_path"]))
+               if reason is not None}
         for iid, reason in bad.items():
             skips.add(iid, "missing_image" if reason == "file not found" else "unreadable_image", reason)
         images = images[~images["image_id"].isin(bad)]
