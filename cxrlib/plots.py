@@ -181,3 +181,139 @@ def plot_loss_curves(history, best_epoch: int | None = None, metric: str | None 
 # --- 03 retrieval evaluation ------------------------------------------------------------------
 
 # --- 04 embedding visualisation ---------------------------------------------------------------
+
+#: axis names of the 2-D map methods (``pca`` = the fallback for too few points)
+MAP_AXES = {"tsne": "t-SNE", "umap": "UMAP", "pca": "PC"}
+#: panel titles of the stages
+STAGE_TITLES = {"before": "Frozen backbone", "after": "After projector"}
+#: finding groups that are not a single finding: greys
+_MIXED_GROUP_COLORS = {"multiple": "0.30", "other abnormal": "0.62", "unlabelled": "0.85"}
+
+
+def finding_colors(groups) -> dict[str, object]:
+    """Colour of each finding group: ``normal`` as in ``LABEL_COLORS``, findings from the colour-blind
+    palette (without its blues and grey) in a fixed order, mixed groups in greys."""
+    palette = [c for i, c in enumerate(sns.color_palette("colorblind", 10)) if i not in (0, 7, 9)]
+    names = sorted({str(g) for g in groups} - {"normal"} - set(_MIXED_GROUP_COLORS))
+    colors: dict[str, object] = {"normal": LABEL_COLORS["normal"]}
+    colors.update({n: palette[i % len(palette)] for i, n in enumerate(names)})
+    colors.update({g: c for g, c in _MIXED_GROUP_COLORS.items() if g in set(map(str, groups))})
+    return colors
+
+
+def _point_size(n: int) -> float:
+    return float(min(28.0, max(3.0, 5000.0 / max(n, 1))))
+
+
+def _map_axes(ax, method: str, title: str | None) -> None:
+    name = MAP_AXES.get(method, method)
+    ax.set_xlabel(f"{name} 1")
+    ax.set_ylabel(f"{name} 2")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_aspect("equal", adjustable="datalim")
+    if title:
+        ax.set_title(title, fontsize=10)
+
+
+def _scatter(ax, xy, cats, colors: dict, seed: int = 0, marker: str = "o", size: float | None = None) -> None:
+    """One scatter of ``xy`` coloured by category, drawn in a seeded random order so no class hides another."""
+    import numpy as np
+
+    xy, cats = np.asarray(xy), np.asarray(cats).astype(str)
+    order = np.random.default_rng(seed).permutation(len(xy))
+    ax.scatter(xy[order, 0], xy[order, 1], c=[colors[c] for c in cats[order]], s=size or _point_size(len(xy)),
+               marker=marker, alpha=0.75, linewidths=0, rasterized=True)
+
+
+def _legend(fig, entries: list[tuple[str, object, str]], title: str | None = None, ncol: int | None = None,
+            right: bool = False) -> None:
+    """Figure legend below the panels (or right of them, one column, for long lists)."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], linestyle="", marker=m, markersize=7, markerfacecolor=c, markeredgewidth=0,
+                      label=lab) for lab, c, m in entries]
+    where = (dict(loc="center left", bbox_to_anchor=(1.0, 0.5), ncol=1) if right else
+             dict(loc="lower center", bbox_to_anchor=(0.5, -0.02), ncol=ncol or min(len(handles), 5)))
+    fig.legend(handles=handles, title=title, fontsize=9, title_fontsize=9, handletextpad=0.2, columnspacing=1.2,
+               **where)
+
+
+def _panels(n_rows: int, n_cols: int):
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.6 * n_cols + 0.4, 3.5 * n_rows + 0.9), squeeze=False)
+    return fig, axes
+
+
+def _panel_title(stage: str, scores) -> str:
+    title = STAGE_TITLES.get(stage, stage)
+    return f"{title}\n{scores[stage]}" if scores and scores.get(stage) else title
+
+
+def plot_label_maps(maps, labels, method: str, title: str | None = None, scores=None, seed: int = 0) -> plt.Figure:
+    """One panel per stage (``maps = {stage: xy}``), points coloured normal / abnormal; ``scores[stage]``
+    (e.g. silhouette and k-NN accuracy in the embedding space) goes under the panel title."""
+    import numpy as np
+
+    names = np.array([LABEL_NAMES[int(v)] for v in labels])
+    fig, axes = _panels(1, len(maps))
+    for ax, (stage, xy) in zip(axes[0], maps.items()):
+        _scatter(ax, xy, names, LABEL_COLORS, seed)
+        _map_axes(ax, method, _panel_title(stage, scores))
+    counts = {n: int((names == n).sum()) for n in ("normal", "abnormal")}
+    _legend(fig, [(f"{n} ({counts[n]})", LABEL_COLORS[n], "o") for n in ("normal", "abnormal") if counts[n]])
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig
+
+
+def plot_finding_maps(maps, groups, method: str, title: str | None = None, seed: int = 0) -> plt.Figure:
+    """One panel per stage, points coloured by finding group (normal, single findings, mixed groups)."""
+    import numpy as np
+
+    groups = np.asarray(groups).astype(str)
+    colors = finding_colors(groups)
+    fig, axes = _panels(1, len(maps))
+    for ax, (stage, xy) in zip(axes[0], maps.items()):
+        _scatter(ax, xy, groups, colors, seed)
+        _map_axes(ax, method, STAGE_TITLES.get(stage, stage))
+    _legend(fig, [(f"{g} ({int((groups == g).sum())})", c, "o") for g, c in colors.items()], title="finding",
+            right=True)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def plot_modality_maps(maps, labels, method: str, title: str | None = None, scores=None,
+                       seed: int = 0) -> plt.Figure:
+    """Images and reports in one map (``maps = {stage: xy}``, first N rows images, next N reports):
+    top row coloured by modality, bottom row by normal / abnormal with a marker per modality."""
+    import numpy as np
+
+    labels = np.asarray(labels)
+    n = len(labels)
+    names = np.array([LABEL_NAMES[int(v)] for v in labels])
+    fig, axes = _panels(2, len(maps))
+    for col, (stage, xy) in enumerate(maps.items()):
+        xy = np.asarray(xy)
+        if len(xy) != 2 * n:
+            raise ValueError(f"joint map {stage!r} has {len(xy)} rows, expected 2 x {n} (images then reports)")
+        size = _point_size(2 * n)
+        for row, by_label in ((0, False), (1, True)):
+            ax = axes[row, col]
+            for k, modality in enumerate(("image", "text")):
+                part = xy[k * n:(k + 1) * n]
+                cats = names if by_label else np.full(n, modality)
+                _scatter(ax, part, cats, LABEL_COLORS if by_label else MODALITY_COLORS, seed + k,
+                         MODALITY_MARKERS[modality], size)
+            _map_axes(ax, method, _panel_title(stage, scores) if row == 0 else None)
+    entries = [(f"{m} ({'report' if m == 'text' else 'radiograph'})", MODALITY_COLORS[m], MODALITY_MARKERS[m])
+               for m in ("image", "text")]
+    entries += [(f"{lab}, {m}", LABEL_COLORS[lab], MODALITY_MARKERS[m]) for lab in ("normal", "abnormal")
+                for m in ("image", "text")]
+    _legend(fig, entries, ncol=3)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return fig

@@ -315,7 +315,7 @@ def train_projector(train: PairedSplit, val: PairedSplit, cfg: TrainConfig | Non
             idx = chunk[:, rank]
             terms = loss_fn(net(img_t[idx], txt_t[idx], classify=loss_fn.needs_logits), y_t[idx])
             if not torch.isfinite(terms["total"]):
-                vals = {t: float(v) for t, v in terms.items()}
+                vals = {t: float(v.detach()) for t, v in terms.items()}
                 raise FloatingPointError(
                     f"non-finite loss at epoch {epoch}, step {step} (global step {global_step}): {vals}; batch of "
                     f"{len(idx)} rows, study_ids {train.study_ids[idx.cpu().numpy()][:5].tolist()}; "
