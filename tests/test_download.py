@@ -159,3 +159,18 @@ def test_download_openi_extracts_nlm_layout(tmp_path):
         assert table["image_id"].tolist() == ["CXR1_IM-0001-1001"] and table["split"].eq("train").all()
     finally:
         srv.close()
+
+
+def test_build_downloads_only_into_the_default_folder(workdir, monkeypatch, tmp_path):
+    import cxrlib.datasets.download as dl
+    from cxrlib.datasets import build_study_table
+
+    calls = []
+    monkeypatch.setattr(dl, "download_openi", lambda dest: calls.append(dest) or (_ for _ in ()).throw(
+        DownloadError("offline: set OPENI_ROOT ... or run `make demo`")))
+    with pytest.raises(DownloadError, match="make demo"):
+        build_study_table("openi", download=True)
+    assert calls == [workdir / "data" / "raw" / "openi"]
+    with pytest.raises(FileNotFoundError, match="holds no Open-I copy"):  # a named root is never downloaded into
+        build_study_table("openi", root=tmp_path / "mine", download=True)
+    assert len(calls) == 1

@@ -5,7 +5,8 @@ Parameters shared by all sources (see :func:`cxrlib.datasets.table.assemble`): `
 ``anon``, ``max_studies``, ``seed``, ``val_frac``, ``test_frac``. Source parameters:
 
 * ``openi``: ``root`` (default ``OPENI_ROOT``), ``layout`` (auto|nlm|kaggle), ``views_csv``,
-  ``no_indexing``, ``download`` (fetch the NLM release into ``root`` when it is empty).
+  ``no_indexing``, ``download`` (fetch the NLM release into ``raw_dir()/openi`` when neither ``root`` nor
+  ``OPENI_ROOT`` is given and that folder is empty).
 * ``openi_synth``: ``image_size``, ``no_indexing``, ``out_dir``.
 * ``mimic``: ``root`` (default ``MIMIC_ROOT``), ``reports``, ``uncertain``, ``normal_rule``, ``split``
   (official|random), ``labeler`` (chexpert|negbio).
@@ -14,6 +15,7 @@ Parameters shared by all sources (see :func:`cxrlib.datasets.table.assemble`): `
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -46,11 +48,12 @@ def build_study_table(dataset: str, **params) -> tuple[pd.DataFrame, pd.DataFram
     if dataset == "openi":
         from cxrlib.datasets import openi
 
-        if params.pop("download", False):
+        if params.pop("download", False) and not params.get("root") and not os.environ.get("OPENI_ROOT"):
+            # only into the package's own folder: a root the user names is never filled behind their back
             from cxrlib.datasets.download import download_openi
 
-            root = Path(params.get("root") or paths.openi_root())
-            if not root.is_dir() or not any(root.iterdir()):
+            root = paths.openi_root()
+            if not root.is_dir() or not any(p for p in root.iterdir() if not p.name.startswith(".")):
                 download_openi(root)
         return openi.build_openi(**params)
     if dataset == "openi_synth":
