@@ -71,6 +71,10 @@ def test_wrong_root_and_wrong_layout(tmp_path, trees):
         detect_layout(tmp_path / "empty")
     with pytest.raises(ValueError, match="kaggle layout, not nlm"):
         build_study_table("openi", root=trees["kaggle"], layout="nlm")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "indiana_reports.csv").write_text("uid,MeSH,findings,impression\n")
+    with pytest.raises(FileNotFoundError, match="indiana_projections.csv is missing"):
+        build_study_table("openi", root=tmp_path / "half")
     with pytest.raises(ValueError, match="layout must be"):
         build_study_table("openi", root=trees["kaggle"], layout="zip")
 

@@ -199,6 +199,10 @@ def nlm_candidates(reports: pd.DataFrame, png_dir: Path, views: pd.Series) -> tu
 
 def kaggle_candidates(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Studies and images of the Kaggle layout (``indiana_reports.csv`` + ``indiana_projections.csv``)."""
+    for name in ("indiana_reports.csv", "indiana_projections.csv"):
+        if not (root / name).is_file():
+            raise FileNotFoundError(f"{root / name} is missing: the Kaggle layout needs indiana_reports.csv, "
+                                    f"indiana_projections.csv and images/images_normalized/")
     reports = pd.read_csv(root / "indiana_reports.csv")
     need = {"uid", "MeSH", "findings", "impression"}
     if need - set(reports.columns):
