@@ -188,3 +188,15 @@ def test_real_kaggle_table_is_leak_free(openi_shared, tmp_path):
     assert table.groupby("split")["label_abnormal"].mean().agg(lambda s: s.max() - s.min()) < 0.02
     imp, _ = build_study_table("openi", root=tmp_path, verify_images=False, text_sections="impression")
     assert imp["report_dup_count"].max() > 200  # "No acute cardiopulmonary abnormality." repeats
+
+
+def test_duplicate_ids_in_a_layout_raise(tmp_path):
+    root = make_fake_openi_kaggle(tmp_path / "k", n_studies=6)
+    rep = pd.read_csv(root / "indiana_reports.csv")
+    pd.concat([rep, rep.iloc[[2]]]).to_csv(root / "indiana_reports.csv", index=False)
+    with pytest.raises(ValueError, match="duplicate study ids.*CXR3"):
+        build_study_table("openi", root=root)
+    nlm = make_fake_openi_nlm(tmp_path / "n", n_studies=4)
+    (nlm / "ecgen-radiology" / "99.xml").write_text((nlm / "ecgen-radiology" / "2.xml").read_text())
+    with pytest.raises(ValueError, match="duplicate study ids.*CXR2"):
+        build_study_table("openi", root=nlm)
