@@ -216,8 +216,8 @@ def _frontal(size: int, f: dict[str, dict], rng: np.random.Generator, a: _Anatom
     # heart: ellipse left of the midline, widened in cardiomegaly
     hw = a.heart_w
     if "cardiomegaly" in f:
-        hw *= 1.25 + 0.35 * _severity(f["cardiomegaly"], rng)
-    heart = _blob(X, Y, a.heart_x + 0.25 * (hw - a.heart_w), dome - 0.12, hw, 0.36, 0.1) * _sig(dome + 0.02 - Y, 0.03)
+        hw *= 1.3 + 0.35 * _severity(f["cardiomegaly"], rng)
+    heart = _blob(X, Y, a.heart_x + 0.45 * (hw - a.heart_w), dome - 0.16, hw, 0.40, 0.08) * _sig(dome + 0.02 - Y, 0.03)
     # mediastinum and aortic knob
     med_w = 0.11 + 0.02 * _sig(Y + 0.3, 0.1)
     medi = _sig(med_w - np.abs(X - spine_x * 0.5 - 0.01), 0.02) * _sig(Y + 0.85, 0.05) * _sig(dome - Y, 0.03)
@@ -237,7 +237,7 @@ def _frontal(size: int, f: dict[str, dict], rng: np.random.Generator, a: _Anatom
     D -= 0.12 * _blob(X, Y, 0.40, dome + 0.12, 0.10, 0.06, 0.3) * below
 
     # lung air: darker lungs; emphysema darker and with fewer vessels
-    air = 0.42 if "hyperinflation" not in f else 0.50
+    air = 0.36 if "hyperinflation" not in f else 0.46
     D -= air * lung * (0.75 + 0.25 * thick) * (1 - 0.25 * _sig(Y - dome + 0.25, 0.15))
 
     # trachea and main bronchi (air column)
@@ -287,10 +287,10 @@ def _frontal(size: int, f: dict[str, dict], rng: np.random.Generator, a: _Anatom
     vess = _vessels(cv, rng, [(-0.16, -0.05, -1), (0.18, -0.07, 1)], n_vessels, 0.62)
     vess = gaussian_filter(vess, max(0.8, 1.4 * size / 256))
     hilum = np.exp(-((AX - 0.2) ** 2 / 0.06 + (Y + 0.06) ** 2 / 0.05))
-    D += 0.16 * vess * lung + 0.12 * hilum * lung
+    D += 0.20 * vess * lung + 0.12 * hilum * lung
     # parenchymal texture
     tex = gaussian_filter(rng.standard_normal((size, size), dtype=np.float32), 2.0 * size / 256)
-    D += 0.05 * tex * lung
+    D += 0.07 * tex * lung
 
     # ---- findings ----
     if "edema" in f:
@@ -316,17 +316,17 @@ def _frontal(size: int, f: dict[str, dict], rng: np.random.Generator, a: _Anatom
             slope = rng.uniform(-0.12, 0.12)
             plate = _sig(0.025 - np.abs(Y - by - slope * (AX - 0.45)), 0.01) * (np.sign(X) == sd) \
                 * _sig(0.25 - np.abs(AX - 0.48), 0.05)
-            D += 0.30 * plate * (lung + 0.2)
-            D += 0.18 * _blob(X, Y, sd * 0.45, dome - 0.08, 0.26, 0.12, 0.5) * lung
+            D += 0.32 * plate * (lung + 0.2)
+            D += 0.24 * _blob(X, Y, sd * 0.45, dome - 0.1, 0.28, 0.14, 0.5) * lung
     if "effusion" in f:
         spec = f["effusion"]
         sev = _severity(spec, rng)
         for sd in _sides(spec, rng, 0.35):
-            level = dome - 0.10 - 0.45 * sev * rng.uniform(0.6, 1.0)
-            men = level - 0.18 * np.clip(AX - 0.25, 0, None)  # meniscus rises laterally
-            fluid = _sig(Y - men, 0.025) * (np.sign(X) == sd) * _sig(0.92 - AX, 0.03) * _sig(AX - 0.1, 0.03)
-            fluid = fluid * _sig(dome + 0.12 - Y, 0.03)
-            D += 0.42 * fluid * (lung + 0.15) + 0.05 * fluid
+            level = dome - 0.12 - 0.40 * sev * rng.uniform(0.6, 1.0)
+            men = level - 0.45 * np.clip(AX - 0.3, 0, None) ** 1.5  # meniscus rises laterally
+            fluid = _sig(Y - men, 0.06) * (np.sign(X) == sd) * _sig(0.95 - AX, 0.03) * _sig(AX - 0.08, 0.04)
+            fluid = fluid * _sig(dome + 0.1 - Y, 0.05) * (0.75 + 0.25 * _sig(Y - men - 0.1, 0.1))
+            D += 0.36 * fluid * (lung + 0.1)
     if "pneumothorax" in f:
         spec = f["pneumothorax"]
         sev = _severity(spec, rng)
@@ -397,8 +397,8 @@ def _lateral(size: int, f: dict[str, dict], rng: np.random.Generator, a: _Anatom
     if "hypoinflation" in f:
         dome -= 0.10 * _severity(f["hypoinflation"], rng)
 
-    body = _blob(X, Y, 0.02, 0.15, 0.98, 1.5, 0.04)
-    thick = np.sqrt(np.clip(1 - ((X - 0.02) / 1.0) ** 2, 0, 1))
+    body = _blob(X, Y, 0.02, 0.15, 1.12, 1.6, 0.04)
+    thick = np.sqrt(np.clip(1 - ((X - 0.02) / 1.15) ** 2, 0, 1))
     D = (0.5 + 0.2 * thick) * a.tissue * body
     D += 0.12 * _sig(-0.55 - Y, 0.08) * _sig(-0.1 - X, 0.1) * body  # arms / shoulders projected anteriorly
     # diaphragm: domes sloping down posteriorly into the deep posterior sulcus
@@ -410,7 +410,7 @@ def _lateral(size: int, f: dict[str, dict], rng: np.random.Generator, a: _Anatom
     heart = _blob(X, Y, -0.28 + 0.5 * (hw - 0.30), 0.27, hw, 0.28, 0.3)
     lung = lung * (1 - 0.7 * heart)
     D += 0.08 * heart + 0.15 * below * body
-    retro = 0.34 if "hyperinflation" not in f else 0.44
+    retro = 0.30 if "hyperinflation" not in f else 0.42
     D -= retro * lung
     # spine: vertebral bodies with discs, posterior
     spx = 0.62 - 0.05 * Y
@@ -430,7 +430,7 @@ def _lateral(size: int, f: dict[str, dict], rng: np.random.Generator, a: _Anatom
     # trachea and hilum
     D -= 0.10 * _sig(0.035 - np.abs(X - 0.08 + 0.15 * (Y + 0.2)), 0.01) * _sig(-0.15 - Y, 0.03) * body
     vess = gaussian_filter(_vessels(cv, rng, [(0.05, -0.05, -1), (0.05, -0.05, 1)], 7, 0.5), 0.7 * size / 256)
-    D += 0.06 * vess * lung + 0.10 * np.exp(-((X - 0.05) ** 2 / 0.03 + (Y + 0.05) ** 2 / 0.03)) * lung
+    D += 0.12 * vess * lung + 0.10 * np.exp(-((X - 0.05) ** 2 / 0.03 + (Y + 0.05) ** 2 / 0.03)) * lung
     tex = gaussian_filter(rng.standard_normal((size, size), dtype=np.float32), 2.0 * size / 256)
     D += 0.04 * tex * lung
 

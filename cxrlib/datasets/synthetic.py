@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -234,13 +235,19 @@ def _write_png(im: Image.Image, path: Path) -> None:
         im.save(tmp, format="PNG", compress_level=1)
 
 
-def _render_batch(jobs: list[tuple[str, str, dict, str, int, int]]) -> list[str]:
-    """Worker: render and write each ``(path, image_id, findings, view, size, seed)``; returns the paths."""
+def _render_batch(jobs: list[tuple[str, str, dict, str, int, int]]) -> list[tuple[str, str, float]]:
+    """Worker: for each ``(path, image_id, findings, view, size, seed)`` keep a valid existing file or
+    render and write it; returns ``(image_id, status, cpu seconds)`` per job."""
     done = []
     for path, image_id, findings, view, size, seed in jobs:
-        im = render(findings, view, size, np.random.default_rng(stable_seed(seed, "image", image_id)))
-        _write_png(im, Path(path))
-        done.append(path)
+        t0 = time.process_time()
+        if _existing_ok(Path(path), size):
+            status = "existing"
+        else:
+            im = render(findings, view, size, np.random.default_rng(stable_seed(seed, "image", image_id)))
+            _write_png(im, Path(path))
+            status = "rendered"
+        done.append((image_id, status, time.process_time() - t0))
     return done
 
 
@@ -251,24 +258,29 @@ def _existing_ok(path: Path, size: int) -> bool:
         return im.size == (size, size) and im.mode == "L"
 
 
-def _run_jobs(jobs: list[tuple], n_jobs: int, desc: str) -> None:
-    """Render ``jobs`` in batches over ``n_jobs`` processes (joblib/loky) with a progress bar."""
+def _run_jobs(jobs: list[tuple], n_jobs: int, desc: str) -> dict[str, tuple[str, float]]:
+    """Run ``jobs`` in batches over ``n_jobs`` processes (joblib/loky) with a progress bar;
+    returns ``{image_id: (status, cpu seconds)}``."""
+    results: dict[str, tuple[str, float]] = {}
     if not jobs:
-        return
+        return results
     batch = max(8, min(64, math.ceil(len(jobs) / (4 * max(1, n_jobs)))))
     batches = [jobs[i:i + batch] for i in range(0, len(jobs), batch)]
     bar = tqdm(total=len(jobs), desc=desc, unit="img")
     if n_jobs == 1 or len(batches) == 1:
         for b in batches:
-            _render_batch(b)
-            bar.update(len(b))
+            done = _render_batch(b)
+            results.update({i: (st, t) for i, st, t in done})
+            bar.update(len(done))
     else:
         from joblib import Parallel, delayed
 
         par = Parallel(n_jobs=n_jobs, return_as="generator_unordered")
         for done in par(delayed(_render_batch)(b) for b in batches):
+            results.update({i: (st, t) for i, st, t in done})
             bar.update(len(done))
     bar.close()
+    return results
 
 
 def _n_jobs(n_jobs: int | None) -> int:
@@ -307,13 +319,14 @@ def render_openi_images(images: pd.DataFrame, out_dir: Path, size: int = 256, se
         findings, unmapped = mesh_to_render(mesh)
         findings = _fix_params(findings, seed, _study_key(image_id))
         path = out_dir / f"{image_id}.png"
-        status = "existing" if _existing_ok(path, size) else "rendered"
-        if status == "rendered":
-            jobs.append((str(path), image_id, findings, view, int(size), int(seed)))
-        rows.append({"image_id": image_id, "image_path": str(path), "status": status,
+        jobs.append((str(path), image_id, findings, view, int(size), int(seed)))
+        rows.append({"image_id": image_id, "image_path": str(path),
                      "drawn": ";".join(sorted(findings)), "unmapped": ";".join(unmapped)})
-    _run_jobs(jobs, _n_jobs(n_jobs), "rendering synthetic radiographs")
-    return pd.DataFrame(rows, columns=["image_id", "image_path", "status", "drawn", "unmapped"])
+    done = _run_jobs(jobs, _n_jobs(n_jobs), "synthetic radiographs")
+    out = pd.DataFrame(rows)
+    out.insert(2, "status", [done[i][0] for i in out["image_id"]])
+    out.attrs["cpu_s"] = float(sum(t for _, t in done.values()))
+    return out
 
 
 # ---- fully synthetic studies with templated reports -------------------------------------------
@@ -517,8 +530,7 @@ def make_synthetic_studies(n_studies: int, out_dir: Path, seed: int = 0, size: i
         for view in views:
             image_id = f"{study_id}-{view}"
             path = out_dir / f"{image_id}.png"
-            if not _existing_ok(path, size):
-                jobs.append((str(path), image_id, found, view, int(size), int(seed)))
+            jobs.append((str(path), image_id, found, view, int(size), int(seed)))
             rows.append({"study_id": study_id, "patient_id": patient_id, "image_id": image_id,
                          "image_path": str(path), "view": view, "findings": findings_text,
                          "impression": impression, "mesh": ";".join(mesh), "label_abnormal": int(abnormal),
