@@ -304,15 +304,15 @@ def load_backbone(name: str, device: str = "cpu", checkpoint: str | os.PathLike 
         import open_clip
 
         pre_cfg = open_clip.get_pretrained_cfg(spec["builtin"], spec["pretrained"]) or {}
-        weights = None if checkpoint else spec["pretrained"]
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            spec["builtin"], pretrained=weights, device=device,
-            force_quick_gelu=bool(pre_cfg.get("quick_gelu", False)), pretrained_text=False)
-        if checkpoint:  # preprocessing of the tag without downloading its weights
+        try:  # with a checkpoint: the tag's preprocessing, without downloading its weights
             model, _, preprocess = open_clip.create_model_and_transforms(
-                spec["builtin"], device=device, force_quick_gelu=bool(pre_cfg.get("quick_gelu", False)),
-                pretrained_text=False, image_mean=pre_cfg.get("mean"), image_std=pre_cfg.get("std"),
+                spec["builtin"], pretrained=None if checkpoint else spec["pretrained"], device=device,
+                force_quick_gelu=bool(pre_cfg.get("quick_gelu", False)), pretrained_text=False,
+                image_mean=pre_cfg.get("mean"), image_std=pre_cfg.get("std"),
                 image_interpolation=pre_cfg.get("interpolation"), image_resize_mode=pre_cfg.get("resize_mode"))
+        except RuntimeError as exc:
+            raise RuntimeError(f"backbone {name!r}: {exc}. Offline, put the weights in a folder and use "
+                               f"open_clip:{spec['builtin']}:<weights file> or local-dir:<folder>") from exc
         cfg = {"model_cfg": open_clip.get_model_config(spec["builtin"]),
                "preprocess_cfg": dict(model.visual.preprocess_cfg)}
         tokenizer = open_clip.get_tokenizer(spec["builtin"])

