@@ -180,6 +180,151 @@ def plot_loss_curves(history, best_epoch: int | None = None, metric: str | None 
 
 # --- 03 retrieval evaluation ------------------------------------------------------------------
 
+#: readable names of the retrieval directions in figures
+DIRECTION_TITLES = {"image_to_text": "image → report", "text_to_image": "report → image"}
+
+
+def plot_metric_at_k(results, metric: str = "recall", gallery: str = "raw", query_class: str = "all",
+                     ylabel: str | None = None) -> plt.Figure:
+    """One panel per direction: ``metric`` (in %) against k, a line per model with its 95% CI band."""
+    apply_style()
+    sel = results[(results["metric"] == metric) & (results["gallery"] == gallery)
+                  & (results["query_class"] == query_class) & results["value"].notna()]
+    if sel.empty:
+        raise ValueError(f"no rows for metric {metric!r}, gallery {gallery!r}, class {query_class!r}")
+    directions = [d for d in DIRECTION_TITLES if d in set(sel["direction"])]
+    fig, axes = plt.subplots(1, len(directions), figsize=(4.6 * len(directions), 3.6), sharey=True, squeeze=False)
+    for ax, direction in zip(axes[0], directions):
+        for model in dict.fromkeys(results["model"]):
+            part = sel[(sel["direction"] == direction) & (sel["model"] == model)].sort_values("k")
+            if part.empty:
+                continue
+            k = part["k"].astype(float)
+            color = model_color(model)
+            ax.plot(k, 100 * part["value"], marker="o", color=color, label=model)
+            ax.fill_between(k, 100 * part["ci_low"].astype(float), 100 * part["ci_high"].astype(float),
+                            color=color, alpha=0.2, lw=0)
+        ax.set(title=DIRECTION_TITLES[direction], xlabel="k", xticks=sorted(sel["k"].dropna().astype(int).unique()))
+    axes[0][0].set_ylabel(ylabel or f"{metric} @ k (%)")
+    axes[0][-1].legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def plot_per_class(results, metric: str = "label_precision", k: int | None = 5, gallery: str = "raw") -> plt.Figure:
+    """Grouped bars: ``metric`` (in %) per query class (normal, abnormal, all) for each model, per direction."""
+    apply_style()
+    classes = ["normal", "abnormal", "all"]
+    sel = results[(results["metric"] == metric) & (results["gallery"] == gallery) & results["value"].notna()]
+    sel = sel[sel["k"] == k] if k is not None else sel[sel["k"].isna()]
+    if sel.empty:
+        raise ValueError(f"no rows for metric {metric!r} at k={k}")
+    models = list(dict.fromkeys(results["model"]))
+    directions = [d for d in DIRECTION_TITLES if d in set(sel["direction"])]
+    fig, axes = plt.subplots(1, len(directions), figsize=(4.8 * len(directions), 3.6), sharey=True, squeeze=False)
+    width = 0.8 / len(models)
+    for ax, direction in zip(axes[0], directions):
+        for m, model in enumerate(models):
+            part = sel[(sel["direction"] == direction) & (sel["model"] == model)].set_index("query_class")
+            vals = [100 * part["value"].get(c, float("nan")) for c in classes]
+            # a percentile CI need not contain the point estimate: clip the bar's error to >= 0
+            low = [max(0.0, 100 * (part["value"].get(c, float("nan")) - part["ci_low"].get(c, float("nan"))))
+                   for c in classes]
+            high = [max(0.0, 100 * (part["ci_high"].get(c, float("nan")) - part["value"].get(c, float("nan"))))
+                    for c in classes]
+            x = [i - 0.4 + width * (m + 0.5) for i in range(len(classes))]
+            ax.bar(x, vals, width, yerr=[low, high], color=model_color(model), label=model, capsize=2,
+                   error_kw={"lw": 0.8})
+        ax.set_xticks(range(len(classes)), [f"{c} queries" for c in classes])
+        ax.set(title=DIRECTION_TITLES[direction], ylim=(0, 100))
+        for tick, c in zip(ax.get_xticklabels(), classes):
+            tick.set_color(LABEL_COLORS.get(c, "0.2"))
+    label = metric.replace("_", " ") + (f"@{k}" if k is not None else "")
+    axes[0][0].set_ylabel(f"{label} (%)")
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def _wrap(text: str, width: int, lines: int) -> str:
+    import textwrap
+
+    out = textwrap.wrap(" ".join(str(text).split()), width) or ["(empty report)"]
+    return "\n".join(out[:lines]) + (" …" if len(out) > lines else "")
+
+
+def _label_name(label) -> str:
+    return LABEL_NAMES.get(int(label), str(label))
+
+
+def plot_image_to_reports(table, queries, indices, scores, title: str = "") -> plt.Figure:
+    """Rows of queries: the query image (with its label) and its top-k reports with labels and scores.
+
+    ``table`` holds the split's rows (``image_path``, ``report``, ``label_abnormal``); ``indices`` /
+    ``scores`` are the top-k gallery rows of each query. The true pair is marked ✓.
+    """
+    from cxrlib.images import load_cxr_image
+
+    apply_style()
+    k = indices.shape[1]
+    fig, axes = plt.subplots(len(queries), 2, figsize=(12, 2.2 + 0.55 * k * len(queries)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 3.2]})
+    for row, (q, idx, sc) in enumerate(zip(queries, indices, scores)):
+        qrow = table.iloc[q]
+        ax_img, ax_txt = axes[row]
+        ax_img.imshow(load_cxr_image(qrow["image_path"], mode="L"), cmap="gray")
+        ax_img.set_title(f"query image ({_label_name(qrow['label_abnormal'])})", fontsize=9,
+                         color=LABEL_COLORS[int(qrow["label_abnormal"])])
+        ax_img.axis("off")
+        ax_txt.axis("off")
+        y = 1.0
+        for rank, (j, s) in enumerate(zip(idx, sc), start=1):
+            g = table.iloc[j]
+            mark = " ✓ true pair" if j == q else ""
+            ax_txt.text(0, y, f"{rank}. [{_label_name(g['label_abnormal'])}] sim {s:.3f}{mark}", fontsize=8.5,
+                        weight="bold", color=LABEL_COLORS[int(g["label_abnormal"])], va="top",
+                        transform=ax_txt.transAxes)
+            ax_txt.text(0.02, y - 0.07, _wrap(g["report"], 120, 2), fontsize=7.5, va="top",
+                        transform=ax_txt.transAxes)
+            y -= 1.0 / k
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_report_to_images(table, queries, indices, scores, title: str = "") -> plt.Figure:
+    """Rows of queries: the query report (with its label) and its top-k images, framed by their label colour."""
+    from cxrlib.images import load_cxr_image
+
+    apply_style()
+    k = indices.shape[1]
+    fig, axes = plt.subplots(len(queries), k + 1, figsize=(2.1 * (k + 1) + 1.5, 2.6 * len(queries)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.8] + [1] * k})
+    for row, (q, idx, sc) in enumerate(zip(queries, indices, scores)):
+        qrow = table.iloc[q]
+        ax = axes[row][0]
+        ax.axis("off")
+        ax.text(0, 1, f"query report ({_label_name(qrow['label_abnormal'])})", fontsize=9, weight="bold",
+                color=LABEL_COLORS[int(qrow["label_abnormal"])], va="top", transform=ax.transAxes)
+        ax.text(0, 0.88, _wrap(qrow["report"], 38, 9), fontsize=7.5, va="top", transform=ax.transAxes)
+        for col, (j, s) in enumerate(zip(idx, sc), start=1):
+            g = table.iloc[j]
+            ax = axes[row][col]
+            ax.imshow(load_cxr_image(g["image_path"], mode="L"), cmap="gray")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            color = LABEL_COLORS[int(g["label_abnormal"])]
+            for spine in ax.spines.values():
+                spine.set(visible=True, color=color, linewidth=3)
+            mark = " ✓" if j == q else ""
+            ax.set_title(f"{col}. {_label_name(g['label_abnormal'])} {s:.3f}{mark}", fontsize=8, color=color)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 # --- 04 embedding visualisation ---------------------------------------------------------------
 
 #: axis names of the 2-D map methods (``pca`` = the fallback for too few points)
