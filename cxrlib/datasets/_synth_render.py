@@ -175,7 +175,9 @@ def _finish(D: np.ndarray, a: _Anatomy, rng: np.random.Generator, size: int) -> 
 
 # ---- frontal ----------------------------------------------------------------------------------
 
-def _frontal(size: int, f: dict[str, dict], rng: np.random.Generator, a: _Anatomy) -> np.ndarray:
+def _frontal(size: int, f: dict[str, dict], rng: np.random.Generator, a: _Anatomy,
+             ra: np.random.Generator) -> np.ndarray:
+    """Density map of a PA view; ``rng`` draws finding details, ``ra`` anatomy texture."""
     cv = _Canvas(size, a)
     X, Y = cv.X, cv.Y
     AX = np.abs(X)
@@ -260,7 +262,7 @@ def _frontal(size: int, f: dict[str, dict], rng: np.random.Generator, a: _Anatom
         frac.setdefault("_sign", int(rng.choice([-1, 1])))
         frac.setdefault("_at", float(rng.uniform(0.45, 0.7)))
     rib_step = 0.118 * (dome + 0.75) / 1.2
-    jitter = rng.normal(0, 0.012, 10)
+    jitter = ra.normal(0, 0.012, 10)
     for k in range(10):
         y0 = -0.78 + k * rib_step + jitter[k]
         cy = y0 - 0.02 * AX + 0.55 * np.clip(AX - 0.12, 0, None) ** 2
@@ -268,12 +270,13 @@ def _frontal(size: int, f: dict[str, dict], rng: np.random.Generator, a: _Anatom
         band = _sig(0.024 - d, 0.006) * _sig(0.9 - AX, 0.03) * _sig(AX - 0.13, 0.03)
         if frac is not None and k == frac["_rib"]:
             side_mask = np.sign(X) == frac["_sign"]
-            gap = _sig(np.abs(AX - frac["_at"]) - 0.012, 0.003)
-            shift = np.where(AX > frac["_at"], 0.018, 0.0)
+            gap = _sig(np.abs(AX - frac["_at"]) - 0.018, 0.004)
+            shift = np.where(AX > frac["_at"], 0.03, 0.0)
             band2 = _sig(0.024 - np.abs(Y - cy - shift), 0.006) * _sig(0.9 - AX, 0.03) * _sig(AX - 0.07, 0.02) * gap
             callus = _blob(AX, Y, frac["_at"], float(y0 - 0.02 * frac["_at"] + 0.55 * (frac["_at"] - 0.12) ** 2) + 0.01,
                            0.03, 0.03, 0.3)
-            band = np.where(side_mask, np.maximum(band2, 0.9 * callus), band)
+            band = np.where(side_mask, band2, band)
+            D += 0.16 * callus * side_mask  # healing callus: a bright lump on the broken rib
         ribs = np.maximum(ribs, band * (0.8 + 0.2 * _sig(d - 0.016, 0.004)))  # cortex brighter
         ya = y0 + 0.22 + 0.30 * np.clip(AX - 0.15, 0, None) - 0.25 * np.clip(AX - 0.15, 0, None) ** 2
         ribs = np.maximum(ribs, 0.45 * _sig(0.028 - np.abs(Y - ya), 0.008) * _sig(0.8 - AX, 0.05) * _sig(AX - 0.25, 0.05))
@@ -284,12 +287,12 @@ def _frontal(size: int, f: dict[str, dict], rng: np.random.Generator, a: _Anatom
 
     # vessels: branching markings from the hila, faded at the periphery
     n_vessels = 9 if "hyperinflation" not in f else 5
-    vess = _vessels(cv, rng, [(-0.16, -0.05, -1), (0.18, -0.07, 1)], n_vessels, 0.62)
+    vess = _vessels(cv, ra, [(-0.16, -0.05, -1), (0.18, -0.07, 1)], n_vessels, 0.62)
     vess = gaussian_filter(vess, max(0.8, 1.4 * size / 256))
     hilum = np.exp(-((AX - 0.2) ** 2 / 0.06 + (Y + 0.06) ** 2 / 0.05))
     D += 0.20 * vess * lung + 0.12 * hilum * lung
     # parenchymal texture
-    tex = gaussian_filter(rng.standard_normal((size, size), dtype=np.float32), 2.0 * size / 256)
+    tex = gaussian_filter(ra.standard_normal((size, size), dtype=np.float32), 2.0 * size / 256)
     D += 0.07 * tex * lung
 
     # ---- findings ----
@@ -388,7 +391,9 @@ def _frontal(size: int, f: dict[str, dict], rng: np.random.Generator, a: _Anatom
 
 # ---- lateral ----------------------------------------------------------------------------------
 
-def _lateral(size: int, f: dict[str, dict], rng: np.random.Generator, a: _Anatomy) -> np.ndarray:
+def _lateral(size: int, f: dict[str, dict], rng: np.random.Generator, a: _Anatomy,
+             ra: np.random.Generator) -> np.ndarray:
+    """Density map of a left lateral view (anterior to the image left)."""
     cv = _Canvas(size, a)
     X, Y = cv.X, cv.Y
     dome = a.dome + 0.05
@@ -419,7 +424,7 @@ def _lateral(size: int, f: dict[str, dict], rng: np.random.Generator, a: _Anatom
     D += vert * (0.08 + 0.05 * (discs < 0.8))
     if "fracture" in f:  # a wedged (compressed) vertebra
         vy = rng.uniform(-0.1, 0.35)
-        D += 0.12 * _blob(X, Y, spx.mean() - 0.04, vy, 0.06, 0.03, 0.2)
+        D += 0.18 * _blob(X, Y, float(spx.mean()) - 0.04, vy, 0.09, 0.04, 0.2)
     if "spine_degenerative" in f:
         D += 0.10 * _sig(0.02 - np.abs(X - spx + 0.11), 0.006) * (discs > 0.85) * body
     # sternum anteriorly, posterior rib arcs
@@ -429,9 +434,10 @@ def _lateral(size: int, f: dict[str, dict], rng: np.random.Generator, a: _Anatom
         D += 0.05 * _sig(0.02 - np.abs(Y - cy), 0.006) * _sig(X + 0.1, 0.1) * lung
     # trachea and hilum
     D -= 0.10 * _sig(0.035 - np.abs(X - 0.08 + 0.15 * (Y + 0.2)), 0.01) * _sig(-0.15 - Y, 0.03) * body
-    vess = gaussian_filter(_vessels(cv, rng, [(0.05, -0.05, -1), (0.05, -0.05, 1)], 7, 0.5), 0.7 * size / 256)
+    vess = gaussian_filter(_vessels(cv, ra, [(0.05, -0.05, -1), (0.05, -0.05, 1)], 7, 0.5),
+                           max(0.8, 1.4 * size / 256))
     D += 0.12 * vess * lung + 0.10 * np.exp(-((X - 0.05) ** 2 / 0.03 + (Y + 0.05) ** 2 / 0.03)) * lung
-    tex = gaussian_filter(rng.standard_normal((size, size), dtype=np.float32), 2.0 * size / 256)
+    tex = gaussian_filter(ra.standard_normal((size, size), dtype=np.float32), 2.0 * size / 256)
     D += 0.04 * tex * lung
 
     # findings: projected to the lateral geometry (lower zones posterior, upper zones superior)
@@ -461,6 +467,8 @@ def _lateral(size: int, f: dict[str, dict], rng: np.random.Generator, a: _Anatom
             D += 0.5 * _blob(X, Y, rng.uniform(-0.35, 0.4), rng.uniform(-0.5, dome - 0.2), r, r, 0.15)
     if "pneumothorax" in f:
         D -= 0.06 * _sig(-0.35 - Y, 0.05) * lung * (1 + vess)
+    if "tortuous_aorta" in f:  # unfolded arch above the heart (scoliosis does not show on a lateral)
+        D += 0.10 * _blob(X, Y, 0.12, -0.38, 0.2, 0.1, 0.3) * (1 - _blob(X, Y, 0.12, -0.36, 0.13, 0.05, 0.3)) * lung
     dev, dr = cv.layer()
     if "pacemaker" in f:
         c = cv.to_px(-0.55, -0.6)
@@ -488,7 +496,9 @@ def render(findings, view: str, size: int, rng: np.random.Generator) -> Image.Im
     if not isinstance(size, (int, np.integer)) or size < 32:
         raise ValueError(f"size must be an int >= 32, got {size!r}")
     f = _norm_findings(findings)
-    a = _draw_anatomy(rng)
+    # anatomy/acquisition and findings draw from separate streams: adding a finding leaves the anatomy as is
+    ra, rf = (np.random.default_rng(int(s)) for s in rng.integers(0, 2**63 - 1, size=2))
+    a = _draw_anatomy(ra)
     n = int(size) if size <= INTERNAL_MAX else int(size) // 2
-    D = (_frontal if view == "frontal" else _lateral)(n, f, rng, a)
-    return _finish(D, a, rng, int(size))
+    D = (_frontal if view == "frontal" else _lateral)(n, f, rf, a, ra)
+    return _finish(D, a, ra, int(size))

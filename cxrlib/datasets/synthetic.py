@@ -373,7 +373,7 @@ def _describe(key: str, spec: dict, rng: np.random.Generator) -> tuple[str, str,
             else f"Consolidation/{'bilateral' if side == 'bilateral' else side}"
         return (mesh, pick([f"There is {noun} in the {sd}.", f"Focal {noun} is seen in the {sd}.",
                             f"{noun.capitalize()} in the {sd}."]),
-                pick([f"{sd.capitalize()} {noun}, concerning for pneumonia.", f"{sd.capitalize()} {noun}."]))
+                pick([f"{sd.capitalize()} {noun}; follow-up recommended.", f"{sd.capitalize()} {noun}."]))
     if key == "effusion":
         w = _SIZE_WORD[si]
         sd = "bilateral" if side == "bilateral" else side
@@ -385,7 +385,7 @@ def _describe(key: str, spec: dict, rng: np.random.Generator) -> tuple[str, str,
     if key == "atelectasis":
         sd = "bibasilar" if side == "bilateral" else f"{side} basilar"
         mesh = f"Pulmonary Atelectasis/{'bilateral' if side == 'bilateral' else side}/base"
-        return (mesh, pick([f"There is {sd} atelectasis.", f"Streaky {sd} opacities consistent with atelectasis.",
+        return (mesh, pick([f"There is {sd} atelectasis.", f"Streaky {sd} atelectasis.",
                             f"Mild {sd} atelectasis."]), f"{sd.capitalize()} atelectasis.")
     if key == "granuloma":
         w = pick(["calcified granuloma", "calcified granulomas"])
