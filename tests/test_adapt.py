@@ -179,3 +179,15 @@ def test_bad_table_and_image_size_are_named(table):
         A.adapt(table[table["split"] == "train"], load_backbone("tiny"), _cfg(), progress=False)
     with pytest.raises(ValueError, match="image_size=96 differs"):
         A.adapt(table, load_backbone("tiny"), _cfg(image_size=96), progress=False)
+
+
+def test_trimmed_text_encoding_equals_full_context():
+    """Length-sorted, padding-trimmed batches give the features of the full-context tokens."""
+    bk = load_backbone("offline")
+    texts = ["no acute cardiopulmonary abnormality.", "heart size is mildly enlarged. small left pleural "
+             "effusion with adjacent atelectasis. no pneumothorax.", "clear lungs.", "stable cardiomegaly."]
+    got = A.encode_texts(bk.model, bk.tokenizer, texts, batch_size=2, progress=False)
+    with torch.no_grad():
+        want = bk.model.encode_text(bk.tokenizer(texts), normalize=True)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert A.trim_padding(bk.tokenizer, bk.tokenizer(texts[:1])).shape[1] < bk.context_length
