@@ -405,6 +405,7 @@ def compare_models(a: QueryScores, b: QueryScores, n_boot: int = 1000, n_perm: i
 
     Columns :data:`PAIRED_COLUMNS`: ``diff`` = value_a - value_b with its patient-bootstrap CI and the
     two-sided patient sign-flip permutation ``p_value`` (``exact`` when all flips were enumerated).
+    A class whose queries all lack a relevant item has no row (its exclusion is in :func:`summarise`).
     """
     if not np.array_equal(a.study_ids, b.study_ids):
         raise ValueError(f"models {a.model!r} and {b.model!r} were evaluated on different queries")
@@ -418,6 +419,8 @@ def compare_models(a: QueryScores, b: QueryScores, n_boot: int = 1000, n_perm: i
                 continue
             r = stats.paired_test(a.values[key][mask], b.values[key][mask], a.patient_ids[mask], n_boot,
                                   n_perm, seed, confidence)
+            if r.n == 0:  # every query of the class excluded (no relevant item): summarise() states it
+                continue
             rows.append(dict(model_a=a.model, model_b=b.model, direction=direction, gallery=gallery,
                              query_class=cls, metric=metric, k=k or pd.NA, value_a=r.value_a, value_b=r.value_b,
                              diff=r.diff, ci_low=r.ci_low, ci_high=r.ci_high, p_value=r.p_value, n=r.n,
