@@ -294,6 +294,16 @@ def embedding_metrics(img: Any, txt: Any, labels: Any, seed: int = 0, k: int = 1
     return out
 
 
+def score_caption(metrics: Mapping[str, Any], space: str) -> str:
+    """One line of the numbers behind a map, for its panel title (computed in the embedding space)."""
+    m = metrics.get(space) or {}
+    if space == "joint":
+        return (f"centroid gap {m.get('centroid_gap', float('nan')):.2f} · "
+                f"label silhouette {m.get('silhouette', float('nan')):.2f}") if m else ""
+    return (f"silhouette {m.get('silhouette', float('nan')):.2f} · "
+            f"{metrics.get('k', '')}-NN acc. {m.get('knn_acc', float('nan')):.2f}") if m else ""
+
+
 def metrics_frame(results: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     """Tidy table (stage, space, metric, value, n, k, seed) of ``{stage: embedding_metrics(...)}``."""
     rows = []
@@ -319,7 +329,7 @@ def metrics_markdown(frame: pd.DataFrame, digits: int = 3) -> str:
         cells = [space, metric] + [("n/a" if pd.isna(row[s]) else fmt.format(row[s])) for s in stages]
         if "change" in header:
             d = row["after"] - row["before"]
-            cells.append("n/a" if pd.isna(d) else ("+" if d >= 0 else "") + fmt.format(d))
+            cells.append("n/a" if pd.isna(d) else f"{round(d, digits) + 0.0:+.{digits}f}")  # + 0.0: no "-0.000"
         lines.append("| " + " | ".join(cells) + " |")
     n, k, seed = (frame[c].iloc[0] for c in ("n", "k", "seed"))
     lines.append("")
@@ -455,5 +465,6 @@ def project_views(data: VizData, methods: Iterable[str], seed: int = 0, perplexi
         info: dict = {}
         maps[(method, stage, space)] = project_2d(x, method, seed=seed, perplexity=perplexity,
                                                   n_neighbors=n_neighbors, info=info, **kwargs)
-        log.append({"stage": stage, "space": space, **info, "fallbacks": "; ".join(info["fallbacks"])})
+        log.append({"method": method, "stage": stage, "space": space, **info,
+                    "fallbacks": "; ".join(info["fallbacks"])})
     return maps, pd.DataFrame(log)

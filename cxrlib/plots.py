@@ -379,7 +379,7 @@ def _legend(fig, entries: list[tuple[str, object, str]], title: str | None = Non
     handles = [Line2D([], [], linestyle="", marker=m, markersize=7, markerfacecolor=c, markeredgewidth=0,
                       label=lab) for lab, c, m in entries]
     where = (dict(loc="center left", bbox_to_anchor=(1.0, 0.5), ncol=1) if right else
-             dict(loc="lower center", bbox_to_anchor=(0.5, -0.02), ncol=ncol or min(len(handles), 5)))
+             dict(loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=ncol or min(len(handles), 5)))
     fig.legend(handles=handles, title=title, fontsize=9, title_fontsize=9, handletextpad=0.2, columnspacing=1.2,
                **where)
 

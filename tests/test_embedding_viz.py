@@ -241,7 +241,8 @@ def test_write_metrics_files_and_table(tmp_path):
     row = next(line for line in md.splitlines() if line.startswith("| image | silhouette |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     b, a = before["image"]["silhouette"], after["image"]["silhouette"]
-    assert cells[2:] == [f"{b:.3f}", f"{a:.3f}", f"{'+' if a - b >= 0 else ''}{a - b:.3f}"]
+    assert cells[2:] == [f"{b:.3f}", f"{a:.3f}", f"{round(a - b, 3) + 0.0:+.3f}"]
+    assert "-0.000" not in md
     assert "seed = 7" in md
 
 
@@ -356,3 +357,10 @@ def test_plots_write_png_and_pdf(tmp_path):
         assert [p.suffix for p in written] == [".png", ".pdf"] and all(p.stat().st_size > 1000 for p in written)
     with pytest.raises(ValueError, match="expected 2 x 20"):
         plots.plot_modality_maps(maps, labels, "tsne")
+
+
+def test_score_caption():
+    m = {"k": 10, "image": {"silhouette": 0.1234, "knn_acc": 0.8}, "joint": {"centroid_gap": 0.5, "silhouette": -0.02}}
+    assert ev.score_caption(m, "image") == "silhouette 0.12 · 10-NN acc. 0.80"
+    assert ev.score_caption(m, "joint") == "centroid gap 0.50 · label silhouette -0.02"
+    assert ev.score_caption(m, "text") == ""
