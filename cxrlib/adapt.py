@@ -508,7 +508,8 @@ def adapt(table: pd.DataFrame, backbone: Any, cfg: AdaptConfig, progress: bool =
                                       **evaluate(), "skipped": len(skips.reasons)}]
     mode = MONITORS[cfg.monitor]
     best = history[0][cfg.monitor]
-    best_epoch, best_state, bad_epochs, step = 0, None, 0, 0
+    best_epoch, bad_epochs, step = 0, 0, 0
+    best_state = copy.deepcopy(net.state_dict())  # epoch 0 counts: no improvement keeps the start weights
     bar = tqdm(total=total_steps, desc=f"adapt {cfg.backbone}", disable=not progress or rank != 0)
     for epoch in range(1, cfg.epochs + 1):
         if isinstance(train_loader.sampler, torch.utils.data.distributed.DistributedSampler):
@@ -553,8 +554,7 @@ def adapt(table: pd.DataFrame, backbone: Any, cfg: AdaptConfig, progress: bool =
         if bad_epochs >= cfg.patience or step >= total_steps:
             break
     bar.close()
-    if best_state is not None:
-        net.load_state_dict(best_state)
+    net.load_state_dict(best_state)
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
@@ -575,7 +575,8 @@ def save_adapted(path: str | os.PathLike, result: AdaptResult) -> Path:
         torch.save({"backbone": result.config["adapt"]["backbone"],
                     "state_dict": {k: v.detach().cpu() for k, v in result.model.state_dict().items()},
                     "config": result.config, "history": history,
-                    "classifier": result.classifier.state_dict()}, tmp)
+                    "skipped": result.skipped.to_dict("records"),
+                    "classifier": {k: v.detach().cpu() for k, v in result.classifier.state_dict().items()}}, tmp)
     return Path(path)
 
 
@@ -590,6 +591,45 @@ def torchrun_command(table: str | os.PathLike, cfg: AdaptConfig, out: str | os.P
     """The ``torchrun`` command that runs :func:`main` on ``nproc`` devices."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "cxrlib.adapt", "--table", str(table), "--out", str(out), "--config", json.dumps(cfg.to_dict())]
+
+
+@dataclass
+class AdaptRun:
+    """What a notebook needs after a run, in-process or under torchrun: history, skips, config, file."""
+
+    history: pd.DataFrame
+    skipped: pd.DataFrame
+    config: dict[str, Any]
+    checkpoint: Path
+
+    @property
+    def best_epoch(self) -> int:
+        return int(self.config["adapt"]["best_epoch"])
+
+
+def read_run(path: str | os.PathLike) -> AdaptRun:
+    """History, skipped images and config of a saved adaptation checkpoint."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    return AdaptRun(history=pd.DataFrame(obj["history"]),
+                    skipped=pd.DataFrame(obj.get("skipped", []), columns=["image_id", "reason"]),
+                    config=obj["config"], checkpoint=Path(path))
+
+
+def launch(table_path: str | os.PathLike, cfg: AdaptConfig, out: str | os.PathLike, progress: bool = True) -> AdaptRun:
+    """Adapt and save to ``out``: in this process on one device, under ``torchrun`` on several GPUs."""
+    cfg.validate()
+    nproc = n_devices() if resolve_device(cfg.device).startswith("cuda") else 1
+    if nproc > 1:
+        import subprocess
+
+        subprocess.run(torchrun_command(table_path, cfg, out, nproc), check=True)
+        return read_run(out)
+    from cxrlib.backbones import load_backbone
+
+    backbone = load_backbone(cfg.backbone, device=resolve_device(cfg.device))
+    result = adapt(pd.read_parquet(table_path), backbone, cfg, progress=progress)
+    save_adapted(out, result)
+    return AdaptRun(history=result.history, skipped=result.skipped, config=result.config, checkpoint=Path(out))
 
 
 def main(argv: list[str] | None = None) -> int:

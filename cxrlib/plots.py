@@ -66,6 +66,43 @@ def save_figure(fig: plt.Figure, stem: str, out_dir: str | Path, formats: tuple[
     return written
 
 
+# --- 00 backbone adaptation ------------------------------------------------------------------
+
+def plot_adaptation_curves(history, best_epoch: int | None = None) -> plt.Figure:
+    """Notebook 00: loss per epoch (train solid, validation dashed, epoch 0 = before adaptation) and
+    validation Recall@K (image→text solid, text→image dotted) with the kept epoch marked."""
+    apply_style()
+    fig, (ax_loss, ax_rec) = plt.subplots(1, 2, figsize=(10, 3.8))
+    trained = history[history["epoch"] > 0]
+    terms = [t for t in ("clip", "supcon", "bce") if f"val_{t}" in history]
+    shown = {"total": "0.2"} | ({t: LOSS_TERM_COLORS[t] for t in terms} if len(terms) > 1 else {})
+    for term, color in shown.items():
+        for prefix, style, data in (("train", "-", trained), ("val", "--", history)):
+            col = f"{prefix}_{'loss' if term == 'total' else term}"
+            if col in data and data[col].notna().any():
+                ax_loss.plot(data["epoch"], data[col], style, marker="o", markersize=2.5, color=color,
+                             label=f"{term} ({prefix})")
+    ax_loss.set(xlabel="epoch (0 = before adaptation)", ylabel="loss (total weighted, terms unweighted)",
+                title="adaptation loss" + (f" ({terms[0]} only)" if len(terms) == 1 else ""))
+    ax_loss.legend(fontsize=7, ncol=2)
+    ks = sorted({int(c.split("@")[1]) for c in history.columns if c.startswith("val_i2t_R@")})
+    palette = sns.color_palette("crest", max(len(ks), 1))
+    for color, k in zip(palette, ks):
+        ax_rec.plot(history["epoch"], history[f"val_i2t_R@{k}"], "-", marker="o", markersize=2.5, color=color,
+                    label=f"image→text R@{k}")
+        ax_rec.plot(history["epoch"], history[f"val_t2i_R@{k}"], ":", marker="^", markersize=2.5, color=color,
+                    label=f"text→image R@{k}")
+    if best_epoch is not None:
+        ax_rec.axvline(best_epoch, color="0.5", lw=0.8, ls="--", label=f"kept epoch {best_epoch}")
+    ax_rec.set(xlabel="epoch (0 = before adaptation)", ylabel="recall (identical reports count)",
+               title="validation retrieval", ylim=(0, 1.02))
+    ax_rec.legend(fontsize=7, ncol=2)
+    for ax in (ax_loss, ax_rec):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    fig.tight_layout()
+    return fig
+
+
 # --- 01 data prep ----------------------------------------------------------------------------
 
 def plot_label_balance(table, finding_labels=None) -> plt.Figure:
