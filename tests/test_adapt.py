@@ -191,3 +191,53 @@ def test_trimmed_text_encoding_equals_full_context():
         want = bk.model.encode_text(bk.tokenizer(texts), normalize=True)
     assert torch.allclose(got, want, atol=1e-5)
     assert A.trim_padding(bk.tokenizer, bk.tokenizer(texts[:1])).shape[1] < bk.context_length
+
+
+@pytest.mark.slow
+def test_notebook_00_on_smoke_profile(workdir, tmp_path):
+    """Notebook 00 through papermill with the smoke profile's parameters; asserts on what it wrote."""
+    import os
+    import subprocess
+    import sys
+
+    from cxrlib import config, paths
+
+    table = _make_table(tmp_path, n_train=24, n_val=8)
+    path = paths.study_table_path("synthetic")
+    path.parent.mkdir(parents=True)
+    table.to_parquet(path)
+    params = config.resolve_params("smoke", "00_adapt_backbone", {"dataset": "synthetic", "backbone": "tiny"})
+    assert params["adapt_epochs"] >= 1 and "w_supcon" not in params  # projector weights never reach node 00
+    args = [a for k, v in params.items() for a in ("-p", k, str(v))]
+    out = subprocess.run([sys.executable, "-m", "papermill", "-k", "cxr-retrieval", "--no-progress-bar",
+                          "--cwd", str(paths.repo_root() / "notebooks"), "notebooks/00_adapt_backbone.ipynb",
+                          str(tmp_path / "out.ipynb"), *args], cwd=paths.repo_root(), capture_output=True, text=True,
+                         env={**os.environ, "CXR_WORKDIR": str(workdir)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    ckpt = A.checkpoint_path("synthetic", "tiny")
+    run = A.read_run(ckpt)
+    hist = pd.read_csv(paths.results_dir("smoke") / "adapt_history.csv")
+    assert len(hist) == len(run.history) == params["adapt_epochs"] + 1
+    assert run.config["adapt"]["lr"] == params["adapt_lr"] and run.config["adapt"]["batch_size"] == 16
+    assert (paths.figures_dir("smoke") / "adapt_curves.png").is_file()
+    assert (paths.figures_dir("smoke") / "adapt_curves.pdf").is_file()
+    load_backbone("tiny", checkpoint=ckpt)
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_ranks_write_a_loadable_checkpoint(tmp_path):
+    """`python -m cxrlib.adapt` under torchrun (2 gloo ranks on the CPU): DDP path, rank 0 saves."""
+    import os
+    import subprocess
+
+    table = _make_table(tmp_path)
+    table.to_parquet(tmp_path / "t.parquet")
+    cfg = _cfg(epochs=1, num_workers=0)
+    out = subprocess.run(A.torchrun_command(tmp_path / "t.parquet", cfg, tmp_path / "ddp.pt", nproc=2),
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = A.read_run(tmp_path / "ddp.pt")
+    assert run.config["adapt"]["world_size"] == 2
+    # 32 train rows, 8 per rank per step -> 2 steps of 16 images
+    assert run.history["step"].iloc[-1] == 2
+    load_backbone("tiny", checkpoint=tmp_path / "ddp.pt")
