@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -302,22 +303,28 @@ def _study_table(n: int) -> pd.DataFrame:
     return table
 
 
-def test_load_viz_data_pairs_before_and_after(workdir):
+def _write_fixture(n: int, dataset: str = "toy", backbone: str = "open_clip:a:b", run: str = "main"):
+    """A valid study table, unit-norm embeddings (text file in reverse id order) and an identity-start projector."""
     from cxrlib import paths
     from cxrlib.datasets.table import save_study_table
     from cxrlib.embstore import Embeddings, save_embeddings
     from cxrlib.projector import build_projector, save_projector
 
-    table = _study_table(24)
-    save_study_table(table, paths.study_table_path("toy"))
+    table = _study_table(n)
+    save_study_table(table, paths.study_table_path(dataset))
     rng = np.random.default_rng(0)
-    emb = rng.normal(size=(24, 6)).astype(np.float32)
+    emb = rng.normal(size=(n, 6)).astype(np.float32) + 2.0 * table["label_abnormal"].to_numpy()[:, None]
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    d = paths.embeddings_dir() / "toy" / "open_clip_a_b"
-    save_embeddings(d / "image.npz", Embeddings(table["image_id"], emb, {"backbone": "open_clip:a:b"}))
-    save_embeddings(d / "text.npz", Embeddings(table["study_id"][::-1], emb[::-1], {"backbone": "open_clip:a:b"}))
-    ckpt = save_projector(paths.results_dir("smoke") / "models" / "main" / "projector.pt",
+    d = paths.embeddings_dir() / dataset / "".join(c if c.isalnum() or c in "-_." else "_" for c in backbone)
+    save_embeddings(d / "image.npz", Embeddings(table["image_id"], emb, {"backbone": backbone}))
+    save_embeddings(d / "text.npz", Embeddings(table["study_id"][::-1], emb[::-1], {"backbone": backbone}))
+    ckpt = save_projector(paths.results_dir("smoke") / "models" / run / "projector.pt",
                           build_projector("residual_mlp", 6, 6, width=8), {"seed": 0})
+    return table, ckpt
+
+
+def test_load_viz_data_pairs_before_and_after(workdir):
+    table, ckpt = _write_fixture(24)
     data = ev.load_viz_data("toy", "open_clip:a:b", ckpt, split="test", sample_size=8, seed=0)
     idx = ev.sample_rows(12, 8, 0)
     test_rows = table[table["split"] == "test"].reset_index(drop=True)
@@ -364,3 +371,31 @@ def test_score_caption():
     assert ev.score_caption(m, "image") == "silhouette 0.12 · 10-NN acc. 0.80"
     assert ev.score_caption(m, "joint") == "centroid gap 0.50 · label silhouette -0.02"
     assert ev.score_caption(m, "text") == ""
+
+
+@pytest.mark.slow
+def test_notebook_04_runs_on_fixture(workdir):
+    import nbformat
+
+    _write_fixture(40, dataset="fixture", backbone="tiny", run="bce1-supcon0.5-clip1")
+    nb = REPO / "notebooks" / "04_embedding_viz.ipynb"
+    out = workdir / "04.out.ipynb"
+    env = {**os.environ, "CXR_WORKDIR": str(workdir), "HF_HUB_OFFLINE": "1"}
+    params = ["-p", "profile", "smoke", "-p", "dataset", "fixture", "-p", "backbone", "tiny", "-p", "w_supcon", "0.5",
+              "-y", "methods: [tsne]", "-p", "perplexity", "30", "-p", "sample_size", "0", "-p", "k", "3"]
+    run = subprocess.run([sys.executable, "-m", "papermill", "-k", "cxr-retrieval", "--cwd", str(nb.parent),
+                          str(nb), str(out), *params], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    res, fig = workdir / "results" / "smoke", workdir / "figures" / "smoke"
+    frame = pd.read_csv(res / "embedding_metrics.csv")
+    assert set(frame["stage"]) == {"before", "after"} and (frame["n"] == 20).all()
+    payload = json.loads((res / "embedding_metrics.json").read_text())
+    assert payload["seed"] == 0 and payload["settings"]["run"] == "bce1-supcon0.5-clip1"
+    log = pd.read_csv(res / "embedding_maps.csv")
+    assert len(log) == 6 and log["fallbacks"].str.contains("perplexity 30 is too large").all()
+    stems = {p.stem for p in fig.glob("embedding_*.png")}
+    assert stems == {f"embedding_tsne_{s}" for s in ("image_label", "image_finding", "text_label", "text_finding",
+                                                     "joint_modality")}
+    assert all((fig / f"{s}.pdf").is_file() for s in stems)
+    executed = nbformat.read(out, as_version=4)
+    assert any("SMOKE TEST" in "".join(o.get("text", "")) for c in executed.cells for o in c.get("outputs", []))
