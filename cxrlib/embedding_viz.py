@@ -443,6 +443,14 @@ def load_viz_data(dataset: str, backbone: str, projector_path: str | Path | None
         from cxrlib.projector import load_projector
 
         model, config = load_projector(projector_path)
+        for key, want in (("backbone", backbone), ("dataset", dataset)):
+            if config.get(key) not in (None, want):
+                raise ValueError(f"projector {projector_path} was trained on {key} {config[key]!r}, not {want!r}: "
+                                 f"pass {key}={config[key]!r} or retrain (notebook 02)")
+        dims = (model.build_args["in_dim_image"], model.build_args["in_dim_text"])
+        if dims != (pair.img.shape[1], pair.txt.shape[1]):
+            raise ValueError(f"projector {projector_path} takes image/text dims {dims}, the embeddings in {emb_dir} "
+                             f"have {(pair.img.shape[1], pair.txt.shape[1])}")
         data.spaces["after"] = apply_projector(model, *data.spaces["before"])
         data.info["projector"] = str(projector_path)
     return data

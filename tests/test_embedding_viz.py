@@ -340,6 +340,18 @@ def test_load_viz_data_pairs_before_and_after(workdir):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ev.embedding_metrics(*data.spaces["after"], data.labels, k=3)
+    # a projector of another backbone, or of other dims, is refused with its path named
+    from cxrlib import paths
+    from cxrlib.projector import build_projector, save_projector
+
+    other = save_projector(paths.results_dir("smoke") / "models" / "x" / "projector.pt",
+                           build_projector("linear", 6, 6), {"backbone": "clip"})
+    with pytest.raises(ValueError, match="trained on backbone 'clip', not 'open_clip:a:b'"):
+        ev.load_viz_data("toy", "open_clip:a:b", other)
+    wide = save_projector(paths.results_dir("smoke") / "models" / "y" / "projector.pt",
+                          build_projector("linear", 8, 8), {})
+    with pytest.raises(ValueError, match=r"takes image/text dims \(8, 8\)"):
+        ev.load_viz_data("toy", "open_clip:a:b", wide)
 
 
 def test_plots_write_png_and_pdf(tmp_path):
