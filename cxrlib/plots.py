@@ -374,9 +374,12 @@ _MIXED_GROUP_COLORS = {"multiple": "0.30", "other abnormal": "0.62", "unlabelled
 
 def finding_colors(groups) -> dict[str, object]:
     """Colour of each finding group: ``normal`` as in ``LABEL_COLORS``, findings from the colour-blind
-    palette (without its blues and grey) in a fixed order, mixed groups in greys."""
+    palette (without its blues and grey), most frequent first, mixed groups in greys."""
+    from collections import Counter
+
     palette = [c for i, c in enumerate(sns.color_palette("colorblind", 10)) if i not in (0, 7, 9)]
-    names = sorted({str(g) for g in groups} - {"normal"} - set(_MIXED_GROUP_COLORS))
+    counts = Counter(str(g) for g in groups)
+    names = sorted(set(counts) - {"normal"} - set(_MIXED_GROUP_COLORS), key=lambda g: (-counts[g], g))
     colors: dict[str, object] = {"normal": LABEL_COLORS["normal"]}
     colors.update({n: palette[i % len(palette)] for i, n in enumerate(names)})
     colors.update({g: c for g, c in _MIXED_GROUP_COLORS.items() if g in set(map(str, groups))})
@@ -499,3 +502,4 @@ def plot_modality_maps(maps, labels, method: str, title: str | None = None, scor
         fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     return fig
+
