@@ -23,8 +23,10 @@ from cxrlib import paths, stats
 from cxrlib.embstore import load_embeddings
 from cxrlib.pairs import PairedSplit, paired_split
 
-#: upper bound on the number of scores held at once (64 Mi float32 = 256 MiB)
+#: upper bound on the number of scores held at once by top-k search (64 Mi float32 = 256 MiB)
 MAX_BLOCK_ELEMENTS = 1 << 26
+#: the same for the metric scan, whose full-row sort (AP) holds a few block-sized temporaries
+SCAN_BLOCK_ELEMENTS = 1 << 24
 #: tolerance on the L2 norm of inputs that must be normalised
 NORM_TOL = 1e-3
 
@@ -48,9 +50,11 @@ def check_normalised(t: torch.Tensor, name: str) -> None:
                          f"({int(bad.sum())} bad rows)")
 
 
-def rows_per_block(n_gallery: int, chunk_size: int) -> int:
-    """Query rows scored at once: at most ``chunk_size`` and at most MAX_BLOCK_ELEMENTS scores."""
-    return max(1, min(int(chunk_size), MAX_BLOCK_ELEMENTS // max(1, n_gallery)))
+def rows_per_block(n_gallery: int, chunk_size: int, max_elements: int | None = None) -> int:
+    """Query rows scored at once: at most ``chunk_size`` and at most ``max_elements`` scores
+    (default :data:`MAX_BLOCK_ELEMENTS`)."""
+    cap = MAX_BLOCK_ELEMENTS if max_elements is None else max_elements
+    return max(1, min(int(chunk_size), cap // max(1, n_gallery)))
 
 
 def _order_candidates(scores: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,9 +197,21 @@ def _first_relevant_rank(block: torch.Tensor, rel: torch.Tensor) -> torch.Tensor
     return rank
 
 
-def _average_precision(block: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:
-    """AP over the full ranking (stable sort: ties by index); NaN where no item is relevant."""
-    order = torch.argsort(block, dim=1, descending=True, stable=True)
+def _ranking(block: torch.Tensor) -> torch.Tensor:
+    """Each row's gallery indices by (score desc, index asc).
+
+    Equal to a stable descending argsort, but about 2-3x faster: scores map to integers of the same
+    order (IEEE-754 bit trick), combined with the index into unique keys, so an unstable sort is exact.
+    """
+    x = (block + 0.0).numpy()  # -0.0 -> +0.0: they compare equal, so they must tie
+    bits = x.view(np.int32).astype(np.int64)
+    ordered = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # integer order == float order
+    keys = -ordered * x.shape[1] + np.arange(x.shape[1])
+    return torch.from_numpy(np.argsort(keys, axis=1))
+
+
+def _average_precision(order: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:
+    """AP over the full ranking ``order`` (each row's gallery indices, best first); NaN where nothing is relevant."""
     r = rel.gather(1, order).to(torch.float64)
     hits = r.cumsum(1)
     prec = hits / torch.arange(1, r.shape[1] + 1, dtype=torch.float64)
@@ -228,12 +244,13 @@ def scan_metrics(queries, gallery, relevance: dict, ks, chunk_size: int = 4096,
         keys = [("rank", 0)] * ("rank" in kinds) + [("ap", 0)] * ("ap" in kinds)
         keys += [(m, k) for k in ks for m in ("precision", "hit")] if "topk" in kinds else []
         out.update({(name, m, k): np.full(n, np.nan) for m, k in keys})
-    step = rows_per_block(len(g), chunk_size)
+    step = rows_per_block(len(g), chunk_size, SCAN_BLOCK_ELEMENTS)
     need_topk = any("topk" in kinds for _, kinds in relevance.values())
     for s in tqdm(range(0, n, step), desc="retrieval metrics", disable=not progress, leave=False):
         e = min(n, s + step)
         block = q[s:e] @ g.T
         top = _block_topk(block, ks[-1])[1] if need_topk and ks else None
+        order = None  # the full ranking (stable sort: ties by index), computed once if any AP is asked for
         for name, (fn, kinds) in relevance.items():
             rel = torch.as_tensor(fn(s, e), dtype=torch.bool)
             if rel.shape != block.shape:
@@ -242,7 +259,9 @@ def scan_metrics(queries, gallery, relevance: dict, ks, chunk_size: int = 4096,
             if "rank" in kinds:
                 out[(name, "rank", 0)][s:e] = _first_relevant_rank(block, rel).numpy()
             if "ap" in kinds:
-                out[(name, "ap", 0)][s:e] = _average_precision(block, rel).numpy()
+                if order is None:
+                    order = _ranking(block)
+                out[(name, "ap", 0)][s:e] = _average_precision(order, rel).numpy()
             if "topk" in kinds and top is not None:
                 rel_top = rel.gather(1, top).numpy()
                 for k in ks:

@@ -9,6 +9,7 @@ queries. With one query per patient this is the ordinary percentile bootstrap (t
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -81,9 +82,13 @@ def resample_statistics(values: np.ndarray, codes: np.ndarray, draws: np.ndarray
     return out
 
 
+@functools.lru_cache(maxsize=8)
 def draw_clusters(n_clusters: int, n_boot: int, seed: int) -> np.ndarray:
-    """[n_boot, n_clusters] patient codes drawn with replacement from a seeded generator."""
-    return np.random.default_rng(seed).integers(0, n_clusters, size=(n_boot, n_clusters))
+    """[n_boot, n_clusters] patient codes drawn with replacement from a seeded generator (read-only;
+    cached, since every metric of one query set draws the same patients)."""
+    draws = np.random.default_rng(seed).integers(0, n_clusters, size=(n_boot, n_clusters))
+    draws.flags.writeable = False
+    return draws
 
 
 def bootstrap_ci(values, clusters, n_boot: int = 1000, seed: int = 0, kind: str = "mean",

@@ -222,3 +222,14 @@ def test_compare_models_requires_same_queries_and_detects_a_better_model():
     other = retrieval.query_scores(_random_split(6, n=80, with_findings=False), "x", (1,))
     with pytest.raises(ValueError, match="different queries"):
         retrieval.compare_models(a, other)
+
+
+def test_block_boundaries_do_not_change_results(monkeypatch):
+    sp = _random_split(11, n=30, ties=True)
+    ref = retrieval.query_scores(sp, "m", (1, 5)).values
+    monkeypatch.setattr(retrieval, "SCAN_BLOCK_ELEMENTS", 70)  # 2 query rows per block, 15 blocks
+    assert retrieval.rows_per_block(30, 4096, retrieval.SCAN_BLOCK_ELEMENTS) == 2
+    got = retrieval.query_scores(sp, "m", (1, 5)).values
+    assert got.keys() == ref.keys()
+    for key in ref:
+        np.testing.assert_array_equal(got[key], ref[key])
