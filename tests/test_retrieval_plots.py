@@ -90,3 +90,24 @@ def test_figures_render(tmp_path):
         plots.plt.close(fig)
     with pytest.raises(ValueError, match="no rows"):
         plots.plot_metric_at_k(df, "finding_precision")
+
+
+def test_load_eval_split_names_missing_embedding_ids(workdir):
+    from test_retrieval_notebook import write_fixture
+
+    from cxrlib import paths
+    from cxrlib.embstore import Embeddings, load_embeddings, save_embeddings
+
+    write_fixture(workdir)
+    sp = retrieval.load_eval_split("fixture", "tiny", "test", ["Cardiomegaly", "Lung Opacity"])
+    assert len(sp) == 36 and sp.findings.shape == (36, 2) and set(sp.table["split"]) == {"test"}
+    tuned = retrieval.load_model_split(retrieval.ModelSpec("t", "tiny-adapted", "main"), "fixture", "smoke")
+    assert np.allclose(np.linalg.norm(tuned.img, axis=1), 1, atol=1e-5)
+    with pytest.raises(ValueError, match="trained on backbone 'tiny-adapted', not 'tiny'"):
+        retrieval.load_model_split(retrieval.ModelSpec("x", "tiny", "main"), "fixture", "smoke")
+    path = paths.embeddings_dir() / "fixture" / "tiny" / "text.npz"
+    emb = load_embeddings(path)
+    keep = emb.ids != "s7"
+    save_embeddings(path, Embeddings(emb.ids[keep], emb.emb[keep], emb.meta))
+    with pytest.raises(KeyError, match="s7"):
+        retrieval.load_eval_split("fixture", "tiny", "test")

@@ -91,3 +91,11 @@ def test_label_precision_hand_case():
     ql, gl = np.array([0, 1]), np.array([0, 1, 1, 1])
     # query 0 top-2: items 0 (label 0), 1 (label 1) -> 1/2; query 1 top-2: 2, 3 (both 1) -> 1
     assert retrieval.label_precision_at_k(q, g, ql, gl, 2) == pytest.approx(0.75)
+
+
+def test_ranking_equals_stable_argsort_with_signed_zeros_and_ties():
+    rng = np.random.default_rng(5)
+    values = np.array([-1, -0.5, -0.0, 0.0, 1e-30, -1e-30, 0.3, 0.3, 1], np.float32)
+    for block in (torch.from_numpy(rng.choice(values, (30, 80))), torch.randn(20, 64)):
+        expected = torch.argsort(block, dim=1, descending=True, stable=True)
+        assert torch.equal(retrieval._ranking(block), expected)
