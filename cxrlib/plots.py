@@ -503,3 +503,17 @@ def plot_modality_maps(maps, labels, method: str, title: str | None = None, scor
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     return fig
 
+# --- 05 loss ablation -------------------------------------------------------------------------
+
+
+def plot_ablation_heatmap(values, annot, title: str = "Loss-weight ablation (test split, 95% CI)"):
+    """Heatmap of headline metrics (rows: loss weightings, frozen first; columns: metric x direction)."""
+    fig, ax = plt.subplots(figsize=(1.55 * values.shape[1] + 2.5, 0.62 * values.shape[0] + 1.6))
+    sns.heatmap(values.astype(float), annot=annot.to_numpy(), fmt="", cmap="viridis", ax=ax,
+                cbar_kws={"label": "%"}, annot_kws={"fontsize": 7}, linewidths=0.5, linecolor="white")
+    ax.set_ylabel("")
+    ax.set_title(title)
+    ax.tick_params(axis="x", labelrotation=0, labelsize=8)
+    ax.tick_params(axis="y", labelrotation=0)
+    fig.tight_layout()
+    return fig
