@@ -446,7 +446,7 @@ def adapt(table: pd.DataFrame, backbone: Any, cfg: AdaptConfig, progress: bool =
     train_tf = train_transform(icfg["size"], icfg["mean"], icfg["std"], cfg.augment)
     eval_tf = backbone.preprocess  # the model's own eval preprocessing, as in embedding extraction
 
-    table = table.reset_index(drop=True)
+    table = table[table["split"].isin(["train", "val"])].reset_index(drop=True)  # test rows are never read
     reports = table["report"].astype(str)
     texts, text_rows_np = np.unique(reports.to_numpy(), return_inverse=True)  # each distinct report once
     text_rows = torch.as_tensor(text_rows_np, dtype=torch.long)
