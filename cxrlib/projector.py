@@ -92,7 +92,7 @@ class ProjectorModel(nn.Module):
     """
 
     def __init__(self, kind: str, in_dim_image: int, in_dim_text: int, out_dim: int | None = None,
-                 width: int = 1024, depth: int = 1, dropout: float = 0.1, activation: str = "gelu",
+                 width: int = 512, depth: int = 1, dropout: float = 0.1, activation: str = "gelu",
                  classifier_hidden: int = 0, init_temperature: float = 0.07):
         super().__init__()
         if out_dim is None:

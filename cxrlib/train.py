@@ -42,7 +42,7 @@ class TrainConfig:
     Chosen defaults and why (README "Choices the paper leaves open" links here):
 
     - Projector ``kind="residual_mlp"``: per modality ``x + Linear(width->out)(GELU(Linear(in->width)(x)))``
-      (``depth=1`` hidden layer, ``width=1024``, ``dropout=0.1``, ``activation="gelu"``), output layer
+      (``depth=1`` hidden layer, ``width=512``, ``dropout=0.1``, ``activation="gelu"``), output layer
       zero-initialised so training starts from the frozen backbone's own space and can only move away
       from it where the loss says so; ``out_dim=None`` keeps the backbone's dimension (512 for
       BiomedCLIP and CLIP ViT-B/16). Classifier: one linear layer on the normalised projected embedding,
@@ -60,7 +60,7 @@ class TrainConfig:
 
     kind: str = "residual_mlp"
     out_dim: int | None = None
-    width: int = 1024
+    width: int = 512
     depth: int = 1
     dropout: float = 0.1
     activation: str = "gelu"
@@ -278,7 +278,7 @@ def train_projector(train: PairedSplit, val: PairedSplit, cfg: TrainConfig | Non
     groups = _param_groups(model, cfg.weight_decay)
     if not any(g["params"] for g in groups):
         raise ValueError(f"projector kind {cfg.kind!r} with a fixed temperature has no trainable parameters")
-    opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, foreach=True)
 
     n = len(train) - len(train) % world  # equal shards for all_gather: N mod world random items wait an epoch
     steps = max(1, math.ceil(n / cfg.batch_size))
@@ -327,7 +327,12 @@ def train_projector(train: PairedSplit, val: PairedSplit, cfg: TrainConfig | Non
             global_step += 1
             for t, v in terms.items():
                 sums[t] = sums.get(t, 0.0) + float(v.detach()) * len(idx)
-        row = evaluate(epoch, {t: v / (n // world) for t, v in sums.items()}, time.perf_counter() - t0)
+        means = {t: v / (n // world) for t, v in sums.items()}
+        if world > 1:  # log the mean over ranks, not rank 0's shard
+            packed = torch.tensor(list(means.values()), dtype=torch.float64)
+            torch.distributed.all_reduce(packed)
+            means = dict(zip(means, (packed / world).tolist()))
+        row = evaluate(epoch, means, time.perf_counter() - t0)
         history.append(row)
         metric = row[f"val_p{k}"]
         bar.set_postfix(loss=f"{row.get('train_total', float('nan')):.3f}", **{f"val_p{k}": f"{metric:.3f}"})
@@ -375,6 +380,8 @@ def synthetic_splits(n_train: int, n_val: int, dim: int = 512, seed: int = 0, p_
     modality-specific nuisance in a ``nuisance_rank``-dim subspace, then L2 normalisation. The label is
     recoverable but buried, so a trained projector can beat the "frozen" space, as on real data.
     """
+    if not 0 < nuisance_rank <= dim:
+        raise ValueError(f"nuisance_rank must be in 1..dim ({dim}), got {nuisance_rank}")
     rng = np.random.default_rng(seed)
     n = n_train + n_val
     y = (rng.random(n) < p_abnormal).astype(np.int64)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.losses import SupConLoss
 
 from cxrlib.losses import BCETerm, ClipTerm, CrossModalSupCon, MultiTaskLoss
+from cxrlib.train import TrainConfig, synthetic_splits, train_projector
 
 
 def _norm(x):
@@ -190,3 +192,71 @@ def test_multitask_total_and_skipped_terms(batch, monkeypatch):
 def test_bad_settings_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MultiTaskLoss(**kwargs)
+
+
+def _toy_batch():
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g), torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
+
+
+def _toy_loss(img_raw, txt_raw, labels, loss_fn):
+    torch.manual_seed(0)
+    head_i, head_t, clf = torch.nn.Linear(6, 4), torch.nn.Linear(6, 4), torch.nn.Linear(4, 1)
+    zi, zt = F.normalize(head_i(img_raw), dim=1), F.normalize(head_t(txt_raw), dim=1)
+    out = {"image": zi, "text": zt, "logit_scale": torch.tensor(10.0),
+           "image_logits": clf(zi).squeeze(-1), "text_logits": clf(zt).squeeze(-1)}
+    terms = loss_fn(out, labels)
+    terms["total"].backward()
+    params = [*head_i.parameters(), *head_t.parameters(), *clf.parameters()]
+    return {k: float(v.detach()) for k, v in terms.items()}, [p.grad for p in params]
+
+
+def _toy_splits():
+    s = synthetic_splits(64, 16, dim=8, seed=0, nuisance_rank=4)
+    return s["train"], s["val"]
+
+
+_TOY_CFG = TrainConfig(width=8, batch_size=64, epochs=2, dropout=0.0, lr=1e-2, warmup_epochs=0)
+
+
+def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        img, txt, labels = _toy_batch()
+        part = slice(rank * 4, (rank + 1) * 4)
+        terms, grads = _toy_loss(img[part], txt[part], labels[part], MultiTaskLoss())  # rank/world from the group
+        for g in grads:  # what DDP does: average gradients over ranks
+            dist.all_reduce(g)
+            g /= world
+        run = train_projector(*_toy_splits(), _TOY_CFG, progress=False)  # DDP path of the trainer
+        torch.save({"terms": terms, "grads": grads, "history": run.history, "state": run.model.state_dict()},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
+    """Under torch.distributed both contrastive terms gather all ranks' features: two ranks with half a
+    batch each give the loss and the (averaged) gradients of one process holding the whole batch."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]  # our own files
+    img, txt, labels = _toy_batch()
+    terms, grads = _toy_loss(img, txt, labels, MultiTaskLoss(rank=0, world_size=1))
+    for k in ("clip", "supcon", "bce", "total"):
+        assert sum(r["terms"][k] for r in ranks) / 2 == pytest.approx(terms[k], rel=1e-5), k
+    for g_dist, g_ref in zip(ranks[0]["grads"], grads):
+        torch.testing.assert_close(g_dist, g_ref, rtol=1e-4, atol=1e-6)
+    # the trainer under two ranks (one global batch of 64 = 2 x 32) equals one process on the whole batch
+    single = train_projector(*_toy_splits(), _TOY_CFG, progress=False)
+    cols = ["train_clip", "train_supcon", "train_bce", "train_total", "val_p5"]
+    for r in ranks:
+        pd.testing.assert_frame_equal(r["history"][cols], single.history[cols], rtol=1e-4)
+        for k, v in single.model.state_dict().items():
+            torch.testing.assert_close(r["state"][k], v, rtol=1e-4, atol=1e-6)
+    local_only = _toy_loss(img[:4], txt[:4], labels[:4], MultiTaskLoss(rank=0, world_size=1))[0]
+    assert abs(local_only["supcon"] - ranks[0]["terms"]["supcon"]) > 1e-4  # rank 0 did see rank 1's features
