@@ -335,6 +335,21 @@ def load_backbone(name: str, device: str = "cpu", checkpoint: str | os.PathLike 
         except ValueError as exc:
             raise ValueError(f"checkpoint {checkpoint}: {exc}") from exc
         model.to(device).eval()
+    return _assemble(name, model, preprocess, tokenizer, cfg)
+
+
+def backbone_from_config(name: str, cfg: dict[str, Any], weights: str | os.PathLike | None = None,
+                         device: str = "cpu", load_text_base: bool = False) -> Backbone:
+    """A backbone from an open_clip config dict (``model_cfg`` + ``preprocess_cfg``) and optional weights.
+
+    For architectures without a name (benchmarks, tests): random weights under the fixed seed when
+    ``weights`` is None; ``load_text_base`` loads the HF text tower's own pretrained weights.
+    """
+    model, preprocess = _build_from_config(cfg, Path(weights) if weights else None, device, load_text_base)
+    return _assemble(name, model, preprocess, _tokenizer(cfg), cfg)
+
+
+def _assemble(name: str, model, preprocess, tokenizer, cfg: dict[str, Any]) -> Backbone:
     text_cfg = cfg["model_cfg"].get("text_cfg", {})
     pp = dict(getattr(model.visual, "preprocess_cfg", {}) or cfg.get("preprocess_cfg", {}))
     return Backbone(
