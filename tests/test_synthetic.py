@@ -191,8 +191,9 @@ def test_render_openi_images_writes_pngs_then_skips_existing(tmp_path):
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == sorted(f"{i}.png" for i in rows["image_id"])
 
 
-def test_render_openi_images_parallel_equals_serial(tmp_path):
-    rows = pd.concat([_openi_rows()] * 1, ignore_index=True)
+def test_render_openi_images_parallel_equals_serial(tmp_path, monkeypatch):
+    monkeypatch.setattr(synthetic, "_MIN_PARALLEL", 1)
+    rows = _openi_rows()
     a = render_openi_images(rows, tmp_path / "a", size=64, seed=4, n_jobs=1)
     b = render_openi_images(rows, tmp_path / "b", size=64, seed=4, n_jobs=2)
     for pa, pb in zip(a["image_path"], b["image_path"]):
@@ -323,55 +324,54 @@ LEARN_TARGETS = {
 
 @pytest.mark.slow
 def test_small_cnn_learns_the_findings(tmp_path):
-    """A 4-layer CNN trained ~40 s on CPU tells findings apart on held-out images, far above chance."""
+    """A 4-layer CNN trained for a fixed budget (~half a CPU minute) on 64 px images tells findings apart
+    on held-out studies, far above chance (AUROC 0.5)."""
     import torch
     from torch import nn
     from torchmetrics.functional.classification import binary_auroc
 
     torch.manual_seed(0)
-    torch.set_num_threads(2)
-    size = 96
+    torch.set_num_threads(1)  # ~25 s of CPU for the training below; one thread behaves on a shared machine
+    size, n_test, epochs = 64, 400, 14
     t0 = time.perf_counter()
-    table = make_synthetic_studies(1800, tmp_path, seed=0, size=size, n_jobs=2)
+    table = make_synthetic_studies(1400, tmp_path, seed=0, size=size, n_jobs=1)
     render_s = time.perf_counter() - t0
     x = np.stack([np.asarray(Image.open(p), dtype=np.float32) / 255.0 for p in table["image_path"]])
     drawn = [set(filter(None, d.split(";"))) for d in table["drawn"]]
-    y = np.array([[row_abn] + [bool(keys & d) for keys in list(LEARN_TARGETS.values())[1:]]
-                  for row_abn, d in zip(table["label_abnormal"], drawn)], dtype=np.float32)
+    y = np.array([[abn] + [bool(keys & d) for keys in list(LEARN_TARGETS.values())[1:]]
+                  for abn, d in zip(table["label_abnormal"], drawn)], dtype=np.float32)
     X, Y = torch.from_numpy(x)[:, None], torch.from_numpy(y)
-    n_test = 450
+    X = (X - X.mean()) / X.std()
     Xtr, Ytr, Xte, Yte = X[n_test:], Y[n_test:], X[:n_test], Y[:n_test]
 
     def block(i, o):
         return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2))
 
-    model = nn.Sequential(block(1, 16), block(16, 32), block(32, 48), block(48, 64),
+    model = nn.Sequential(nn.Conv2d(1, 16, 5, stride=2, padding=2), nn.BatchNorm2d(16), nn.ReLU(),
+                          block(16, 32), block(32, 48), block(48, 64),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, Y.shape[1]))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * -(-len(Xtr) // 50))
     pos = Ytr.mean(0).clamp(0.02, 0.98)
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=(1 - pos) / pos)
-    t1, epochs = time.perf_counter(), 0
-    while time.perf_counter() - t1 < 40 and epochs < 30:
+    t1 = time.perf_counter()
+    for _ in range(epochs):  # a fixed budget, not a wall-clock one: the result must not depend on load
         model.train()
         perm = torch.randperm(len(Xtr))
-        for i in range(0, len(perm), 64):
-            idx = perm[i:i + 64]
-            xb = Xtr[idx]
-            xb = torch.where(torch.rand(len(idx), 1, 1, 1) < 0.0, xb, xb)  # no flips: sides matter
+        for i in range(0, len(perm), 50):
+            idx = perm[i:i + 50]
             opt.zero_grad()
-            loss_fn(model(xb), Ytr[idx]).backward()
+            loss_fn(model(Xtr[idx]), Ytr[idx]).backward()
             opt.step()
-        epochs += 1
+            sched.step()
     model.eval()
     with torch.no_grad():
-        scores = torch.cat([model(Xte[i:i + 128]) for i in range(0, n_test, 128)])
-    aurocs = {}
-    for j, name in enumerate(LEARN_TARGETS):
-        if 0 < Yte[:, j].sum() < n_test:
-            aurocs[name] = float(binary_auroc(scores[:, j], Yte[:, j].long()))
+        scores = model(Xte)
+    aurocs = {name: float(binary_auroc(scores[:, j], Yte[:, j].long()))
+              for j, name in enumerate(LEARN_TARGETS) if 0 < Yte[:, j].sum() < n_test}
     print(f"\nrendered {len(table)} images in {render_s:.1f}s; trained {epochs} epochs in "
-          f"{time.perf_counter() - t1:.1f}s; held-out AUROC (n={n_test}, positives "
-          f"{ {k: int(Yte[:, j].sum()) for j, k in enumerate(LEARN_TARGETS)} }):")
+          f"{time.perf_counter() - t1:.1f}s; held-out positives "
+          f"{ {k: int(Yte[:, j].sum()) for j, k in enumerate(LEARN_TARGETS)} } of {n_test}; AUROC:")
     print({k: round(v, 3) for k, v in aurocs.items()})
     assert aurocs["abnormal"] > 0.75
     for name in ("cardiomegaly", "effusion", "device", "hyperinflation"):

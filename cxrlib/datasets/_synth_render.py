@@ -166,7 +166,9 @@ def _finish(D: np.ndarray, a: _Anatomy, rng: np.random.Generator, size: int) -> 
         D = gaussian_filter(D, sig)
     if n != size:
         D = np.asarray(Image.fromarray(D, mode="F").resize((size, size), Image.BICUBIC), dtype=np.float32)
-    img = np.clip((D + a.exposure) / 1.05, 0, 1) ** a.gamma
+    # film-like response: linear at low density, a soft shoulder at high density so metal stays
+    # brighter than the mediastinum instead of clipping with it
+    img = np.clip((1 - np.exp(-1.3 * np.clip(D + a.exposure, 0, None))) / (1 - math.exp(-1.3 * 1.35)), 0, 1) ** a.gamma
     noise = rng.standard_normal((size, size), dtype=np.float32)
     noise = gaussian_filter(noise, 0.6) * 1.6
     img = img + a.noise * noise * (0.6 + 0.6 * img)
@@ -233,7 +235,7 @@ def _frontal(size: int, f: dict[str, dict], rng: np.random.Generator, a: _Anatom
         * _sig(Y + 0.33, 0.03) * _sig(dome - Y, 0.03)
     opaque = np.maximum.reduce([heart, medi, knob, desc * 0.5])
     lung = lung * (1 - opaque)
-    D += 0.14 * opaque * body * (1 - below) + 0.18 * below * body * thick
+    D += 0.22 * opaque * body * (1 - below) + 0.20 * below * body * thick
 
     # stomach bubble under the left dome
     D -= 0.12 * _blob(X, Y, 0.40, dome + 0.12, 0.10, 0.06, 0.3) * below
@@ -312,7 +314,7 @@ def _frontal(size: int, f: dict[str, dict], rng: np.random.Generator, a: _Anatom
             r = rng.uniform(0.14, 0.22) * (0.7 + 0.5 * sev)
             patch = _blob(X, Y, cx_, cy, r * rng.uniform(0.8, 1.3), r, 0.5)
             mottle = gaussian_filter(rng.standard_normal((size, size), dtype=np.float32), 2.5 * size / 256)
-            D += (0.28 + 0.16 * sev) * patch * lung * np.clip(0.8 + 0.6 * mottle, 0.2, 1.6)
+            D += (0.30 + 0.18 * sev) * patch * lung * np.clip(0.8 + 0.6 * mottle, 0.2, 1.6)
     if "atelectasis" in f:
         for sd in f["atelectasis"]["_sides"]:
             by = dome - rng.uniform(0.12, 0.22)
@@ -325,11 +327,11 @@ def _frontal(size: int, f: dict[str, dict], rng: np.random.Generator, a: _Anatom
         spec = f["effusion"]
         sev = _severity(spec, rng)
         for sd in _sides(spec, rng, 0.35):
-            level = dome - 0.12 - 0.40 * sev * rng.uniform(0.6, 1.0)
+            level = dome - 0.16 - 0.42 * sev * rng.uniform(0.7, 1.0)
             men = level - 0.45 * np.clip(AX - 0.3, 0, None) ** 1.5  # meniscus rises laterally
             fluid = _sig(Y - men, 0.06) * (np.sign(X) == sd) * _sig(0.95 - AX, 0.03) * _sig(AX - 0.08, 0.04)
             fluid = fluid * _sig(dome + 0.1 - Y, 0.05) * (0.75 + 0.25 * _sig(Y - men - 0.1, 0.1))
-            D += 0.36 * fluid * (lung + 0.1)
+            D += 0.40 * fluid * (lung + 0.1)
     if "pneumothorax" in f:
         spec = f["pneumothorax"]
         sev = _severity(spec, rng)
@@ -350,7 +352,7 @@ def _frontal(size: int, f: dict[str, dict], rng: np.random.Generator, a: _Anatom
                 for _ in range(count):
                     r = rng.uniform(*rr)
                     ncx, ncy = sd * rng.uniform(0.28, 0.62), _zone_y(spec, rng, dome - 0.05)
-                    D += 0.30 * _blob(X, Y, ncx, ncy, r, r * rng.uniform(0.85, 1.15), 0.25) * (lung + 0.3)
+                    D += 0.32 * _blob(X, Y, ncx, ncy, r, r * rng.uniform(0.85, 1.15), 0.25) * (lung + 0.6)
     if "granuloma" in f:
         spec = f["granuloma"]
         count = int(spec.get("count", rng.choice([1, 1, 2, 3])))
@@ -466,7 +468,7 @@ def _lateral(size: int, f: dict[str, dict], rng: np.random.Generator, a: _Anatom
             r = rng.uniform(0.012, 0.02)
             D += 0.5 * _blob(X, Y, rng.uniform(-0.35, 0.4), rng.uniform(-0.5, dome - 0.2), r, r, 0.15)
     if "pneumothorax" in f:
-        D -= 0.06 * _sig(-0.35 - Y, 0.05) * lung * (1 + vess)
+        D -= 0.10 * _sig(-0.35 - Y, 0.05) * lung * (1 + vess)
     if "tortuous_aorta" in f:  # unfolded arch above the heart (scoliosis does not show on a lateral)
         D += 0.10 * _blob(X, Y, 0.12, -0.38, 0.2, 0.1, 0.3) * (1 - _blob(X, Y, 0.12, -0.36, 0.13, 0.05, 0.3)) * lung
     dev, dr = cv.layer()

@@ -258,6 +258,10 @@ def _existing_ok(path: Path, size: int) -> bool:
         return im.size == (size, size) and im.mode == "L"
 
 
+#: fewer jobs than this run in the calling process
+_MIN_PARALLEL = 200
+
+
 def _run_jobs(jobs: list[tuple], n_jobs: int, desc: str) -> dict[str, tuple[str, float]]:
     """Run ``jobs`` in batches over ``n_jobs`` processes (joblib/loky) with a progress bar;
     returns ``{image_id: (status, cpu seconds)}``."""
@@ -267,7 +271,7 @@ def _run_jobs(jobs: list[tuple], n_jobs: int, desc: str) -> dict[str, tuple[str,
     batch = max(8, min(64, math.ceil(len(jobs) / (4 * max(1, n_jobs)))))
     batches = [jobs[i:i + batch] for i in range(0, len(jobs), batch)]
     bar = tqdm(total=len(jobs), desc=desc, unit="img")
-    if n_jobs == 1 or len(batches) == 1:
+    if n_jobs == 1 or len(jobs) < _MIN_PARALLEL:  # starting worker processes costs more than it saves
         for b in batches:
             done = _render_batch(b)
             results.update({i: (st, t) for i, st, t in done})
