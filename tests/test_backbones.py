@@ -169,3 +169,23 @@ def test_biomedclip_release_format_loads_offline(tmp_path, monkeypatch):
     # a state dict of another architecture is a clear error (the same strict load checkpoints go through)
     with pytest.raises(ValueError, match="does not match"):
         backbones._load_state(m, {k: v for k, v in ref.state_dict().items() if not k.startswith("text.proj")})
+
+
+def test_backbone_from_config_equals_named_load(tiny):
+    cfg = backbones.read_open_clip_config(backbones.models_config_dir() / "tiny")
+    assert backbones.backbone_from_config("tiny", cfg).fingerprint == tiny.fingerprint
+
+
+def test_hub_backbones_offline_say_what_to_do(monkeypatch, tmp_path):
+    """Without network or cache, `clip` / `biomedclip` fail with a message naming the local alternatives."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache: nothing can be served
+    monkeypatch.delenv("BIOMEDCLIP_DIR", raising=False)
+    with pytest.raises(RuntimeError, match="local-dir:<folder>"):
+        load_backbone("clip")
+    with pytest.raises(RuntimeError, match="BIOMEDCLIP_DIR"):
+        load_backbone("biomedclip")
+    monkeypatch.setenv("BIOMEDBERT_DIR", str(tmp_path))
+    monkeypatch.setenv("BIOMEDCLIP_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="open_clip_config.json"):
+        load_backbone("biomedclip")
