@@ -155,6 +155,10 @@ $(RESULTS)/run_manifest.json: $(STAMPS) $(EMB_DONE) cxrlib/manifest.py
 	  --outputs $(RESULTS) $(FIGURES)
 endif
 
+.PHONY: readme
+readme: $(ENV_STAMP) ## Refresh README's generated blocks (make help; the offline demo's tables and figures, after make demo)
+	$(PY) -m cxrlib.readme --profile offline
+
 # ---- housekeeping ------------------------------------------------------------------------------
 .PHONY: clean help
 clean: ## Remove generated outputs (data/processed, embeddings, build/, results/, figures/); keeps downloads
