@@ -154,8 +154,10 @@ def to_latex(table: pd.DataFrame, caption: str, label: str) -> str:
         return f"% {caption}: no rows\n"
     styler = table.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)
     align = "".join("l" if c in TEXT_COLUMNS else "r" for c in table.columns)
-    return styler.to_latex(hrules=True, caption=caption.replace("%", r"\%"), label=label,
-                           position="htbp", column_format=align)
+    latex = styler.to_latex(hrules=True, caption=caption.replace("%", r"\%"), label=label,
+                            position="htbp", column_format=align)
+    # pandas leaves < and > alone; in LaTeX text they print as other glyphs (e.g. p-values "<0.001")
+    return latex.replace("<", "$<$").replace(">", "$>$")
 
 
 @dataclass

@@ -110,3 +110,9 @@ def test_markdown_escapes_pipes_and_handles_empty():
     assert report.to_markdown(pd.DataFrame()) == "_no rows_\n"
     with pytest.raises(KeyError):
         report.wide_table(pd.DataFrame({"model": ["m"]}), report.SECTIONS[0])
+
+
+def test_latex_p_values_use_math_less_than():
+    t = pd.DataFrame({"Comparison": ["a vs b"], "p": [report.format_p(1e-5)]})
+    tex = report.to_latex(t, "cap", "tab:x")
+    assert "$<$0.001" in tex and "& <0.001" not in tex
