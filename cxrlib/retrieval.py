@@ -412,7 +412,9 @@ def evaluate_pairs(split: PairedSplit, model_name: str, ks=(1, 5, 10), n_boot: i
     * finding overlap (shares at least one positive finding of ``split.findings``; only when findings
       exist): ``finding_precision``/``finding_hit`` (@k), ``finding_map``.
 
-    Ties rank by gallery index. A k larger than a gallery gives a NaN row whose note says so.
+    Ties rank by gallery index (a deterministic stand-in for a random tie-break): on the raw gallery a
+    verbatim duplicate of the true report ties with it exactly, which is why the merged gallery exists.
+    A k larger than a gallery gives a NaN row whose note says so.
     """
     scores = query_scores(split, model_name, ks, chunk_size=chunk_size, progress=progress)
     return summarise(scores, n_boot=n_boot, seed=seed, confidence=confidence)
