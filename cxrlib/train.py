@@ -145,6 +145,14 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
     return factor
 
 
+def resolve_pos_weight(pos_weight: float | str | None, labels: np.ndarray) -> float | None:
+    """BCE weight of the abnormal class: ``"balanced"`` = n_normal / n_abnormal of ``labels``."""
+    if pos_weight != "balanced":
+        return pos_weight
+    n_pos = int(np.sum(np.asarray(labels) == 1))
+    return (len(labels) - n_pos) / max(1, n_pos)
+
+
 def check_split(split: PairedSplit, name: str, need_labels: bool) -> None:
     """Clear errors before training: empty split, non-finite embeddings, labels missing or not 0/1."""
     if len(split) == 0:
@@ -256,9 +264,7 @@ def train_projector(train: PairedSplit, val: PairedSplit, cfg: TrainConfig | Non
     if (cfg.w_bce > 0 or cfg.w_supcon > 0) and n_pos in (0, len(train)):
         warnings.warn(f"train split holds a single class ({n_pos} abnormal of {len(train)}): the BCE and "
                       "SupCon terms cannot separate classes", stacklevel=2)
-    pos_weight = cfg.pos_weight
-    if pos_weight == "balanced":
-        pos_weight = (len(train) - n_pos) / max(1, n_pos)
+    pos_weight = resolve_pos_weight(cfg.pos_weight, train.labels)
 
     rank, world = _world()
     device = torch.device(cfg.device)

@@ -24,6 +24,7 @@ from cxrlib.train import (
     default_run_name,
     label_precision,
     load_splits,
+    resolve_pos_weight,
     save_run,
     synthetic_splits,
     train_projector,
@@ -74,6 +75,17 @@ def test_history_columns_and_best_weights_returned(splits):
 def test_weight_zero_terms_absent_from_history(splits):
     r = train_projector(splits["train"], splits["val"], TrainConfig(**SMALL, w_bce=0.0), progress=False)
     assert "train_bce" not in r.history and "val_bce" not in r.history and "train_clip" in r.history
+
+
+def test_fixed_or_learned_temperature_and_balanced_bce(splits):
+    fixed = train_projector(splits["train"], splits["val"],
+                            TrainConfig(**SMALL, learn_temperature=False, pos_weight="balanced"), progress=False)
+    assert fixed.history["logit_scale"].tolist() == pytest.approx([1 / 0.07] * 4)
+    learned = train_projector(splits["train"], splits["val"], TrainConfig(**SMALL, lr=1e-2), progress=False)
+    assert learned.history["logit_scale"].iloc[-1] != pytest.approx(1 / 0.07)
+    assert fixed.history.loc[1:, "train_bce"].notna().all()
+    assert resolve_pos_weight("balanced", np.array([1, 1, 1, 0])) == pytest.approx(1 / 3)
+    assert resolve_pos_weight(2.0, np.array([1, 0])) == 2.0 and resolve_pos_weight(None, np.array([1])) is None
 
 
 def test_early_stopping_after_patience(splits):
