@@ -232,3 +232,18 @@ def test_cli(tmp_path, capsys):
     assert "image: 6 embedded" in capsys.readouterr().out
     rc = embed.main(["--table", str(tmp_path / "t.parquet"), "--backbone", "nope", "--out-dir", str(tmp_path / "f")])
     assert rc == 2 and "valid names" in capsys.readouterr().err
+
+
+def test_full_disk_is_a_clear_error_and_leaves_no_stamp(tiny, tmp_path, monkeypatch):
+    import errno
+
+    table = make_table(tmp_path / "img", n=4)
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(embed.np, "savez", no_space)
+    with pytest.raises(OSError, match=r"cannot write embedding shard .*chunk-000000.npz.*disk full"):
+        extract_embeddings(table, tiny, tmp_path / "emb", modalities=["image"], progress=False)
+    assert not (tmp_path / "emb" / "done.json").exists() and not (tmp_path / "emb" / "image.npz").exists()
+    assert not list((tmp_path / "emb").rglob("*.npz"))  # no half-written shard left behind
