@@ -457,10 +457,12 @@ def adapt(table: pd.DataFrame, backbone: Any, cfg: AdaptConfig, progress: bool =
 
     text_cache = tokens = None
     tokenizer = backbone.tokenizer
+    t_text = time.perf_counter()
     if cfg.lock_text:
         text_cache = encode_texts(model, backbone.tokenizer, list(texts), cfg.eval_batch_size, device, progress)
     else:
         tokens = torch.cat([backbone.tokenizer(list(texts[i:i + 256])) for i in range(0, len(texts), 256)])
+    text_seconds = time.perf_counter() - t_text
     trainable = set_trainable(model, cfg.lock_text)
     net = AdaptModel(model, backbone.embed_dim, text_is_features=cfg.lock_text).to(device)
     # parameters no active term uses stay frozen (DDP requires every trainable parameter to get a gradient)
@@ -501,8 +503,10 @@ def adapt(table: pd.DataFrame, backbone: Any, cfg: AdaptConfig, progress: bool =
     scheduler = warmup_cosine(optimizer, total_steps, cfg.warmup_frac)
 
     def evaluate() -> dict[str, float]:
-        return _evaluate(net, val_loader, labels, text_rows, text_cache, tokens, groups, val_loss_fn, cfg, device,
+        t0 = time.perf_counter()
+        out = _evaluate(net, val_loader, labels, text_rows, text_cache, tokens, groups, val_loss_fn, cfg, device,
                          skips, progress and rank == 0, tokenizer)
+        return {**out, "val_seconds": time.perf_counter() - t0}
 
     history: list[dict[str, Any]] = [{"epoch": 0, "step": 0, "lr": 0.0, "seconds": 0.0, "images_per_s": float("nan"),
                                       **evaluate(), "skipped": len(skips.reasons)}]
@@ -561,7 +565,8 @@ def adapt(table: pd.DataFrame, backbone: Any, cfg: AdaptConfig, progress: bool =
     run = {**cfg.to_dict(), "image_size": icfg["size"], "mean": list(icfg["mean"]), "std": list(icfg["std"]),
            "base_fingerprint": getattr(backbone, "fingerprint", None), "best_epoch": best_epoch,
            "monitor_best": best, "trainable_tensors": len(trainable), "world_size": world,
-           "n_train": int(len(train_idx)), "n_val": int(len(val_idx)), "skipped": len(skips.reasons)}
+           "n_train": int(len(train_idx)), "n_val": int(len(val_idx)), "skipped": len(skips.reasons),
+           "n_reports_encoded": int(len(texts)) if cfg.lock_text else 0, "text_cache_seconds": text_seconds}
     # the backbone's open_clip config (load_backbone checks it against the named backbone) + this run
     config = {**copy.deepcopy(getattr(backbone, "config", {}) or {}), "adapt": run}
     return AdaptResult(model=model, classifier=net.classifier, history=pd.DataFrame(history), best_epoch=best_epoch,
