@@ -9,7 +9,7 @@ bf16 forward speed that decides ``precision="auto"``. Targets: extractor >= 4x n
 forward, cosine >= 0.995. Images: the real radiographs in ../shared/data/covid-cxr-sample when
 present, else synthetic 1024 px PNGs. The last line is one JSON object.
 
-    python benchmarks/embed_throughput.py [--n-images 32] [--batch-size 16] [--num-workers 1]
+    python benchmarks/embed_throughput.py [--n-images 64] [--batch-size 32] [--num-workers 1]
 """
 
 from __future__ import annotations
@@ -81,10 +81,10 @@ def forward_only(bb: backbones.Backbone, x: torch.Tensor, batch_size: int, preci
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n-images", type=int, default=32)
+    ap.add_argument("--n-images", type=int, default=64)
     ap.add_argument("--n-naive", type=int, default=12, help="images for the (slow) naive loop")
     ap.add_argument("--n-cosine", type=int, default=4, help="images for bf16-vs-fp32 (bf16 is slow without AMX)")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--num-workers", type=int, default=1)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--device", default="auto")
