@@ -27,8 +27,12 @@ def adapted_checkpoint(dataset: str, backbone: str):
     return paths.models_dir() / dataset / f"{backbone}{ADAPTED_SUFFIX}.pt"
 
 
-def _safe(key: str) -> str:
+def embedding_key(key: str) -> str:
+    """The embedding folder name of a backbone key (file-system safe)."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
+
+
+
 
 
 def makevars(profile: str, dataset: str | None = None, backbone: str | None = None) -> dict[str, str]:
@@ -42,8 +46,8 @@ def makevars(profile: str, dataset: str | None = None, backbone: str | None = No
     emb = paths.embeddings_dir() / ds
     out = {
         "DS": ds, "BK": bk, "ADAPT": "1" if adapt else "", "TRAIN_KEY": key,
-        "EMBED_KEYS": " ".join(_safe(k) for k in keys),
-        "FROZEN_KEYS": " ".join(_safe(k) for k in frozen),
+        "EMBED_KEYS": " ".join(embedding_key(k) for k in keys),
+        "FROZEN_KEYS": " ".join(embedding_key(k) for k in frozen),
         "TABLE": str(paths.study_table_path(ds)),
         "EMB_ROOT": str(emb),
         "ADAPTED_CKPT": str(adapted_checkpoint(ds, bk)),

@@ -487,7 +487,7 @@ def load_eval_split(dataset: str, backbone: str, split: str = "test",
 
     A row without a 0/1 ``label_abnormal`` or an id missing from the embeddings is an error naming it.
     """
-    from cxrlib.dag import _safe as embedding_key
+    from cxrlib.dag import embedding_key
     from cxrlib.datasets.table import load_study_table
 
     table = load_study_table(paths.study_table_path(dataset))

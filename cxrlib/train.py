@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cxrlib import paths
-from cxrlib.dag import _safe as embedding_key
+from cxrlib.dag import embedding_key
 from cxrlib.embstore import load_embeddings
 from cxrlib.io import atomic_path, write_json
 from cxrlib.losses import BCE_ON, MultiTaskLoss, _world
