@@ -69,6 +69,7 @@ def test_adaptation_lowers_contrastive_loss(run):
     assert result.config["model_cfg"]["embed_dim"] == 32
 
 
+@pytest.mark.slow
 def test_seeded_runs_repeat_and_seeds_differ(table):
     a = A.adapt(table, load_backbone("tiny"), _cfg(epochs=1), progress=False)
     b = A.adapt(table, load_backbone("tiny"), _cfg(epochs=1), progress=False)
@@ -107,6 +108,7 @@ def test_unreadable_images_are_reported_by_id(table):
     assert result.history["skipped"].iloc[-1] == 2 and result.config["adapt"]["skipped"] == 2
 
 
+@pytest.mark.slow
 def test_locked_text_tower_stays_fixed_and_unlocked_trains(table):
     base = load_backbone("tiny").model.state_dict()
     runs = [A.adapt(table, load_backbone("tiny"), _cfg(epochs=2, lock_text=lock), progress=False) for lock in (True, False)]
