@@ -245,12 +245,24 @@ def _read_shard(path: Path, expected: list[str]) -> dict[str, Any] | None:
 
 # ---- the extraction loop -----------------------------------------------------------------------
 
+def trim_padding(tokenizer: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """Drop trailing all-padding columns for Hugging Face text towers (they mask padding, so the
+    features are unchanged); open_clip's own text transformer needs the full context, so it is kept."""
+    from open_clip.tokenizer import HFTokenizer
+
+    if not isinstance(tokenizer, HFTokenizer) or tokens.numel() == 0:
+        return tokens
+    pad = tokenizer.tokenizer.pad_token_id
+    used = (tokens != pad).any(0).nonzero()
+    return tokens[:, : int(used.max()) + 1] if len(used) else tokens[:, :1]
+
+
 def _encode(model, modality: str, x, tokenizer, device: str, precision: str) -> np.ndarray:
     with torch.inference_mode(), autocast(device, precision):
         if modality == "image":
             out = model.encode_image(x.to(device, non_blocking=True))
-        else:
-            out = model.encode_text(tokenizer(x).to(device))
+        else:  # texts arrive length-sorted within a chunk, so trimming padding saves most of the work
+            out = model.encode_text(trim_padding(tokenizer, tokenizer(x)).to(device))
     return F.normalize(out.float(), dim=-1).cpu().numpy()
 
 
@@ -271,8 +283,11 @@ def _run_chunks(modality: str, values: list[str], ids: list[str], chunks: list[i
     batches, owner = [], []
     for c in chunks:
         lo, hi = c * chunk_size, min((c + 1) * chunk_size, len(ids))
-        for b in range(lo, hi, batch_size):
-            batches.append(list(range(b, min(b + batch_size, hi))))
+        rows = list(range(lo, hi))
+        if modality == "text":  # similar lengths share a batch (shards are merged by id, order is free)
+            rows.sort(key=lambda i: len(values[i]))
+        for b in range(0, len(rows), batch_size):
+            batches.append(rows[b:b + batch_size])
             owner.append(c)
     left = Counter(owner)
     dataset = ImageFiles(values, backbone.preprocess) if modality == "image" else Texts(values)
