@@ -86,7 +86,7 @@ VARS_MK := $(or $(CXR_WORKDIR),.)/build/$(PROFILE)/vars.mk
 $(shell $(PY) -m cxrlib.dag makevars --profile $(PROFILE) --dataset "$(DATASET)" --backbone "$(BACKBONE)" > $(VARS_MK))
 include $(VARS_MK)
 
-CORE := cxrlib/paths.py cxrlib/io.py cxrlib/config.py
+CORE := cxrlib/paths.py cxrlib/io.py cxrlib/config.py cxrlib/embstore.py cxrlib/pairs.py
 NB = notebooks/$(1).ipynb $(B)/params/$(1).yaml $(CORE)
 NB_OVERRIDES := dataset=$(DS) backbone=$(TRAIN_KEY)
 # every node's parameters, written at parse time (so `make -n` sees them) and only when they change:
@@ -143,7 +143,7 @@ $(B)/03_retrieval_eval.ipynb: $(call NB,03_retrieval_eval) $(B)/02_train.ipynb $
 	$(call papermill,03_retrieval_eval)
 
 $(B)/04_embedding_viz.ipynb: $(call NB,04_embedding_viz) $(B)/02_train.ipynb $(TRAIN_EMB) cxrlib/embedding_viz.py \
-    cxrlib/projector.py cxrlib/pairs.py cxrlib/plots.py
+    cxrlib/projector.py cxrlib/train.py cxrlib/pairs.py cxrlib/embstore.py cxrlib/plots.py
 	$(call papermill,04_embedding_viz)
 
 $(B)/05_loss_ablation.ipynb: $(call NB,05_loss_ablation) $(TRAIN_EMB) cxrlib/train.py cxrlib/losses.py \
