@@ -58,3 +58,29 @@ def paired_split(table: pd.DataFrame, image_emb: Embeddings, text_emb: Embedding
         findings=findings,
         table=rows,
     )
+
+
+def load_paired(dataset: str, backbone: str, splits: tuple[str, ...] = ("train", "val"),
+                finding_columns: list[str] | None = None) -> dict[str, PairedSplit]:
+    """The study table's ``splits`` paired with the cached embeddings of ``backbone`` (checked by name).
+
+    Reads ``paths.study_table_path(dataset)`` and ``paths.embeddings_dir()/dataset/<backbone>/{image,text}.npz``;
+    a missing table, a row without a 0/1 ``label_abnormal`` or an id without an embedding is an error naming it.
+    """
+    from cxrlib import paths
+    from cxrlib.dag import embedding_key
+    from cxrlib.embstore import load_embeddings
+
+    table_path = paths.study_table_path(dataset)
+    if not table_path.is_file():
+        raise FileNotFoundError(f"no study table at {table_path}; run notebook 01 (make paper) first")
+    table = pd.read_parquet(table_path)  # validated by save_study_table when notebook 01 wrote it
+    rows = table[table["split"].isin(splits)]
+    bad = ~rows["label_abnormal"].isin((0, 1))
+    if bad.any():
+        raise ValueError(f"{table_path.name}: {int(bad.sum())} rows of {list(splits)} have no 0/1 label_abnormal, "
+                         f"e.g. study_ids {rows.loc[bad, 'study_id'].astype(str).head(5).tolist()}")
+    emb_dir = paths.embeddings_dir() / dataset / embedding_key(backbone)
+    image = load_embeddings(emb_dir / "image.npz", expect_backbone=backbone)
+    text = load_embeddings(emb_dir / "text.npz", expect_backbone=backbone)
+    return {s: paired_split(table, image, text, s, finding_columns=finding_columns) for s in splits}

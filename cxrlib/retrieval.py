@@ -20,8 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cxrlib import paths, stats
-from cxrlib.embstore import load_embeddings
-from cxrlib.pairs import PairedSplit, paired_split
+from cxrlib.pairs import PairedSplit
 
 #: upper bound on the number of scores held at once by top-k search (64 Mi float32 = 256 MiB)
 MAX_BLOCK_ELEMENTS = 1 << 26
@@ -483,23 +482,11 @@ def projector_path(profile: str, run: str) -> Path:
 
 def load_eval_split(dataset: str, backbone: str, split: str = "test",
                     finding_columns: list[str] | None = None) -> PairedSplit:
-    """The study table's ``split`` with the cached embeddings of ``backbone`` and its finding labels.
+    """The study table's ``split`` with the cached embeddings of ``backbone`` and its finding labels
+    (see :func:`cxrlib.pairs.load_paired`)."""
+    from cxrlib.pairs import load_paired
 
-    A row without a 0/1 ``label_abnormal`` or an id missing from the embeddings is an error naming it.
-    """
-    from cxrlib.dag import embedding_key
-    from cxrlib.datasets.table import load_study_table
-
-    table = load_study_table(paths.study_table_path(dataset))
-    rows = table[table["split"] == split]
-    bad = ~rows["label_abnormal"].isin((0, 1))
-    if bad.any():
-        raise ValueError(f"{dataset}: {int(bad.sum())} {split} rows have no 0/1 label_abnormal, e.g. study_ids "
-                         f"{rows.loc[bad, 'study_id'].astype(str).head(5).tolist()}")
-    emb_dir = paths.embeddings_dir() / dataset / embedding_key(backbone)
-    image = load_embeddings(emb_dir / "image.npz", expect_backbone=backbone)
-    text = load_embeddings(emb_dir / "text.npz", expect_backbone=backbone)
-    return paired_split(table, image, text, split, finding_columns=finding_columns)
+    return load_paired(dataset, backbone, (split,), finding_columns)[split]
 
 
 @torch.no_grad()

@@ -25,12 +25,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from cxrlib import paths
-from cxrlib.dag import embedding_key
-from cxrlib.embstore import load_embeddings
 from cxrlib.io import atomic_path, write_json
 from cxrlib.losses import BCE_ON, MultiTaskLoss, _world
-from cxrlib.pairs import PairedSplit, paired_split
+from cxrlib.pairs import PairedSplit, load_paired
 from cxrlib.projector import KINDS, ProjectorModel, build_projector, save_projector
 from cxrlib.retrieval import label_precision_at_k
 
@@ -172,24 +169,8 @@ def check_split(split: PairedSplit, name: str, need_labels: bool) -> None:
 
 
 def load_splits(dataset: str, backbone: str, splits: tuple[str, ...] = ("train", "val")) -> dict[str, PairedSplit]:
-    """The study table's ``splits`` paired with the cached embeddings of ``backbone`` (checked by name).
-
-    Reads ``paths.study_table_path(dataset)`` and ``paths.embeddings_dir()/dataset/backbone/{image,text}.npz``;
-    a row without a 0/1 ``label_abnormal`` is an error naming its study ids.
-    """
-    table_path = paths.study_table_path(dataset)
-    if not table_path.is_file():
-        raise FileNotFoundError(f"no study table at {table_path}; run notebook 01 (make paper) first")
-    table = pd.read_parquet(table_path)
-    rows = table[table["split"].isin(splits)]
-    bad = ~rows["label_abnormal"].isin((0, 1))
-    if bad.any():
-        raise ValueError(f"{table_path.name}: {int(bad.sum())} rows of {list(splits)} have no 0/1 label_abnormal, "
-                         f"e.g. study_ids {rows.loc[bad, 'study_id'].astype(str).head(5).tolist()}")
-    emb_dir = paths.embeddings_dir() / dataset / embedding_key(backbone)
-    image = load_embeddings(emb_dir / "image.npz", expect_backbone=backbone)
-    text = load_embeddings(emb_dir / "text.npz", expect_backbone=backbone)
-    return {s: paired_split(table, image, text, s) for s in splits}
+    """The study table's ``splits`` with the cached embeddings of ``backbone`` (see :func:`cxrlib.pairs.load_paired`)."""
+    return load_paired(dataset, backbone, splits)
 
 
 def label_precision(split: PairedSplit, model: ProjectorModel | None = None, k: int = 5,
