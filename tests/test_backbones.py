@@ -98,7 +98,8 @@ def test_offline_backbone_uses_packaged_minilm_with_mean_pooling():
 
     b = load_backbone("offline")
     folder = backbones.minilm_dir()
-    assert b.model.visual.image_size == (128, 128) and b.context_length == 128
+    assert b.model.visual.image_size == (64, 64) and b.context_length == 128
+    assert type(b.model.visual.trunk).__name__ == "ResNet"  # timm resnet10t, random init
     texts = ["No acute cardiopulmonary abnormality.", "Small left pleural effusion with basilar atelectasis."]
     tokens = b.tokenizer(texts)
     ref_tok = AutoTokenizer.from_pretrained(folder)(texts, padding="max_length", max_length=128, truncation=True,
