@@ -117,13 +117,14 @@ endef
 $(B)/01_data_prep.ipynb: $(call NB,01_data_prep) $(wildcard cxrlib/datasets/*.py) cxrlib/images.py cxrlib/plots.py
 	$(call papermill,01_data_prep)
 
+MODEL_CFGS := $(wildcard configs/models/*/*)
 $(B)/00_adapt_backbone.ipynb: $(call NB,00_adapt_backbone) $(B)/01_data_prep.ipynb cxrlib/adapt.py \
-    cxrlib/backbones.py cxrlib/losses.py cxrlib/images.py cxrlib/plots.py
+    cxrlib/backbones.py cxrlib/losses.py cxrlib/images.py cxrlib/plots.py $(MODEL_CFGS)
 	$(call papermill,00_adapt_backbone)
 
 # embedding sets: frozen backbones by name; <BK>-adapted from notebook 00's checkpoint
 $(EMB_ROOT)/%/done.json: $(B)/01_data_prep.ipynb $(B)/params/embed.yaml cxrlib/embed.py cxrlib/backbones.py \
-    cxrlib/images.py cxrlib/embstore.py $(CORE)
+    cxrlib/images.py $(MODEL_CFGS) $(CORE)
 	@echo ">> $(PROFILE): embed $*"
 	@$(PY) -m cxrlib.manifest timed --log $(B)/timings.jsonl --node embed-$* -- \
 	  $(PY) -m cxrlib.embed --table $(TABLE) --out-dir $(@D) \

@@ -49,6 +49,7 @@ from torchvision import transforms as T
 from tqdm.auto import tqdm
 
 from cxrlib import paths
+from cxrlib.embed import trim_padding  # noqa: F401  (re-exported: the locked-text cache uses it)
 from cxrlib.images import ImageReadError, load_cxr_image
 from cxrlib.io import atomic_path
 
@@ -322,18 +323,6 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fra
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [
         torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / (warm + 1), total_iters=warm),
         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps - warm, 1))], milestones=[warm])
-
-
-def trim_padding(tokenizer: Any, tokens: torch.Tensor) -> torch.Tensor:
-    """Drop trailing all-padding columns for Hugging Face text towers (they mask padding, so the
-    features are unchanged); open_clip's own text transformer needs the full context, so it is kept."""
-    from open_clip.tokenizer import HFTokenizer
-
-    if not isinstance(tokenizer, HFTokenizer) or tokens.numel() == 0:
-        return tokens
-    pad = tokenizer.tokenizer.pad_token_id
-    used = (tokens != pad).any(0).nonzero()
-    return tokens[:, : int(used.max()) + 1] if len(used) else tokens[:, :1]
 
 
 @torch.no_grad()
