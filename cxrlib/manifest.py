@@ -92,9 +92,18 @@ def read_timings(log: Path) -> dict[str, float]:
     return timings
 
 
+def _all_parameters(params_file: Path) -> dict[str, Any]:
+    """A node's parameters as it ran: the notebook's own defaults overlaid with the params file."""
+    from cxrlib.config import notebook_parameters
+
+    given = yaml.safe_load(params_file.read_text()) or {}
+    notebook = paths.repo_root() / "notebooks" / f"{params_file.stem}.ipynb"
+    return {**(notebook_parameters(notebook) if notebook.is_file() else {}), **given}
+
+
 def build_manifest(profile: str, inputs: list[Path], outputs: list[Path]) -> dict[str, Any]:
     bdir = paths.build_dir() / profile
-    params = {p.stem: yaml.safe_load(p.read_text()) for p in sorted((bdir / "params").glob("*.yaml"))}
+    params = {p.stem: _all_parameters(p) for p in sorted((bdir / "params").glob("*.yaml"))}
     return {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "profile": profile,
