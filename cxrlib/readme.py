@@ -25,7 +25,7 @@ from cxrlib import paths, report
 from cxrlib.io import atomic_path
 
 KEY_FIGURES = ("retrieval_label_precision_raw_at_k", "retrieval_recall_merged_at_k",
-               "embedding_tsne_image_label", "ablation_heatmap", "data_examples")
+               "embedding_tsne_image_label", "ablation_heatmap")
 
 
 def replace_block(text: str, name: str, body: str) -> str:
