@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 from pathlib import Path
-from urllib.parse import urlparse
 
 from cxrlib import config, paths
 
@@ -30,16 +28,15 @@ class PreflightError(RuntimeError):
 
 
 def reachable(url: str, timeout: float = 3.0) -> bool:
-    """True when a TCP connection to the URL's host opens within ``timeout`` (nothing is downloaded)."""
+    """True when the URL's host (or the proxy that would carry it) answers; nothing is downloaded.
+
+    ``HF_HUB_OFFLINE=1`` means the hub is unreachable by choice.
+    """
+    from cxrlib.datasets.download import network_available
+
     if os.environ.get("HF_HUB_OFFLINE") == "1" and "huggingface" in url:
         return False
-    parsed = urlparse(url)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    return network_available(url, timeout)
 
 
 def _hub_cached(repo_id: str) -> bool:
