@@ -87,3 +87,39 @@ def test_wrong_root(tmp_path, workdir):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="metadata.csv.gz is missing"):
         build_study_table("mimic", root=tmp_path / "empty")
+
+
+def test_section_headers_in_any_case():
+    """Lower- and title-case headers are sections (they were not: the study was dropped as empty_report)."""
+    text = " FINAL REPORT\n indication: Cough.\n findings: Lungs clear.\n Impression: No acute process.\n"
+    assert findings_impression(text) == ("Lungs clear.", "No acute process.")
+    assert report_sections(text)["INDICATION"] == "Cough."
+
+
+def test_organ_sub_headers_stay_in_findings():
+    """``LUNGS:`` / ``HEART:`` inside FINDINGS are text of FINDINGS, not sections that swallow it."""
+    text = MIMIC_REPORT.format(findings="LUNGS: Clear.\n HEART: Normal size.\n BONES: Intact.",
+                               impression="No acute process.")
+    assert findings_impression(text) == ("LUNGS: Clear. HEART: Normal size. BONES: Intact.", "No acute process.")
+    assert set(report_sections(text)) == {"EXAMINATION", "INDICATION", "COMPARISON", "FINDINGS", "IMPRESSION"}
+
+
+def test_lower_case_report_is_kept_in_the_table(tmp_path):
+    root = make_fake_mimic(tmp_path / "m", n_patients=6, reports="txt")
+    path = root / "files" / "p10" / "p10000000" / "s50000000.txt"
+    path.write_text(" findings: Heart size normal.\n impression: No acute process.\n")
+    t, skips = build_study_table("mimic", root=root, uncertain="positive")
+    assert "s50000000" in set(t["study_id"]) and "s50000000" not in set(skips["item"])
+    assert t.loc[t["study_id"] == "s50000000", "report"].item() == "Heart size normal. No acute process."
+
+
+@pytest.mark.parametrize("change", ["drop", "rename"])
+def test_missing_chexpert_column_is_an_error_naming_it(tmp_path, change):
+    root = make_fake_mimic(tmp_path / "m", n_patients=4, reports="txt")
+    path = root / "mimic-cxr-2.0.0-chexpert.csv.gz"
+    chex = pd.read_csv(path)
+    chex = chex.drop(columns=["Edema"]) if change == "drop" else chex.rename(columns={"Edema": "edema"})
+    with gzip.open(path, "wt") as fh:
+        chex.to_csv(fh, index=False)
+    with pytest.raises(ValueError, match=r"chexpert.csv.gz lacks columns \['Edema'\]"):
+        build_study_table("mimic", root=root)

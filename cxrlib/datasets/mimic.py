@@ -38,18 +38,33 @@ VIEW_MAP = {"PA": "frontal", "AP": "frontal", "LATERAL": "lateral", "LL": "later
 #: which label table to read: the CheXpert labeler's or NegBio's (same columns and values)
 LABELERS = ("chexpert", "negbio")
 SPLIT_MAP = {"train": "train", "validate": "val", "val": "val", "test": "test"}
-_HEADER = re.compile(r"^[ \t]*([A-Z][A-Z /&()-]{2,40}):", re.MULTILINE)
-FINDINGS_HEADERS = {"FINDINGS", "FINDINGS AND IMPRESSION", "FINDINGS/IMPRESSION"}
-IMPRESSION_HEADERS = {"IMPRESSION", "CONCLUSION", "IMPRESSIONS"}
+#: a ``Name:`` at the start of a line, in any case (``FINDINGS:``, ``Findings:``, ``findings:``)
+_HEADER = re.compile(r"^[ \t]*([A-Za-z][A-Za-z /&(),-]{1,40}):", re.MULTILINE)
+FINDINGS_HEADERS = {"FINDINGS", "FINDINGS AND IMPRESSION", "FINDINGS/IMPRESSION", "FINDING"}
+IMPRESSION_HEADERS = {"IMPRESSION", "CONCLUSION", "IMPRESSIONS", "CONCLUSIONS"}
+#: the section names of MIMIC-CXR reports (the frequent ones of the MIT-LCP ``section_parser``); only these
+#: start a section: any other ``Name:`` (organ sub-headers such as ``LUNGS:`` or ``HEART:`` inside
+#: FINDINGS, ``Dr. ___:``) is text of the section it stands in
+SECTION_HEADERS = FINDINGS_HEADERS | IMPRESSION_HEADERS | {
+    "FINAL REPORT", "EXAMINATION", "EXAM", "TYPE OF EXAMINATION", "INDICATION", "INDICATIONS",
+    "CLINICAL INDICATION", "HISTORY", "CLINICAL HISTORY", "PATIENT HISTORY", "CLINICAL INFORMATION",
+    "REASON FOR EXAMINATION", "REASON FOR EXAM", "TECHNIQUE", "PROCEDURE", "COMPARISON", "COMPARISONS",
+    "COMPARISON EXAM", "COMPARISON FILM", "REFERENCE EXAM", "RECOMMENDATION", "RECOMMENDATIONS",
+    "RECOMMENDATION(S)", "NOTIFICATION", "ADDENDUM", "WET READ", "COMMENT", "COMMENTS", "DATE",
+}
 
 
 def report_sections(text: str) -> dict[str, str]:
-    """Split a MIMIC report into its ``HEADER:`` sections -> {"FINDINGS": ..., "IMPRESSION": ..., ...}."""
-    marks = list(_HEADER.finditer(text))
+    """Split a MIMIC report into its sections -> {"FINDINGS": ..., "IMPRESSION": ..., ...} (names upper case).
+
+    A section starts at a known name (:data:`SECTION_HEADERS`) followed by ``:`` at the start of a line,
+    in any case; other ``Name:`` lines (``LUNGS: Clear.``) stay in the text of their section.
+    """
+    marks = [m for m in _HEADER.finditer(text) if " ".join(m.group(1).split()).upper() in SECTION_HEADERS]
     out: dict[str, str] = {}
     for m, nxt in zip(marks, [*marks[1:], None]):
         body = text[m.end(): nxt.start() if nxt else len(text)]
-        name = " ".join(m.group(1).split())
+        name = " ".join(m.group(1).split()).upper()
         out[name] = (out.get(name, "") + " " + " ".join(body.split())).strip()
     return out
 
@@ -116,7 +131,7 @@ def mimic_candidates(root: Path, reports: str | Path | None = None, uncertain: s
     split = _read_csv(root, "split", {"dicom_id", "study_id", "subject_id", "split"})
     if labeler not in LABELERS:
         raise ValueError(f"labeler must be one of {LABELERS}, got {labeler!r}")
-    chex = _read_csv(root, labeler, {"subject_id", "study_id"})
+    chex = _read_csv(root, labeler, {"subject_id", "study_id", *FINDING_LABELS})  # a renamed column is an error
     src = ReportSource(Path(reports) if reports else find_reports(root))
 
     meta = meta.assign(study_id="s" + meta["study_id"].astype(str), patient_id="p" + meta["subject_id"].astype(str))
