@@ -200,3 +200,91 @@ def test_duplicate_ids_in_a_layout_raise(tmp_path):
     (nlm / "ecgen-radiology" / "99.xml").write_text((nlm / "ecgen-radiology" / "2.xml").read_text())
     with pytest.raises(ValueError, match="duplicate study ids.*CXR2"):
         build_study_table("openi", root=nlm)
+
+
+# ---- defects of an independent review: the anonymisation token, shared images, bad projection tables ----
+
+def test_anonymisation_token_glued_to_other_characters_is_removed():
+    from cxrlib.datasets.table import clean_text
+
+    assert clean_text("Seen on 4XXXX at XXXXPM. ComparisXXXX: none.") == "Seen on at. none."
+    assert clean_text("a, XXXX, b.") == "a, b." and clean_text("XXXX: stable.") == "stable."
+    assert "XXXX" not in clean_text("broken 3rd-5XXXX XXXX XXXX. RADXXXX XXXXth")
+    assert clean_text("Normal chest x-XXXX.") == "Normal chest x."  # the x-ray stem is kept
+    assert clean_text("Seen on 4XXXX.", "[redacted]") == "Seen on [redacted]."
+    assert clean_text("Seen on 4XXXX.", "keep") == "Seen on 4XXXX."
+
+
+def test_real_reports_keep_no_token(openi_shared):
+    from cxrlib.datasets.table import clean_text
+
+    rep = pd.read_csv(openi_shared / "indiana_reports.csv")
+    texts = pd.concat([rep[c] for c in ("findings", "impression", "indication", "comparison")]).dropna()
+    glued = texts[texts.str.contains(r"[A-Za-z0-9]XXXX|XXXX[A-Za-z0-9]")]
+    assert len(glued) >= 10  # the real tables do glue the token to other characters (4XXXX, XXXXPM, ...)
+    assert not any("XXXX" in clean_text(t) for t in texts)
+
+
+def test_report_of_only_tokens_is_an_empty_report(tmp_path):
+    from cxrlib.datasets.table import clean_text
+
+    assert clean_text("XXXX XXXX.") == "" and clean_text(" . , ") == ""
+    specs = fake_openi_studies(8)
+    specs[3]["findings"], specs[3]["impression"] = "XXXX XXXX.", "XXXX."
+    root = make_fake_openi_kaggle(tmp_path / "k", studies=specs)
+    t, skips = build_study_table("openi", root=root)
+    assert "CXR4" not in set(t["study_id"]) and not (t["report"].str.strip(" .") == "").any()
+    assert skips.loc[skips["item"] == "CXR4", "reason"].tolist() == ["empty_report"]
+
+
+def _share_image(root: Path, specs: list[dict], owner: int, other: int) -> str:
+    """Make report ``other`` also list the frontal image of report ``owner``; returns that image id."""
+    from cxrlib.datasets.fixtures import report_xml
+
+    s = specs[other - 1]
+    shared = f"CXR{specs[owner - 1]['images'][0][0]}"
+    ids = [f"CXR{stem}" for stem, _ in s["images"]] + [shared]
+    (root / "ecgen-radiology" / f"{other}.xml").write_text(report_xml(other, s["mesh"], s["findings"],
+                                                                      s["impression"], ids))
+    return shared
+
+
+@pytest.mark.parametrize("projections", [True, False], ids=["views_csv", "inferred_views"])
+def test_image_listed_by_two_reports_is_a_counted_skip(tmp_path, projections):
+    specs = fake_openi_studies(10)
+    root = make_fake_openi_nlm(tmp_path / "n", studies=specs, projections=projections)
+    shared = _share_image(root, specs, owner=2, other=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t, skips = build_study_table("openi", root=root)
+    row = skips[skips["item"] == shared]
+    assert row["reason"].tolist() == ["image_in_several_reports"]
+    assert "CXR2" in row["detail"].item() and "CXR5" in row["detail"].item()
+    assert shared not in set(t["image_id"])
+    assert "CXR5" in set(t["study_id"])  # report 5 keeps its own frontal image
+
+
+def test_duplicate_projection_row_is_an_error_naming_the_image(openi_shared, tmp_path):
+    proj = pd.read_csv(openi_shared / "indiana_projections.csv")
+    name = proj["filename"].iloc[10]
+    pd.concat([proj, proj.iloc[[10]]]).to_csv(tmp_path / "indiana_projections.csv", index=False)
+    (tmp_path / "indiana_reports.csv").write_bytes((openi_shared / "indiana_reports.csv").read_bytes())
+    with pytest.raises(ValueError, match=rf"image '{name}' is listed in rows \[12, {len(proj) + 2}\]"):
+        build_study_table("openi", root=tmp_path, verify_images=False)
+    with pytest.raises(ValueError, match=rf"image '{name}'"):
+        projection_views(tmp_path / "indiana_projections.csv")
+    # the same image under two reports (two uids) is the same error, in the NLM views_csv path too
+    other = proj.iloc[[10]].assign(uid=proj["uid"].iloc[10] + 1)
+    pd.concat([proj, other]).to_csv(tmp_path / "two_reports.csv", index=False)
+    root = make_fake_openi_nlm(tmp_path / "n", n_studies=4)
+    with pytest.raises(ValueError, match=rf"two_reports.csv: image '{name}'"):
+        openi_candidates(root, views_csv=tmp_path / "two_reports.csv")
+
+
+@pytest.mark.parametrize("column", ["filename", "uid", "projection"])
+def test_projections_without_a_column_name_it(openi_shared, tmp_path, column):
+    proj = pd.read_csv(openi_shared / "indiana_projections.csv").drop(columns=[column])
+    proj.to_csv(tmp_path / "indiana_projections.csv", index=False)
+    (tmp_path / "indiana_reports.csv").write_bytes((openi_shared / "indiana_reports.csv").read_bytes())
+    with pytest.raises(ValueError, match=rf"indiana_projections.csv: .*lacks column\(s\) \['{column}'\]"):
+        build_study_table("openi", root=tmp_path, verify_images=False)

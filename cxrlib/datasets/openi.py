@@ -141,7 +141,7 @@ def infer_nlm_views(image_ids: pd.Series | list[str], metadata: str | Path | Non
     metadata = Path(metadata) if metadata else torchxrayvision_data("nlmcxr_dicom_metadata.csv.gz")
     meta = pd.read_csv(metadata, usecols=["imageid", "View Position"]).drop_duplicates("imageid")
     vp = meta.set_index("imageid")["View Position"].astype(str).str.strip().str.upper()
-    df = pd.DataFrame({"image_id": list(image_ids)})
+    df = pd.DataFrame({"image_id": pd.unique(pd.Series(list(image_ids), dtype=object))})  # an id once
     df["vp"] = df["image_id"].map(vp)
     df["study"] = df["image_id"].str.extract(r"^([^_]+)_", expand=False).fillna(df["image_id"])
     df["suffix"] = pd.to_numeric(df["image_id"].str.extract(r"-(\d+)$", expand=False), errors="coerce")
@@ -153,15 +153,38 @@ def infer_nlm_views(image_ids: pd.Series | list[str], metadata: str | Path | Non
                      index=df["image_id"].values, dtype=object)
 
 
-def projection_views(csv: str | Path) -> pd.Series:
-    """image_id -> view from a Kaggle ``indiana_projections.csv`` (``Frontal``/``Lateral``)."""
+PROJECTION_COLUMNS = ("uid", "filename", "projection")
+
+
+def read_projections(csv: str | Path) -> pd.DataFrame:
+    """A Kaggle ``indiana_projections.csv`` with an ``image_id`` column (the Open-I name of ``filename``).
+
+    A missing column, or an image listed in more than one row (a repeated row, or one image under two
+    reports), is a ValueError naming the file and the column or image: each image has one report and one view.
+    """
     proj = pd.read_csv(csv)
-    missing = {"uid", "filename", "projection"} - set(proj.columns)
+    missing = [c for c in PROJECTION_COLUMNS if c not in proj.columns]
     if missing:
-        raise ValueError(f"{csv}: not an indiana_projections.csv (lacks {sorted(missing)})")
+        raise ValueError(f"{csv}: not an indiana_projections.csv (lacks column(s) {missing}; "
+                         f"expected {list(PROJECTION_COLUMNS)})")
+    proj = proj.assign(image_id=proj["filename"].map(kaggle_image_id))
+    dup = proj[proj["image_id"].duplicated(keep=False)]
+    if len(dup):
+        first = dup.iloc[0]
+        rows = [i + 2 for i in dup.index[dup["image_id"] == first["image_id"]]]  # 1-based, after the header
+        raise ValueError(f"{csv}: image {first['filename']!r} is listed in rows {rows} (uids "
+                         f"{sorted(set(map(str, dup.loc[dup['image_id'] == first['image_id'], 'uid'])))}); "
+                         f"{dup['image_id'].nunique()} image(s) listed more than once: each image needs one row")
+    return proj
+
+
+def projection_views(csv: str | Path) -> pd.Series:
+    """image_id -> view from a Kaggle ``indiana_projections.csv`` (``Frontal``/``Lateral``; checked by
+    :func:`read_projections`)."""
+    proj = read_projections(csv)
     views = proj["projection"].astype(str).str.strip().str.lower()
-    return pd.Series(views.where(views.isin(["frontal", "lateral"])).values,
-                     index=proj["filename"].map(kaggle_image_id).values, dtype=object)
+    return pd.Series(views.where(views.isin(["frontal", "lateral"])).values, index=proj["image_id"].values,
+                     dtype=object)
 
 
 #: the Kaggle names whose Open-I name is not ``CXR`` + the name (study 1 repeats its number in Open-I)
@@ -187,11 +210,22 @@ def _label_studies(studies: pd.DataFrame, no_indexing: str) -> pd.DataFrame:
     return studies
 
 
-def nlm_candidates(reports: pd.DataFrame, png_dir: Path, views: pd.Series) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Studies and images (``png_dir/<image_id>.png``, view from ``views``) of parsed NLM reports."""
+def nlm_candidates(reports: pd.DataFrame, png_dir: Path, views: pd.Series, skips: SkipLog | None = None
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Studies and images (``png_dir/<image_id>.png``, view from ``views``) of parsed NLM reports.
+
+    An image listed by more than one report cannot be paired with one of them: it is skipped
+    (``image_in_several_reports``, naming the reports); an id a report repeats counts once.
+    """
+    skips = skips if skips is not None else SkipLog()
     studies = reports.drop(columns=["image_ids"]).assign(patient_id=reports["study_id"])
     images = reports[["study_id", "image_ids"]].explode("image_ids").dropna(subset=["image_ids"])
-    images = images.rename(columns={"image_ids": "image_id"}).drop_duplicates("image_id").reset_index(drop=True)
+    images = images.rename(columns={"image_ids": "image_id"}).drop_duplicates().reset_index(drop=True)
+    owners = images.groupby("image_id", sort=True)["study_id"].agg(list)
+    shared = owners[owners.map(len) > 1]
+    for image_id, study_ids in shared.items():
+        skips.add(image_id, "image_in_several_reports", "listed by reports " + ", ".join(study_ids))
+    images = images[~images["image_id"].isin(shared.index)].reset_index(drop=True)
     images["image_path"] = [str(png_dir / f"{i}.png") for i in images["image_id"]]
     images["view"] = images["image_id"].map(views)
     return studies, images
@@ -213,13 +247,14 @@ def kaggle_candidates(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         "indication": reports.get("indication"), "comparison": reports.get("comparison"),
         "mesh": reports["MeSH"].fillna("").map(lambda m: ";".join(split_mesh(m))),
     })
-    proj = pd.read_csv(root / "indiana_projections.csv")
+    proj = read_projections(root / "indiana_projections.csv")
     img_dir = root / "images" / "images_normalized"
+    views = proj["projection"].astype(str).str.strip().str.lower()
     images = pd.DataFrame({
-        "study_id": "CXR" + proj["uid"].astype(str), "image_id": proj["filename"].map(kaggle_image_id),
+        "study_id": "CXR" + proj["uid"].astype(str), "image_id": proj["image_id"],
         "image_path": [str(img_dir / f) for f in proj["filename"]],
+        "view": views.where(views.isin(["frontal", "lateral"])).values,
     })
-    images["view"] = images["image_id"].map(projection_views(root / "indiana_projections.csv"))
     return studies, images
 
 
@@ -245,7 +280,7 @@ def openi_candidates(root: str | Path | None = None, layout: str = "auto", views
                           "see cxrlib.datasets.openi); put the CSV in OPENI_ROOT or pass views_csv", stacklevel=2)
             views = infer_nlm_views([i for ids in reports["image_ids"] for i in ids])
         png_dir = root / "NLMCXR_png" if (root / "NLMCXR_png").is_dir() else root
-        studies, images = nlm_candidates(reports, png_dir, views)
+        studies, images = nlm_candidates(reports, png_dir, views, skips)
     return _label_studies(studies, no_indexing), images
 
 
@@ -272,7 +307,7 @@ def build_openi_synth(image_size: int = 256, seed: int = 0, out_dir: str | Path 
     skips = SkipLog()
     reports = read_nlm_reports(torchxrayvision_data("NLMCXR_reports.tgz"), skips)
     views = infer_nlm_views([i for ids in reports["image_ids"] for i in ids])
-    studies, images = nlm_candidates(reports, out_dir.resolve(), views)
+    studies, images = nlm_candidates(reports, out_dir.resolve(), views, skips)
     studies = _label_studies(studies, no_indexing)
     assemble_kw = {**assemble_kw, "verify_images": False}
     table = assemble(studies, images, skips, source="openi_synth", seed=seed, **assemble_kw)

@@ -75,18 +75,29 @@ def skip_counts(skips: pd.DataFrame) -> pd.DataFrame:
 
 # ---- report text ---------------------------------------------------------------------------------
 
+#: the token with any letters or digits glued to it (``4XXXX``, ``XXXXPM``, ``comparisXXXX``): the glued
+#: characters are part of the masked item (a date, a time, a cut word) and go with it
+_ANON_WORD = r"[A-Za-z0-9]*X{4,}[A-Za-z0-9]*"
+
+
 def clean_text(text: object, anon: str = "remove") -> str:
-    """Unescape HTML entities, handle the ``XXXX`` token (``anon``), collapse whitespace; NaN -> ""."""
+    """Unescape HTML entities, handle the ``XXXX`` token (``anon``), collapse whitespace; NaN -> "".
+
+    A text with no letter or digit left (``XXXX XXXX.`` once the token is removed) is "" (an empty section).
+    """
     if text is None or (isinstance(text, float) and np.isnan(text)):
         return ""
     text = html.unescape(str(text))
     if anon == "remove":
         text = re.sub(r"(?<=\w)-X{4}\b", "", text)          # "x-XXXX" (x-ray) -> "x"
-        text = re.sub(r"\bX{4}\b", " ", text)
+        text = re.sub(_ANON_WORD, " ", text)
         text = re.sub(r"\s+([.,;:])", r"\1", text)
+        text = re.sub(r"([.,;:])(?:\s*[.,;:])+", r"\1", text)  # "at XXXX. XXXX: none" -> "at. none"
+        text = re.sub(r"^[\s.,;:]+", "", text)
     elif anon != "keep":
-        text = re.sub(r"\bX{4}\b", anon, text)
-    return re.sub(r"\s+", " ", text).strip()
+        text = re.sub(_ANON_WORD, anon, text)
+    text = re.sub(r"\s+", " ", text).strip()
+    return text if re.search(r"[^\W_]", text) else ""
 
 
 def compose_report(findings: str, impression: str, sections: str = "findings+impression") -> tuple[str, str]:
