@@ -21,6 +21,14 @@ chunk ``c`` goes to rank ``c % N``; ranks write their shards to the shared ``out
 merges by id (dropping any duplicate id, as one would drop ``DistributedSampler``'s padding; the
 chunking here pads nothing). Across nodes ``out_dir`` must be on a shared file system.
 
+GPU. On CUDA (see :mod:`cxrlib.accel`) JPEGs are decoded in batches on the GPU and resized and
+normalised there (``decode="auto"``; PNG and 16-bit files stay on CPU workers), workers and
+prefetch are sized from the cores, memory is pinned and copies are non-blocking, ``cudnn.benchmark``
+is on for convolutional towers, ``compile=True`` wraps the image forward in ``torch.compile``, and
+``batch_size="auto"`` probes for the largest batch that fits. A batch that runs out of memory is
+split in ordered halves and the smaller size kept (no item lost or duplicated); ``done.json``
+records the decode path, the batch size used and the back-offs.
+
 Precision. ``"auto"`` uses bf16 autocast on GPUs that support it (else fp16) and on CPUs with
 native bf16 (AMX / AVX512-BF16); elsewhere fp32, because emulated bf16 is slower than fp32
 (``benchmarks/embed_throughput.py`` measures it).
@@ -49,6 +57,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from cxrlib import accel
 from cxrlib.backbones import Backbone, load_backbone
 from cxrlib.embstore import Embeddings, load_embeddings, save_embeddings
 from cxrlib.images import ImageReadError, load_cxr_image
@@ -57,6 +66,8 @@ from cxrlib.io import atomic_path, write_json
 MODALITIES = ("image", "text")
 #: bump when image reading or the shard layout changes (part of every cache key)
 CACHE_VERSION = 1
+#: ``batch_size="auto"``: the batch on CPU, and the probe's start and limit on a GPU
+AUTO_BATCH = {"cpu": 64, "start": 32, "image_limit": 1024, "text_limit": 512}
 STAMP = "done.json"
 PARTIAL = ".partial"
 
@@ -157,14 +168,18 @@ def _hash_items(ids: Sequence[str], values: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def cache_key(modality: str, backbone: Backbone, precision: str, ids: Sequence[str], values: Sequence[str]) -> str:
-    """What decides the embeddings: weights (so the checkpoint), preprocessing/tokenizer, precision, rows."""
+def cache_key(modality: str, backbone: Backbone, precision: str, ids: Sequence[str], values: Sequence[str],
+              decode: str = "cpu") -> str:
+    """What decides the embeddings: weights (so the checkpoint), preprocessing/tokenizer, precision, rows,
+    and for images the decode path when it is not the CPU reader (device decoding differs in rounding)."""
     parts = {
         "version": CACHE_VERSION, "modality": modality, "fingerprint": backbone.fingerprint,
         "precision": precision, "rows": _hash_items(ids, values),
         "transform": repr(backbone.preprocess) if modality == "image" else
         f"{type(backbone.tokenizer).__name__}:{backbone.context_length}",
     }
+    if modality == "image" and decode != "cpu":
+        parts["decode"] = decode
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -275,11 +290,13 @@ def _valid_chunks(shard_dir: Path, ids: list[str], chunk_size: int) -> set[int]:
 
 
 def _run_chunks(modality: str, values: list[str], ids: list[str], chunks: list[int], chunk_size: int,
-                backbone: Backbone, shard_dir: Path, batch_size: int, num_workers: int, device: str,
-                precision: str, progress: bool, desc: str) -> None:
-    """Embed the listed chunks and write one shard per chunk."""
+                backbone: Backbone, shard_dir: Path, batch_size: int, num_workers: int | str, device: str,
+                precision: str, progress: bool, desc: str, decode: str = "cpu", compile_model: bool = False,
+                limiter: accel.BatchLimiter | None = None) -> None:
+    """Embed the listed chunks and write one shard per chunk (``limiter`` shrinks on out-of-memory)."""
     if not chunks:
         return
+    limiter = limiter or accel.BatchLimiter(batch_size)
     batches, owner = [], []
     for c in chunks:
         lo, hi = c * chunk_size, min((c + 1) * chunk_size, len(ids))
@@ -290,17 +307,28 @@ def _run_chunks(modality: str, values: list[str], ids: list[str], chunks: list[i
             batches.append(rows[b:b + batch_size])
             owner.append(c)
     left = Counter(owner)
-    dataset = ImageFiles(values, backbone.preprocess) if modality == "image" else Texts(values)
-    workers = num_workers if modality == "image" else 0
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_items,
-                        pin_memory=device.startswith("cuda"), prefetch_factor=4 if workers else None)
+    on_device = modality == "image" and decode == "device"
+    if on_device:
+        dataset = accel.EncodedImages(values, backbone.preprocess, load_cxr_image)
+        pre = accel.DevicePreprocess.from_backbone(backbone)
+    else:
+        dataset = ImageFiles(values, backbone.preprocess) if modality == "image" else Texts(values)
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=accel.collate_encoded if on_device else collate_items,
+                        **accel.loader_settings(device, num_workers if modality == "image" else 0))
+    model = backbone.model
+    if compile_model and modality == "image":  # open_clip's encode_image through torch.compile, model untouched
+        model = _Encoders(accel.maybe_compile(backbone.model.encode_image, True), backbone.model.encode_text)
     acc: dict[int, dict[str, list]] = {}
     n_items = sum(len(b) for b in batches)
     with tqdm(total=n_items, desc=desc, unit=modality, disable=not progress, smoothing=0.05) as bar:
         for c, (idx, x, bad) in zip(owner, loader):
             a = acc.setdefault(c, {"ids": [], "emb": [], "bad": []})
-            if x is not None:
-                a["emb"].append(_encode(backbone.model, modality, x, backbone.tokenizer, device, precision))
+            if isinstance(x, accel.EncodedBatch):  # JPEG bytes -> decoded, resized, normalised on the device
+                x, kept, failed = accel.decode_on_device(x, idx.tolist(), pre, device, dataset.cpu_item)
+                idx, bad = idx[kept], bad + failed
+            if x is not None and len(idx):
+                a["emb"].append(accel.run_in_batches(
+                    lambda part: _encode(model, modality, part, backbone.tokenizer, device, precision), x, limiter))
                 a["ids"].extend(ids[i] for i in idx.tolist())
             a["bad"].extend((ids[i], r) for i, r in bad)
             bar.update(len(idx) + len(bad))
@@ -309,6 +337,57 @@ def _run_chunks(modality: str, values: list[str], ids: list[str], chunks: list[i
                 emb = np.concatenate(a["emb"]) if a["emb"] else np.zeros((0, backbone.embed_dim), np.float32)
                 _write_shard(_shard_path(shard_dir, c), a["ids"], emb, a["bad"])
                 del acc[c]
+
+
+class _Encoders:
+    """``encode_image`` / ``encode_text`` stand-in (a compiled image forward beside the model's text forward)."""
+
+    def __init__(self, encode_image, encode_text):
+        self.encode_image, self.encode_text = encode_image, encode_text
+
+
+def resolve_decode(decode: str, device: str, backbone: Backbone) -> str:
+    """``auto`` -> ``device`` on CUDA when the GPU decoder works and the transform has a device twin, else ``cpu``.
+
+    ``device`` asked for explicitly and impossible is an error saying why (e.g. a CPU build of torchvision).
+    """
+    if decode not in ("auto", "cpu", "device"):
+        raise ValueError(f"decode must be auto, cpu or device, got {decode!r}")
+    if decode == "cpu" or (decode == "auto" and not accel.is_cuda(device)):
+        return "cpu"
+    problem = None if accel.DevicePreprocess.from_backbone(backbone) else \
+        f"backbone {backbone.name}'s image transform has no device version"
+    problem = problem or accel.decoder_problem(device)
+    if problem and decode == "device":
+        raise accel.DeviceError(f"decode=device: {problem}")
+    if problem:
+        print(f"decoding images on CPU workers: {problem}", file=sys.stderr)
+        return "cpu"
+    return "device"
+
+
+def resolve_batch_size(batch_size: int | str, modality: str, backbone: Backbone, device: str,
+                       precision: str) -> int:
+    """An int passes; ``auto`` -> :data:`AUTO_BATCH` ``cpu`` on CPU, else the largest probed batch that fits."""
+    if batch_size != "auto":
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1 or 'auto', got {batch_size!r}")
+        return batch_size
+    if not accel.is_cuda(device):
+        return AUTO_BATCH["cpu"]
+    if modality == "image":
+        size = accel.DevicePreprocess.from_backbone(backbone)
+        hw = size.size if size else (224, 224)
+
+        def probe(n: int):
+            return _encode(backbone.model, "image", torch.zeros(n, 3, *hw), None, device, precision)
+        limit = AUTO_BATCH["image_limit"]
+    else:
+        def probe(n: int):  # full-context texts: the most memory a text batch can take
+            return _encode(backbone.model, "text", ["x " * 2 * backbone.context_length] * n, backbone.tokenizer,
+                           device, precision)
+        limit = AUTO_BATCH["text_limit"]
+    return accel.find_batch_size(probe, start=AUTO_BATCH["start"], limit=limit)
 
 
 def _merge(modality: str, ids: list[str], shard_dir: Path, n_chunks: int, chunk_size: int,
@@ -368,38 +447,40 @@ def _cached(out_dir: Path, modality: str, key: str | None) -> bool:
 
 def extract_embeddings(table: pd.DataFrame | str | os.PathLike, backbone: Backbone | str,
                        out_dir: str | os.PathLike, modalities: Sequence[str] = MODALITIES,
-                       batch_size: int = 64, num_workers: int = 2, precision: str = "auto",
+                       batch_size: int | str = 64, num_workers: int | str = 2, precision: str = "auto",
                        device: str = "auto", checkpoint: str | os.PathLike | None = None,
                        name: str | None = None, chunk_size: int | None = None,
-                       progress: bool = True) -> ExtractionResult:
+                       progress: bool = True, decode: str = "auto", compile: bool = False) -> ExtractionResult:
     """Embed a study table's images and/or reports into ``out_dir`` (cached, resumable, rank-sharded).
 
     ``backbone`` is a loaded :class:`Backbone` or a name for :func:`load_backbone` (with
     ``checkpoint``); ``name`` is recorded as the embeddings' backbone (default: the backbone's name,
     e.g. ``offline-adapted`` for an adapted checkpoint). ``chunk_size`` (default 16 batches) is the
-    unit of resumption. Returns ``{modality: path}`` with ``.skipped``, ``.cached``, ``.counts``.
+    unit of resumption. ``batch_size`` and ``num_workers`` may be ``"auto"``; ``decode`` is ``auto``,
+    ``cpu`` or ``device`` and ``compile`` wraps the image forward in ``torch.compile`` (module docstring).
+    Returns ``{modality: path}`` with ``.skipped``, ``.cached``, ``.counts``.
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     bad_mod = [m for m in modalities if m not in MODALITIES]
     if bad_mod or not modalities:
         raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {list(modalities)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    resolve_batch_size(batch_size, "image", None, "cpu", "fp32")  # validates before any work
+    device = accel.require_device(resolve_device(device))
     if isinstance(table, (str, os.PathLike)):
         table = pd.read_parquet(table)
-    device = resolve_device(device)
     precision = resolve_precision(precision, device)
     if isinstance(backbone, str):
         backbone = load_backbone(backbone, device=device, checkpoint=checkpoint)
     else:
         backbone.model.to(device).eval()
     label = name or backbone.name
-    chunk_size = int(chunk_size or batch_size * 16)
+    chunk_size = int(chunk_size or (AUTO_BATCH["cpu"] if batch_size == "auto" else batch_size) * 16)
     rank, world = _dist()
+    decode = resolve_decode(decode, device, backbone) if "image" in modalities else "cpu"
 
     items = {m: image_items(table) if m == "image" else text_items(table) for m in modalities}
-    keys = {m: cache_key(m, backbone, precision, *items[m]) for m in modalities}
+    keys = {m: cache_key(m, backbone, precision, *items[m], decode=decode) for m in modalities}
     stamp = _read_stamp(out_dir)
     cached = {m: _cached(out_dir, m, keys[m]) for m in modalities}
     _barrier()  # every rank has read the stamp before rank 0 may remove it
@@ -415,14 +496,19 @@ def extract_embeddings(table: pd.DataFrame | str | os.PathLike, backbone: Backbo
                                 {m: stamp["modalities"][m]["skipped"] for m in modalities}, cached,
                                 out_dir / STAMP, {m: stamp["modalities"][m]["n"] for m in modalities})
 
+    backends = accel.configure_backends(backbone.model.visual, device) if "image" in todo else {}
+    limiters = {}
     for m in todo:
         ids, values = items[m]
         shard_dir = out_dir / PARTIAL / f"{m}-{keys[m]}-c{chunk_size}"
         shard_dir.mkdir(parents=True, exist_ok=True)
         n_chunks = -(-len(ids) // chunk_size)
         mine = [c for c in range(n_chunks) if c % world == rank and c not in done_chunks[m]]
-        _run_chunks(m, values, ids, mine, chunk_size, backbone, shard_dir, batch_size, num_workers, device,
-                    precision, progress and rank == 0, f"{label} {m}" + (f" [rank {rank}/{world}]" if world > 1 else ""))
+        limiters[m] = accel.BatchLimiter(resolve_batch_size(batch_size, m, backbone, device, precision)
+                                         if mine or batch_size != "auto" else AUTO_BATCH["cpu"])
+        _run_chunks(m, values, ids, mine, chunk_size, backbone, shard_dir, limiters[m].size, num_workers, device,
+                    precision, progress and rank == 0, f"{label} {m}" + (f" [rank {rank}/{world}]" if world > 1 else ""),
+                    decode=decode, compile_model=compile, limiter=limiters[m])
     _barrier()
 
     if rank == 0:
@@ -445,7 +531,11 @@ def extract_embeddings(table: pd.DataFrame | str | os.PathLike, backbone: Backbo
         write_json(out_dir / STAMP, {
             "backbone": label, "source_backbone": backbone.name, "fingerprint": backbone.fingerprint,
             "checkpoint": str(checkpoint) if checkpoint else None, "precision": precision, "device": device,
-            "world_size": world, "batch_size": batch_size, "chunk_size": chunk_size,
+            "world_size": world, "batch_size": batch_size, "chunk_size": chunk_size, "decode": decode,
+            "compile": bool(compile), **backends,
+            # rank 0's batch size after any out-of-memory back-off, and how many back-offs it took
+            "batch_size_used": {m: lim.size for m, lim in limiters.items()},
+            "oom_backoffs": {m: lim.backoffs for m, lim in limiters.items()},
             "seconds": round(time.perf_counter() - t0, 2), "modalities": entries,
         })
     _barrier()
@@ -484,6 +574,10 @@ def _init_distributed(device: str) -> str:
     return device
 
 
+def _int_or_auto(value: str) -> int | str:
+    return "auto" if value == "auto" else int(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cxrlib.embed", description=__doc__.split("\n")[0])
     ap.add_argument("--table", required=True, help="study table (parquet)")
@@ -492,19 +586,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--name", default=None, help="name recorded as the embeddings' backbone")
     ap.add_argument("--modalities", default="image,text")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--num-workers", type=int, default=2)
+    ap.add_argument("--batch-size", type=_int_or_auto, default=64, help="an int, or auto (largest that fits)")
+    ap.add_argument("--num-workers", type=_int_or_auto, default=2, help="an int, or auto (from the cores)")
+    ap.add_argument("--decode", default="auto", choices=["auto", "cpu", "device"], help="where JPEGs are decoded")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the image forward")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--chunk-size", type=int, default=None)
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    try:  # one line, before any work, for a device this machine cannot use
+        accel.require_device(resolve_device(args.device))
+    except accel.DeviceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     device = _init_distributed(args.device)
     try:
         result = extract_embeddings(
             args.table, args.backbone, args.out_dir, modalities=[m for m in args.modalities.split(",") if m],
             batch_size=args.batch_size, num_workers=args.num_workers, precision=args.precision, device=device,
-            checkpoint=args.checkpoint, name=args.name, chunk_size=args.chunk_size, progress=not args.no_progress)
+            checkpoint=args.checkpoint, name=args.name, chunk_size=args.chunk_size, progress=not args.no_progress,
+            decode=args.decode, compile=args.compile)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

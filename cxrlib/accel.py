@@ -1,0 +1,442 @@
+"""The GPU path: device checks, loader sizing, out-of-memory back-off, GPU JPEG decoding.
+
+What runs where, and why:
+
+- ``require_device(device)`` turns ``cuda`` on a machine without CUDA, or a torch/torchvision pair
+  built for different CUDA versions, into one clear line before any work (:class:`DeviceError`).
+- ``loader_settings`` sizes DataLoader workers and prefetch from the cores this process may use
+  and pins memory for CUDA (so host-to-device copies can be ``non_blocking``).
+- ``configure_backends`` turns on ``cudnn.benchmark`` for convolutional towers on CUDA (fixed
+  input sizes: the autotuned kernels are reused for every batch); ``maybe_compile`` wraps a
+  forward in ``torch.compile`` when asked.
+- ``BatchLimiter`` / ``run_in_batches`` / ``find_batch_size``: the largest batch that fits, found by
+  probing, and a back-off that splits a batch that runs out of memory into ordered halves, so no
+  item is lost or duplicated and later batches use the smaller size.
+- ``DevicePreprocess`` / ``EncodedImages`` / ``decode_on_device``: JPEGs are read as bytes in the
+  workers and decoded in batches by ``torchvision.io.decode_jpeg(..., device=...)``, then resized,
+  centre-cropped and normalised on the device exactly as the backbone's own transform does on
+  CPU; PNG, 16-bit and any file that is not a complete JPEG take the CPU path in the workers. A
+  JPEG that fails to decode on the device is retried alone, then through the CPU reader; only a
+  file that fails there too is a counted skip naming it. The same code runs with ``device="cpu"``,
+  which is how the tests check it against the CPU path.
+
+Precision (``auto`` -> bf16 / fp16 / fp32) is decided by :func:`cxrlib.embed.resolve_precision`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+JPEG_SOI = b"\xff\xd8\xff"
+JPEG_EOI = b"\xff\xd9"
+#: DataLoader batches each worker prepares ahead
+PREFETCH_FACTOR = 4
+#: upper bound on DataLoader workers (beyond it workers only add memory)
+MAX_WORKERS = 16
+
+
+class DeviceError(RuntimeError):
+    """A device that cannot be used as asked; the message is one line saying what to do."""
+
+
+# ---- device checks -----------------------------------------------------------------------------
+
+def _cuda_version_str(v: Any) -> str | None:
+    """torch gives ``"12.4"``, torchvision an int ``12040`` (or a string): both -> ``"12.4"``."""
+    if v in (None, "", 0):
+        return None
+    if isinstance(v, int) or (isinstance(v, str) and v.isdigit()):
+        v = int(v)
+        return f"{v // 1000}.{(v % 1000) // 10}"
+    return str(v)
+
+
+def cuda_build_problem() -> str | None:
+    """Why this torch/torchvision pair cannot run CUDA together, or None when it can (or torch is CPU-only)."""
+    torch_cuda = _cuda_version_str(torch.version.cuda)
+    if torch_cuda is None:
+        return None
+    try:
+        import torchvision
+    except (ImportError, RuntimeError) as exc:  # torchvision refuses to import on a CUDA major mismatch
+        return f"torchvision does not load beside torch {torch.__version__} (CUDA {torch_cuda}): {str(exc).splitlines()[0]}"
+    tv_cuda = _cuda_version_str(getattr(torchvision.version, "cuda", None))
+    if tv_cuda is None:
+        return (f"torch {torch.__version__} is built for CUDA {torch_cuda} but torchvision "
+                f"{torchvision.__version__} is a CPU build; install the torchvision wheel built for CUDA {torch_cuda}")
+    if tv_cuda.split(".")[0] != torch_cuda.split(".")[0]:
+        return (f"torch {torch.__version__} is built for CUDA {torch_cuda} but torchvision "
+                f"{torchvision.__version__} for CUDA {tv_cuda}; install a matching pair")
+    return None
+
+
+def require_device(device: str) -> str:
+    """``device`` when it can be used (``auto`` -> ``cuda`` if available), else :class:`DeviceError`.
+
+    Checked once at the start of a node or command, so a wrong ``DEVICE`` fails in one line
+    before any data is read.
+    """
+    device = str(device or "auto")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind = device.split(":")[0]
+    if kind == "cpu":
+        return device
+    if kind != "cuda":
+        raise DeviceError(f"DEVICE={device}: unknown device; use auto, cpu, cuda or cuda:<index>")
+    if not torch.cuda.is_available():
+        why = ("this torch is a CPU-only build" if torch.version.cuda is None
+               else f"torch is built for CUDA {torch.version.cuda} but no GPU or driver is visible")
+        raise DeviceError(f"DEVICE={device} but CUDA is not available ({why}); use DEVICE=cpu or DEVICE=auto")
+    problem = cuda_build_problem()
+    if problem:
+        raise DeviceError(f"DEVICE={device}: {problem}")
+    index = device.split(":", 1)[1] if ":" in device else None
+    if index is not None and not (index.isdigit() and int(index) < torch.cuda.device_count()):
+        raise DeviceError(f"DEVICE={device}: this machine has {torch.cuda.device_count()} GPU(s) (cuda:0 ...)")
+    return device
+
+
+def is_cuda(device: str | torch.device) -> bool:
+    return str(device).startswith("cuda")
+
+
+# ---- loaders and backends ----------------------------------------------------------------------
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_num_workers(cores: int | None = None) -> int:
+    """One worker per core but one (the main process feeds the device), at most :data:`MAX_WORKERS`."""
+    cores = available_cores() if cores is None else cores
+    return max(0, min(cores - 1, MAX_WORKERS))
+
+
+def loader_settings(device: str, num_workers: int | str | None = None, cores: int | None = None) -> dict[str, Any]:
+    """DataLoader keyword arguments: workers (``None``/``"auto"`` -> from the cores), prefetch, pinning."""
+    if num_workers in (None, "auto"):
+        num_workers = default_num_workers(cores)
+    num_workers = int(num_workers)
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0 or 'auto', got {num_workers}")
+    return {"num_workers": num_workers, "prefetch_factor": PREFETCH_FACTOR if num_workers else None,
+            "pin_memory": is_cuda(device), "persistent_workers": False}
+
+
+def has_convolutions(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
+
+
+def configure_backends(model: torch.nn.Module, device: str) -> dict[str, bool]:
+    """``cudnn.benchmark`` on for a convolutional model on CUDA (fixed input size); returns what was set."""
+    bench = is_cuda(device) and has_convolutions(model)
+    if bench:
+        torch.backends.cudnn.benchmark = True
+    return {"cudnn_benchmark": bench}
+
+
+def maybe_compile(fn: Callable, enabled: bool, **kwargs: Any) -> Callable:
+    """``torch.compile(fn, **kwargs)`` when ``enabled`` (compiles lazily, at the first call), else ``fn``."""
+    return torch.compile(fn, **kwargs) if enabled else fn
+
+
+def fits_on_device(nbytes: int, device: str | torch.device, fraction: float = 0.5) -> bool:
+    """True when ``nbytes`` is at most ``fraction`` of the device's free memory (always on CPU)."""
+    if not is_cuda(device):
+        return True
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return nbytes <= fraction * free
+
+
+# ---- out-of-memory back-off ----------------------------------------------------------------------
+
+def is_oom(exc: BaseException) -> bool:
+    """An allocation failure on the device (torch's OOM error, or cuBLAS/cuDNN saying the same)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "CUBLAS_STATUS_ALLOC_FAILED" in text)
+
+
+def _release_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class BatchLimiter:
+    """The largest batch known to fit; halved on each out-of-memory error. ``backoffs`` counts them."""
+
+    size: int
+    backoffs: int = 0
+
+    def shrink(self, failed: int) -> None:
+        if failed <= 1:
+            raise DeviceError("out of device memory with a batch of 1; free the GPU or use a smaller model")
+        self.size = max(1, min(self.size, failed) // 2)
+        self.backoffs += 1
+        _release_memory()
+
+
+def _take(x: Any, lo: int, hi: int) -> Any:
+    return x[lo:hi]
+
+
+def _join(parts: list[Any]) -> Any:
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts)
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    return [y for p in parts for y in p]
+
+
+def run_in_batches(fn: Callable[[Any], Any], x: Any, limiter: BatchLimiter) -> Any:
+    """``fn`` over ``x`` (tensor, array or list) in slices of at most ``limiter.size``, outputs joined in order.
+
+    A slice that runs out of memory shrinks the limiter and is redone in smaller slices, so every
+    item is computed exactly once in the result and later calls start at the size that fitted.
+    """
+    n = len(x)
+    parts, lo = [], 0
+    while lo < n:
+        hi = min(n, lo + limiter.size)
+        try:
+            parts.append(fn(x if (lo, hi) == (0, n) else _take(x, lo, hi)))
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled
+            if not is_oom(exc):
+                raise
+            del exc
+            limiter.shrink(hi - lo)
+            continue
+        lo = hi
+    return _join(parts) if parts else x[:0]
+
+
+def find_batch_size(fn: Callable[[int], Any], start: int = 32, limit: int = 1024) -> int:
+    """The largest power-of-two multiple of ``start`` (<= ``limit``) for which ``fn(size)`` runs without OOM.
+
+    ``fn(size)`` runs a forward on a made-up batch of ``size`` items (real items are never used, so
+    none can be lost). Doubles from ``start``; on the first OOM returns the last size that fitted,
+    or halves below ``start`` until one fits.
+    """
+    if start < 1 or limit < 1:
+        raise ValueError(f"start and limit must be >= 1, got {start}, {limit}")
+    size, best = min(start, limit), 0
+    while True:
+        try:
+            fn(size)
+        except Exception as exc:  # noqa: BLE001
+            if not is_oom(exc):
+                raise
+            del exc
+            _release_memory()
+            if best:
+                return best
+            if size == 1:
+                raise DeviceError("out of device memory with a batch of 1; free the GPU or use a smaller model") from None
+            size //= 2
+            continue
+        best = size
+        if size >= limit or best < start:
+            return best
+        size = min(limit, size * 2)
+
+
+# ---- decoding on the device ----------------------------------------------------------------------
+
+def is_complete_jpeg(data: bytes) -> bool:
+    """A JPEG start marker and an end marker (allowing trailing zero padding): safe for the batched decoder."""
+    return data[:3] == JPEG_SOI and data.rstrip(b"\x00")[-2:] == JPEG_EOI
+
+
+@dataclass(frozen=True)
+class DevicePreprocess:
+    """The backbone's eval transform on uint8 tensors: shortest-side (or squash) resize, centre crop, normalise.
+
+    Matches open_clip's ``image_transform_v2`` for ``resize_mode`` ``shortest`` and ``squash`` with
+    bicubic or bilinear interpolation (antialiased, rounded to 8 bits as PIL does); ``from_backbone``
+    returns None for other transforms, which then stay on the CPU.
+    """
+
+    size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+
+    @classmethod
+    def from_backbone(cls, backbone: Any) -> DevicePreprocess | None:
+        cfg = dict(getattr(backbone.model.visual, "preprocess_cfg", None) or {})
+        size = cfg.get("size")
+        if size is None or cfg.get("interpolation", "bicubic") not in ("bicubic", "bilinear") or \
+                cfg.get("resize_mode", "shortest") not in ("shortest", "squash") or cfg.get("mode", "RGB") != "RGB":
+            return None
+        size = (int(size), int(size)) if isinstance(size, (int, float)) else (int(size[0]), int(size[1]))
+        return cls(size=size, mean=tuple(cfg.get("mean", (0.0,) * 3)), std=tuple(cfg.get("std", (1.0,) * 3)),
+                   interpolation=cfg.get("interpolation", "bicubic"), resize_mode=cfg.get("resize_mode", "shortest"))
+
+    def resized_shape(self, h: int, w: int) -> tuple[int, int]:
+        """torchvision ``Resize(int)``'s output size: the short side to the crop size, the long side truncated."""
+        if self.resize_mode == "squash":
+            return self.size
+        short = min(self.size)
+        if h <= w:
+            return short, int(short * w / h)
+        return int(short * h / w), short
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        """[C, H, W] uint8 (C = 1 or 3) -> [3, *size] float32 normalised, on ``img``'s device."""
+        if img.shape[0] == 3:  # colour JPEG -> the grey the CPU reader makes (ITU-R 601-2 luma)
+            w = torch.tensor([0.299, 0.587, 0.114], device=img.device).view(3, 1, 1)
+            img = (img.float() * w).sum(0, keepdim=True).round_()
+        x = img.float()[None]
+        oh, ow = self.resized_shape(x.shape[-2], x.shape[-1])
+        if (oh, ow) != tuple(x.shape[-2:]):
+            x = F.interpolate(x, size=(oh, ow), mode=self.interpolation, align_corners=False, antialias=True)
+            x = x.clamp_(0, 255).round_()
+        ch, cw = self.size
+        top, left = int(round((oh - ch) / 2.0)), int(round((ow - cw) / 2.0))
+        x = x[..., top:top + ch, left:left + cw]
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return ((x.expand(1, 3, ch, cw) / 255.0 - mean) / std)[0]
+
+
+class EncodedImages(Dataset):
+    """Item ``i``: ``(i, bytes tensor, "jpeg")`` for a complete JPEG, else ``(i, preprocessed tensor, None)``
+    through ``load_image`` (the CPU path), or ``(i, None, reason)`` when that fails too."""
+
+    def __init__(self, paths: Sequence[str], preprocess: Callable, load_image: Callable):
+        self.paths, self.preprocess, self.load_image = list(paths), preprocess, load_image
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def cpu_item(self, i: int) -> tuple[torch.Tensor | None, str | None]:
+        from cxrlib.images import ImageReadError
+
+        try:
+            return self.preprocess(self.load_image(self.paths[i])), None
+        except ImageReadError as exc:
+            return None, exc.reason
+        except Exception as exc:  # noqa: BLE001 - a transform failing on one odd file is that file's skip
+            return None, f"preprocess failed: {type(exc).__name__}: {exc}"
+
+    def __getitem__(self, i: int):
+        try:
+            with open(self.paths[i], "rb") as fh:
+                data = fh.read()
+        except OSError:
+            data = b""
+        if is_complete_jpeg(data):
+            return i, torch.frombuffer(bytearray(data), dtype=torch.uint8), "jpeg"
+        x, reason = self.cpu_item(i)
+        return (i, None, reason) if x is None else (i, x, None)
+
+
+class EncodedBatch:
+    """A batch half as JPEG bytes (for the device decoder), half as CPU-preprocessed tensors."""
+
+    def __init__(self, jpeg_pos: list[int], jpegs: list[torch.Tensor], ready_pos: list[int],
+                 ready: torch.Tensor | None, n: int):
+        self.jpeg_pos, self.jpegs, self.ready_pos, self.ready, self.n = jpeg_pos, jpegs, ready_pos, ready, n
+
+    def pin_memory(self) -> EncodedBatch:
+        """Called by the DataLoader's pinning thread: the ready tensors travel non-blocking."""
+        if self.ready is not None:
+            self.ready = self.ready.pin_memory()
+        return self
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def collate_encoded(batch):
+    """-> (indices of the items, :class:`EncodedBatch` (None if empty), [(index, reason)] of CPU failures)."""
+    bad = [(i, r) for i, x, r in batch if x is None]
+    good = [(i, x, r) for i, x, r in batch if x is not None]
+    idx = torch.tensor([i for i, _, _ in good], dtype=torch.long)
+    if not good:
+        return idx, None, bad
+    jpeg_pos = [p for p, (_, _, r) in enumerate(good) if r == "jpeg"]
+    ready_pos = [p for p, (_, _, r) in enumerate(good) if r != "jpeg"]
+    ready = torch.stack([good[p][1] for p in ready_pos]) if ready_pos else None
+    return idx, EncodedBatch(jpeg_pos, [good[p][1] for p in jpeg_pos], ready_pos, ready, len(good)), bad
+
+
+def _decode(data: list[torch.Tensor], device: str) -> list[torch.Tensor]:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    out = decode_jpeg(data, mode=ImageReadMode.GRAY, device=device)
+    return out if isinstance(out, list) else [out]
+
+
+def decode_on_device(batch: EncodedBatch, indices: Sequence[int], pre: DevicePreprocess, device: str,
+                     cpu_fallback: Callable[[int], tuple[torch.Tensor | None, str | None]]
+                     ) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
+    """Decode and preprocess a batch on ``device``: ``(images [n_ok, 3, H, W], kept positions, [(index, reason)])``.
+
+    ``indices[p]`` is the dataset index of position ``p``; ``cpu_fallback(index)`` is the CPU path
+    for a JPEG the device decoder rejects. Kept positions are in batch order.
+    """
+    images: dict[int, torch.Tensor] = {}
+    failed: list[tuple[int, str]] = []
+    if batch.jpegs:
+        try:
+            decoded = _decode(batch.jpegs, device)
+        except RuntimeError:  # one bad file fails the whole batched call: redo one by one
+            decoded = []
+            for data in batch.jpegs:
+                try:
+                    decoded.append(_decode([data], device)[0])
+                except RuntimeError:
+                    decoded.append(None)
+        for pos, img in zip(batch.jpeg_pos, decoded):
+            if img is not None:
+                images[pos] = pre(img)
+                continue
+            x, reason = cpu_fallback(int(indices[pos]))
+            if x is None:
+                failed.append((int(indices[pos]), reason))
+            else:
+                images[pos] = x.to(device)
+    if batch.ready is not None:
+        ready = batch.ready.to(device, non_blocking=True)
+        for j, pos in enumerate(batch.ready_pos):
+            images[pos] = ready[j]
+    kept = sorted(images)
+    if not kept:
+        return torch.empty((0, 3, *pre.size), device=device), [], failed
+    return torch.stack([images[p] for p in kept]), kept, failed
+
+
+def decoder_problem(device: str) -> str | None:
+    """None when ``decode_jpeg`` works on ``device`` (a tiny JPEG round trip), else why not."""
+    try:
+        from torchvision.io import encode_jpeg
+    except (ImportError, RuntimeError) as exc:
+        return f"torchvision.io unavailable: {exc}"
+    try:
+        data = encode_jpeg(torch.full((1, 16, 16), 128, dtype=torch.uint8))
+        img = _decode([data], device)[0]
+    except Exception as exc:  # noqa: BLE001 - any failure means: decode on CPU
+        return f"decode_jpeg on {device} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if tuple(img.shape) != (1, 16, 16) or not math.isclose(float(img.float().mean()), 128, abs_tol=3):
+        return f"decode_jpeg on {device} returned a wrong image"
+    return None
