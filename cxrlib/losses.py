@@ -9,7 +9,9 @@ A term whose weight is 0 is not computed and not in the dict.
   positives, since they share the label).
 - SupCon: pytorch-metric-learning's ``SupConLoss`` across modalities, multi-positive (every item with the
   anchor's label is a positive, the paired item included), image anchors vs report references and the
-  reverse, averaged. An anchor without positives contributes nothing; a batch of one class gives 0.
+  reverse, averaged. Every anchor has its own pair as a positive, and the term is the mean over *all*
+  anchors (``MeanReducer``; PML's default ``AvgNonZeroReducer`` would leave out an anchor whose float32
+  loss is exactly 0, e.g. the one member of its class at a low temperature). A batch of one class gives 0.
 - BCE: on the shared classifier's logits of the projected image and/or report embeddings (``bce_on``),
   optionally class-weighted (``pos_weight``).
 
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from pytorch_metric_learning.losses import SupConLoss
+from pytorch_metric_learning.reducers import MeanReducer
 from torch import nn
 
 BCE_ON = ("image", "text", "both")
@@ -80,7 +83,7 @@ class CrossModalSupCon(nn.Module):
         if not temperature > 0:
             raise ValueError(f"supcon temperature must be > 0, got {temperature}")
         self.temperature, self.rank, self.world_size = temperature, rank, world_size
-        self.loss = SupConLoss(temperature=temperature)
+        self.loss = SupConLoss(temperature=temperature, reducer=MeanReducer())  # mean over every anchor
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         image, text, labels = image.float(), text.float(), labels.long()

@@ -260,3 +260,24 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
             torch.testing.assert_close(r["state"][k], v, rtol=1e-4, atol=1e-6)
     local_only = _toy_loss(img[:4], txt[:4], labels[:4], MultiTaskLoss(rank=0, world_size=1))[0]
     assert abs(local_only["supcon"] - ranks[0]["terms"]["supcon"]) > 1e-4  # rank 0 did see rank 1's features
+
+
+def test_supcon_is_the_mean_over_all_anchors_including_a_zero_loss_anchor():
+    """A class with one member at a low temperature: that anchor's float32 loss is exactly 0, and it still
+    counts in the mean (PML's default AvgNonZeroReducer left it out, so the term was not the anchor mean)."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.zeros(5, 6)
+    base[:4, :5] = torch.randn(4, 5, generator=g)
+    base[4, 5] = 1.0  # orthogonal to every other item
+    img = F.normalize(base, dim=1)
+    txt = F.normalize(base + 0.3 * torch.cat([torch.randn(4, 6, generator=g), torch.zeros(1, 6)]) * (base != 0), dim=1)
+    labels = torch.tensor([0, 0, 1, 1, 2])  # class 2 has one member
+    tau = 0.01
+    pml = SupConLoss(temperature=tau, reducer=__import__("pytorch_metric_learning.reducers",
+                                                          fromlist=["DoNothingReducer"]).DoNothingReducer())
+    per_anchor = pml(img, labels, ref_emb=txt, ref_labels=labels.clone())["loss"]["losses"]
+    assert per_anchor[4] == 0.0 and (per_anchor[:4] > 0).all()  # the case really arises in float32
+    got = float(CrossModalSupCon(temperature=tau)(img, txt, labels))
+    assert got == pytest.approx(cross_modal_reference(img, txt, labels, tau), rel=1e-5)
+    assert got == pytest.approx(float((per_anchor.mean() + pml(txt, labels, ref_emb=img, ref_labels=labels.clone())
+                                       ["loss"]["losses"].mean()) / 2), rel=1e-6)
