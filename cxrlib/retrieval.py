@@ -73,7 +73,7 @@ def _block_topk(block: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     """
     extra = min(k + 1, block.shape[1])
     vals, idx = torch.topk(block, extra, dim=1, largest=True, sorted=True)
-    tied = vals[:, k] == vals[:, k - 1] if extra > k else torch.zeros(len(block), dtype=torch.bool)
+    tied = vals[:, k] == vals[:, k - 1] if extra > k else torch.zeros(len(block), dtype=torch.bool, device=block.device)
     vals, idx = _order_candidates(vals[:, :k], idx[:, :k], k)
     if tied.any():
         rows = tied.nonzero().squeeze(1)
@@ -89,8 +89,8 @@ def _topk_torch(q: torch.Tensor, g: torch.Tensor, k: int, chunk_size: int, progr
     n, m = len(q), len(g)
     g_step = max(1, min(int(chunk_size), m))
     q_step = max(1, min(n, MAX_BLOCK_ELEMENTS // g_step))
-    scores = torch.empty((n, k), dtype=torch.float32)
-    indices = torch.empty((n, k), dtype=torch.int64)
+    scores = torch.empty((n, k), dtype=torch.float32, device=q.device)
+    indices = torch.empty((n, k), dtype=torch.int64, device=q.device)
     with tqdm(total=n * m, desc="top-k (torch)", disable=not progress, leave=False, unit="pair",
               unit_scale=True) as bar:
         for s in range(0, n, q_step):
@@ -109,14 +109,18 @@ def _topk_torch(q: torch.Tensor, g: torch.Tensor, k: int, chunk_size: int, progr
     return scores, indices
 
 
-def _topk_faiss(q: torch.Tensor, g: torch.Tensor, k: int, chunk_size: int, progress: bool):
-    """faiss ``IndexFlatIP``; rows whose k-th score may tie with unseen items are redone with torch."""
+def _topk_faiss(q: torch.Tensor, g: torch.Tensor, k: int, chunk_size: int, progress: bool, device: str = "cpu"):
+    """faiss ``IndexFlatIP`` (on the GPU when ``device`` is CUDA and faiss-gpu is installed); rows whose
+    k-th score may tie with unseen items are redone with torch."""
     import faiss
 
     index = faiss.IndexFlatIP(g.shape[1])
+    if str(device).startswith("cuda") and hasattr(faiss, "StandardGpuResources"):
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), torch.device(device).index or 0, index)
     index.add(g.numpy())
     extra = min(len(g), k + 1)
     n = len(q)
+    g_dev = g.to(device)
     scores = torch.empty((n, k), dtype=torch.float32)
     indices = torch.empty((n, k), dtype=torch.int64)
     step = max(1, int(chunk_size))
@@ -127,20 +131,22 @@ def _topk_faiss(q: torch.Tensor, g: torch.Tensor, k: int, chunk_size: int, progr
         if extra > k:  # the (k+1)-th equals the k-th: the selected set among ties is arbitrary
             tied = (d[:, k] >= vals[:, -1]).nonzero().squeeze(1)
             if len(tied):
-                vals[tied], idx[tied] = _topk_torch(q[s:s + step][tied], g, k, chunk_size, False)
+                tv, ti = _topk_torch(q[s:s + step][tied].to(device), g_dev, k, chunk_size, False)
+                vals[tied], idx[tied] = tv.cpu(), ti.cpu()
         scores[s:s + step], indices[s:s + step] = vals, idx
     return scores, indices
 
 
 def topk_similarity(queries, gallery, k: int, chunk_size: int = 4096, backend: str = "torch",
-                    progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                    progress: bool = False, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` gallery items by cosine similarity for every query: ``(scores, indices)``, both [n, k].
 
     Inputs are numpy arrays or torch tensors of L2-normalised rows (checked). ``backend="torch"``
     scores blocks of ``chunk_size`` gallery items against as many queries as keep a block under
     :data:`MAX_BLOCK_ELEMENTS` scores and merges each block's top-k; ``"faiss"`` searches an exact
     ``IndexFlatIP`` ``chunk_size`` queries at a time. Both order results by
-    score, then by gallery index, so they return the same items.
+    score, then by gallery index, so they return the same items. ``device`` (e.g. ``cuda``) is where
+    the scores are computed: the torch blocks, or faiss's GPU index when faiss-gpu is installed.
     """
     q, g = as_tensor(queries, "queries"), as_tensor(gallery, "gallery")
     if q.shape[1] != g.shape[1]:
@@ -150,12 +156,12 @@ def topk_similarity(queries, gallery, k: int, chunk_size: int = 4096, backend: s
     check_normalised(q, "queries")
     check_normalised(g, "gallery")
     if backend == "torch":
-        s, i = _topk_torch(q, g, k, chunk_size, progress)
+        s, i = _topk_torch(q.to(device), g.to(device), k, chunk_size, progress)
     elif backend == "faiss":
-        s, i = _topk_faiss(q, g, k, chunk_size, progress)
+        s, i = _topk_faiss(q, g, k, chunk_size, progress, device)
     else:
         raise ValueError(f"unknown backend {backend!r}; choose 'torch' or 'faiss'")
-    return s.numpy(), i.numpy()
+    return s.cpu().numpy(), i.cpu().numpy()
 
 
 def label_precision_at_k(query_emb, gallery_emb, query_labels, gallery_labels, k: int) -> float:
