@@ -95,6 +95,32 @@ def build_mimic(**params):
     return mimic.build_mimic(**params)
 
 
+# ---- evaluation sets of the peers (every row ``test``; see cxrlib.protocols) -----------------------
+
+
+@register_dataset("mimic_5x200", lambda common, nb: {**common, "root": nb["mimic_root"] or None,
+                                                    "uncertain": nb["mimic_uncertain"],
+                                                    "normal_rule": nb["mimic_normal_rule"],
+                                                    "labeler": nb["mimic_labeler"]}, _mimic_check)
+def build_mimic_5x200(**params):
+    """BenchX's MIMIC-5x200 retrieval set from a local MIMIC-CXR-JPG copy (id list fetched at run time);
+    see :mod:`cxrlib.datasets.mimic5x200`."""
+    from cxrlib.datasets import mimic5x200
+
+    return mimic5x200.build_mimic_5x200(**params)
+
+
+@register_dataset("openi_cxrclip", lambda common, nb: {**common, "root": nb["openi_root"] or None,
+                                                      "layout": nb["openi_layout"], "no_indexing": nb["no_indexing"]},
+                  _openi_check)
+def build_openi_cxrclip(**params):
+    """Open-I as CXR-CLIP evaluates it: all frontal images, longest of findings/impression, every row test;
+    see :mod:`cxrlib.datasets.openi_cxrclip`."""
+    from cxrlib.datasets import openi_cxrclip
+
+    return openi_cxrclip.build_openi_cxrclip(**params)
+
+
 # ---- synthetic -----------------------------------------------------------------------------------
 
 
