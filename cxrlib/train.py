@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from cxrlib import accel
 from cxrlib.io import atomic_path, write_json
 from cxrlib.losses import BCE_ON, MultiTaskLoss, _world
 from cxrlib.pairs import PairedSplit, load_paired
@@ -248,7 +249,7 @@ def train_projector(train: PairedSplit, val: PairedSplit, cfg: TrainConfig | Non
     pos_weight = resolve_pos_weight(cfg.pos_weight, train.labels)
 
     rank, world = _world()
-    device = torch.device(cfg.device)
+    device = torch.device(accel.require_device(cfg.device))
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = build_projector(cfg.kind, train.img.shape[1], train.txt.shape[1], out_dim=cfg.out_dim,
@@ -271,9 +272,15 @@ def train_projector(train: PairedSplit, val: PairedSplit, cfg: TrainConfig | Non
     steps = max(1, math.ceil(n / cfg.batch_size))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, warmup_cosine(round(cfg.warmup_epochs * steps), cfg.epochs * steps))
-    img_t = torch.as_tensor(train.img, dtype=torch.float32, device=device)
-    txt_t = torch.as_tensor(train.txt, dtype=torch.float32, device=device)
-    y_t = torch.as_tensor(train.labels, dtype=torch.long, device=device)
+    # the whole training set stays on the device (no DataLoader, no copies per step) when it fits;
+    # else in pinned host memory, each batch copied non-blocking
+    nbytes = 4 * (train.img.size + train.txt.size + val.img.size + val.txt.size)
+    data_device = device if accel.fits_on_device(nbytes, device) else torch.device("cpu")
+    pin = data_device != device and device.type == "cuda"
+    img_t, txt_t, y_t = (torch.as_tensor(a, dtype=d, device=data_device) for a, d in
+                         ((train.img, torch.float32), (train.txt, torch.float32), (train.labels, torch.long)))
+    if pin:
+        img_t, txt_t, y_t = img_t.pin_memory(), txt_t.pin_memory(), y_t.pin_memory()
     vimg = torch.as_tensor(val.img, dtype=torch.float32, device=device)
     vtxt = torch.as_tensor(val.txt, dtype=torch.float32, device=device)
     vy = torch.as_tensor(val.labels, dtype=torch.long, device=device)
@@ -296,11 +303,12 @@ def train_projector(train: PairedSplit, val: PairedSplit, cfg: TrainConfig | Non
     for epoch in bar:
         t0 = time.perf_counter()
         model.train()
-        perm = torch.randperm(len(train), generator=gen)[:n].to(device)
+        perm = torch.randperm(len(train), generator=gen)[:n].to(data_device)
         sums: dict[str, float] = {}
         for step, chunk in enumerate(perm.reshape(-1, world).tensor_split(steps)):
             idx = chunk[:, rank]
-            terms = loss_fn(net(img_t[idx], txt_t[idx], classify=loss_fn.needs_logits), y_t[idx])
+            bi, bt, by = (t[idx].to(device, non_blocking=True) for t in (img_t, txt_t, y_t))
+            terms = loss_fn(net(bi, bt, classify=loss_fn.needs_logits), by)
             if not torch.isfinite(terms["total"]):
                 vals = {t: float(v.detach()) for t, v in terms.items()}
                 raise FloatingPointError(
