@@ -394,17 +394,10 @@ def sample_rows(n: int, size: int | None, seed: int) -> np.ndarray:
 
 
 def apply_projector(model: Any, img: np.ndarray, txt: np.ndarray, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """``model.encode_image`` / ``encode_text`` over numpy arrays in batches, on CPU, without gradients."""
-    import torch
+    """``model.encode_image`` / ``encode_text`` over numpy arrays in batches, on CPU (:func:`cxrlib.models.project`)."""
+    from cxrlib.models import project
 
-    def run(fn, x):
-        parts = [fn(torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size], dtype=np.float32))).numpy()
-                 for i in range(0, len(x), batch_size)]
-        return np.concatenate(parts).astype(np.float32)
-
-    model.eval()
-    with torch.no_grad():
-        return run(model.encode_image, img), run(model.encode_text, txt)
+    return project(model, img, txt, batch_size)
 
 
 @dataclass
@@ -423,15 +416,13 @@ def load_viz_data(dataset: str, backbone: str, projector_path: str | Path | None
                   sample_size: int | None = None, seed: int = 0) -> VizData:
     """Frozen embeddings of ``split`` (before) and the projector's output (after, when a path is given)."""
     from cxrlib import paths
+    from cxrlib.dag import embedding_key
     from cxrlib.datasets.labels import FINDING_LABELS
-    from cxrlib.datasets.table import load_study_table
-    from cxrlib.embstore import load_embeddings
-    from cxrlib.pairs import paired_split
+    from cxrlib.pairs import load_paired
 
-    table = load_study_table(paths.study_table_path(dataset))
-    emb_dir = paths.embeddings_dir() / dataset / "".join(c if c.isalnum() or c in "-_." else "_" for c in backbone)
-    pair = paired_split(table, load_embeddings(emb_dir / "image.npz"), load_embeddings(emb_dir / "text.npz"),
-                        split=split, finding_columns=list(FINDING_LABELS))
+    # the one paired-split loader: it refuses embeddings cached for another backbone
+    pair = load_paired(dataset, backbone, (split,), finding_columns=list(FINDING_LABELS))[split]
+    emb_dir = paths.embeddings_dir() / dataset / embedding_key(backbone)
     idx = sample_rows(len(pair), sample_size, seed)
     names = [c for c in FINDING_LABELS if c in pair.table.columns]
     findings = pair.findings[idx] if pair.findings is not None else None
@@ -440,17 +431,9 @@ def load_viz_data(dataset: str, backbone: str, projector_path: str | Path | None
                    n_split=len(pair), info={"dataset": dataset, "backbone": backbone, "split": split,
                                             "embeddings": str(emb_dir)})
     if projector_path is not None:
-        from cxrlib.projector import load_projector
+        from cxrlib.models import load_checked_projector
 
-        model, config = load_projector(projector_path)
-        for key, want in (("backbone", backbone), ("dataset", dataset)):
-            if config.get(key) not in (None, want):
-                raise ValueError(f"projector {projector_path} was trained on {key} {config[key]!r}, not {want!r}: "
-                                 f"pass {key}={config[key]!r} or retrain (notebook 02)")
-        dims = (model.build_args["in_dim_image"], model.build_args["in_dim_text"])
-        if dims != (pair.img.shape[1], pair.txt.shape[1]):
-            raise ValueError(f"projector {projector_path} takes image/text dims {dims}, the embeddings in {emb_dir} "
-                             f"have {(pair.img.shape[1], pair.txt.shape[1])}")
+        model, _ = load_checked_projector(projector_path, backbone, dataset, (pair.img.shape[1], pair.txt.shape[1]))
         data.spaces["after"] = apply_projector(model, *data.spaces["before"])
         data.info["projector"] = str(projector_path)
     return data

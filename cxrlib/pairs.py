@@ -1,4 +1,8 @@
-"""Align a study table with image and text embeddings: the input of training and evaluation."""
+"""Align a study table with image and text embeddings: the input of training, evaluation and the maps.
+
+:func:`load_paired` is the one loader of a table plus cached embeddings; it checks that the cached
+embeddings were extracted for the backbone asked for.
+"""
 
 from __future__ import annotations
 
@@ -73,7 +77,8 @@ def load_paired(dataset: str, backbone: str, splits: tuple[str, ...] = ("train",
 
     table_path = paths.study_table_path(dataset)
     if not table_path.is_file():
-        raise FileNotFoundError(f"no study table at {table_path}; run notebook 01 (make paper) first")
+        raise FileNotFoundError(f"no study table at {table_path}: notebook 01 writes it (`make demo` runs it offline, "
+                                f"`make paper DATASET={dataset}` with the data set at hand)")
     table = pd.read_parquet(table_path)  # validated by save_study_table when notebook 01 wrote it
     rows = table[table["split"].isin(splits)]
     bad = ~rows["label_abnormal"].isin((0, 1))

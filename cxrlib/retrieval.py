@@ -10,16 +10,14 @@ the rank-based metrics agree item for item, and results never depend on a sort's
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from cxrlib import paths, stats
+from cxrlib import stats
 from cxrlib.pairs import PairedSplit
 
 #: upper bound on the number of scores held at once by top-k search (64 Mi float32 = 256 MiB)
@@ -456,78 +454,14 @@ def compare_models(a: QueryScores, b: QueryScores, n_boot: int = 1000, n_perm: i
     return df
 
 
-# --- the models of a comparison: specs, embeddings, projector checkpoints ------------------------
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A model to evaluate: frozen ``backbone`` embeddings, optionally through projector ``run``.
-
-    In a spec given as a dict, ``"{backbone}"`` and ``"{run}"`` in any value are replaced by the
-    notebook's trained backbone and run name (so ``make paper W_SUPCON=0.5`` evaluates that run).
-    """
-
-    name: str
-    backbone: str
-    run: str | None = None
-
-    @classmethod
-    def parse(cls, spec: dict | ModelSpec, **placeholders: str) -> ModelSpec:
-        if isinstance(spec, ModelSpec):
-            return spec
-        if not isinstance(spec, dict) or not {"name", "backbone"} <= set(spec) or set(spec) - {"name", "backbone", "run"}:
-            raise ValueError(f"a model spec is a dict with 'name', 'backbone' and optionally 'run', got {spec!r}")
-        fill = {k: (v.format(**placeholders) if isinstance(v, str) else v) for k, v in spec.items()}
-        return cls(name=str(fill["name"]), backbone=str(fill["backbone"]), run=fill.get("run") or None)
-
-
-def projector_path(profile: str, run: str) -> Path:
-    """``results_dir(profile)/models/<run>/projector.pt`` (written by notebook 02_train)."""
-    return paths.results_dir(profile) / "models" / run / "projector.pt"
-
-
-def load_eval_split(dataset: str, backbone: str, split: str = "test",
-                    finding_columns: list[str] | None = None) -> PairedSplit:
-    """The study table's ``split`` with the cached embeddings of ``backbone`` and its finding labels
-    (see :func:`cxrlib.pairs.load_paired`)."""
-    from cxrlib.pairs import load_paired
-
-    return load_paired(dataset, backbone, (split,), finding_columns)[split]
-
-
-@torch.no_grad()
-def apply_projector(split: PairedSplit, checkpoint: str | os.PathLike, backbone: str | None = None,
-                    batch_size: int = 8192) -> tuple[PairedSplit, dict]:
-    """``split`` with embeddings passed through a trained projector (``load_projector``): (split, config).
-
-    A checkpoint trained on another backbone than ``backbone`` is an error.
-    """
-    from cxrlib.projector import load_projector
-
-    checkpoint = Path(checkpoint)
-    model, cfg = load_projector(checkpoint)
-    if backbone is not None and cfg.get("backbone") not in (None, backbone):
-        raise ValueError(f"{checkpoint} was trained on backbone {cfg.get('backbone')!r}, not {backbone!r}")
-    model.eval()
-
-    def run(x: np.ndarray, encode) -> np.ndarray:
-        t = torch.as_tensor(x, dtype=torch.float32)
-        return torch.cat([encode(t[s:s + batch_size]) for s in range(0, len(t), batch_size)]).numpy()
-
-    return replace(split, img=run(split.img, model.encode_image), txt=run(split.txt, model.encode_text)), cfg
-
-
-def load_model_split(spec: ModelSpec, dataset: str, profile: str, split: str = "test",
-                     finding_columns: list[str] | None = None) -> PairedSplit:
-    """The evaluation split of one model spec; a missing checkpoint names its path and how to build it."""
-    data = load_eval_split(dataset, spec.backbone, split, finding_columns)
-    if spec.run is None:
-        return data
-    ckpt = projector_path(profile, spec.run)
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"model {spec.name!r}: no projector checkpoint at {ckpt}; build it with "
-                                f"`make paper PROFILE={profile}` (notebook 02_train, run {spec.run!r})")
-    return apply_projector(data, ckpt, spec.backbone)[0]
+# --- the models of a comparison moved to cxrlib.models; these names stay importable from here ----
+from cxrlib.models import (  # noqa: E402,F401  (re-exported for callers not yet moved: cxrlib.search)
+    ModelSpec,
+    apply_projector,
+    load_eval_split,
+    load_model_split,
+    projector_path,
+)
 
 
 def example_queries(labels: np.ndarray, seed: int, per_class: int = 1) -> np.ndarray:

@@ -279,8 +279,9 @@ def test_apply_projector_batches_equal_one_pass():
     rng = np.random.default_rng(0)
     img, txt = rng.normal(size=(25, 8)).astype(np.float32), rng.normal(size=(25, 8)).astype(np.float32)
     a_img, a_txt = ev.apply_projector(model, img, txt, batch_size=7)
+    assert model.training  # the caller's mode is restored; the projection itself ran in eval mode
     with torch.no_grad():
-        ref = model.encode_image(torch.from_numpy(img)).numpy()
+        ref = model.eval().encode_image(torch.from_numpy(img)).numpy()
     np.testing.assert_allclose(a_img, ref, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(a_txt, axis=1), 1.0, atol=1e-5)
 

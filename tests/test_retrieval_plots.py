@@ -1,11 +1,10 @@
-"""Notebook-03 helpers: model specs, projector loading, example queries, and the figures they feed."""
+"""Notebook-03 helpers: example queries and the figures they feed (model specs and projectors: test_models.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from cxrlib import plots, retrieval
@@ -28,40 +27,6 @@ def _split(tmp_path, n=12, d=8, seed=0) -> PairedSplit:
                           "report": [f"Report {i}: " + "lungs clear heart normal " * (i % 4 + 1) for i in range(n)]})
     ids = np.array([f"s{i}" for i in range(n)])
     return PairedSplit(img, txt, labels, ids, ids, ids, np.arange(n), None, table)
-
-
-def test_model_spec_parse_and_placeholders():
-    spec = retrieval.ModelSpec.parse({"name": "B + projector", "backbone": "{backbone}", "run": "{run}"},
-                                     backbone="biomedclip", run="main")
-    assert spec == retrieval.ModelSpec("B + projector", "biomedclip", "main")
-    assert retrieval.ModelSpec.parse({"name": "B", "backbone": "clip"}).run is None
-    for bad in ({"name": "x"}, {"name": "x", "backbone": "b", "epochs": 3}, "clip"):
-        with pytest.raises(ValueError, match="model spec"):
-            retrieval.ModelSpec.parse(bad)
-
-
-def test_missing_checkpoint_names_path_and_make_target(workdir, monkeypatch):
-    sp = _split(workdir)
-    monkeypatch.setattr(retrieval, "load_eval_split", lambda *a, **k: sp)
-    spec = retrieval.ModelSpec("tuned", "tiny", "main")
-    with pytest.raises(FileNotFoundError, match=r"results/smoke/models/main/projector.pt.*make paper PROFILE=smoke"):
-        retrieval.load_model_split(spec, "synthetic", "smoke")
-    assert retrieval.load_model_split(retrieval.ModelSpec("frozen", "tiny"), "synthetic", "smoke") is sp
-
-
-def test_apply_projector_uses_the_checkpoint(workdir):
-    projector = pytest.importorskip("cxrlib.projector")
-    sp = _split(workdir)
-    model = projector.build_projector("linear", 8, 8)
-    path = workdir / "p.pt"
-    projector.save_projector(path, model, {"backbone": "tiny"})
-    out, cfg = retrieval.apply_projector(sp, path, "tiny")
-    with torch.no_grad():
-        expected = model.encode_image(torch.from_numpy(sp.img)).numpy()
-    np.testing.assert_allclose(out.img, expected, atol=1e-6)
-    assert cfg["backbone"] == "tiny" and out.table is sp.table
-    with pytest.raises(ValueError, match="trained on backbone 'tiny', not 'clip'"):
-        retrieval.apply_projector(sp, path, "clip")
 
 
 def test_example_queries_seeded_one_per_class():
@@ -90,24 +55,3 @@ def test_figures_render(tmp_path):
         plots.plt.close(fig)
     with pytest.raises(ValueError, match="no rows"):
         plots.plot_metric_at_k(df, "finding_precision")
-
-
-def test_load_eval_split_names_missing_embedding_ids(workdir):
-    from test_retrieval_notebook import write_fixture
-
-    from cxrlib import paths
-    from cxrlib.embstore import Embeddings, load_embeddings, save_embeddings
-
-    write_fixture(workdir)
-    sp = retrieval.load_eval_split("fixture", "tiny", "test", ["Cardiomegaly", "Lung Opacity"])
-    assert len(sp) == 36 and sp.findings.shape == (36, 2) and set(sp.table["split"]) == {"test"}
-    tuned = retrieval.load_model_split(retrieval.ModelSpec("t", "tiny-adapted", "main"), "fixture", "smoke")
-    assert np.allclose(np.linalg.norm(tuned.img, axis=1), 1, atol=1e-5)
-    with pytest.raises(ValueError, match="trained on backbone 'tiny-adapted', not 'tiny'"):
-        retrieval.load_model_split(retrieval.ModelSpec("x", "tiny", "main"), "fixture", "smoke")
-    path = paths.embeddings_dir() / "fixture" / "tiny" / "text.npz"
-    emb = load_embeddings(path)
-    keep = emb.ids != "s7"
-    save_embeddings(path, Embeddings(emb.ids[keep], emb.emb[keep], emb.meta))
-    with pytest.raises(KeyError, match="s7"):
-        retrieval.load_eval_split("fixture", "tiny", "test")
