@@ -186,15 +186,13 @@ def label_precision(split: PairedSplit, model: ProjectorModel | None = None, k: 
 
 @torch.no_grad()
 def _embed(split: PairedSplit, model: ProjectorModel | None, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    if model is not None:  # the one projector application, in one pass (cxrlib.models.project)
+        from cxrlib.models import project
+
+        return project(model, split.img, split.txt, batch_size=max(len(split), 1), device=str(device))
     img = torch.as_tensor(split.img, dtype=torch.float32, device=device)
     txt = torch.as_tensor(split.txt, dtype=torch.float32, device=device)
-    if model is None:
-        zi, zt = torch.nn.functional.normalize(img, dim=1), torch.nn.functional.normalize(txt, dim=1)
-    else:
-        was_training = model.training
-        model.eval()
-        zi, zt = model.encode_image(img), model.encode_text(txt)
-        model.train(was_training)
+    zi, zt = torch.nn.functional.normalize(img, dim=1), torch.nn.functional.normalize(txt, dim=1)
     return zi.cpu().numpy(), zt.cpu().numpy()
 
 
