@@ -21,6 +21,8 @@ METRIC_LABELS = {
     "recall": "R@{k}", "mrr": "MRR", "median_rank": "MedR",
     "label_precision": "P@{k}", "label_hit": "Hit@{k}", "label_map": "mAP",
     "finding_precision": "P@{k}", "finding_hit": "Hit@{k}", "finding_map": "mAP",
+    "class_precision": "P@{k}", "class_hit": "Hit@{k}", "class_map": "mAP",
+    "ndcg": "nDCG@{k}", "label_f1": "label-F1@{k}",
 }
 #: metrics shown as they are (not in percent)
 RAW_METRICS = {"median_rank"}
