@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from cxrlib import accel
+from cxrlib import accel, runtime
 from cxrlib.backbones import Backbone, load_backbone
 from cxrlib.embstore import Embeddings, load_embeddings, save_embeddings
 from cxrlib.images import ImageReadError, load_cxr_image
@@ -88,40 +88,9 @@ class ExtractionResult(dict):
 
 # ---- precision and device ---------------------------------------------------------------------
 
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 in hardware (AMX or AVX512-BF16), from /proc/cpuinfo."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in (" amx_bf16", " avx512_bf16"))
-
-
-def resolve_device(device: str = "auto") -> str:
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def resolve_precision(precision: str, device: str) -> str:
-    """``auto`` -> bf16 / fp16 / fp32 for ``device`` (see the module docstring); others pass through."""
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-    if precision != "auto":
-        if precision == "fp16" and not device.startswith("cuda"):
-            raise ValueError("fp16 autocast is for GPUs; on CPU use bf16 or fp32")
-        return precision
-    if device.startswith("cuda"):
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
-
-
-def autocast(device: str, precision: str):
-    """The autocast context of ``precision`` (a no-op for fp32)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+# one definition each, in cxrlib.runtime (these names stay importable from here)
+resolve_device, resolve_precision, autocast = runtime.resolve_device, runtime.resolve_precision, runtime.autocast
+cpu_has_native_bf16 = runtime.cpu_has_native_bf16
 
 
 # ---- items -------------------------------------------------------------------------------------
@@ -416,15 +385,7 @@ def _merge(modality: str, ids: list[str], shard_dir: Path, n_chunks: int, chunk_
     return len(order), skips
 
 
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if _dist()[1] > 1:
-        torch.distributed.barrier()
+_dist, _barrier = runtime.world, runtime.barrier
 
 
 def _read_stamp(out_dir: Path) -> dict[str, Any]:

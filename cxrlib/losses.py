@@ -34,10 +34,10 @@ BCE_ON = ("image", "text", "both")
 
 
 def _world() -> tuple[int, int]:
-    """(rank, world_size) of the initialised process group, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    """(rank, world_size) of the initialised process group, else (0, 1): :func:`cxrlib.runtime.world`."""
+    from cxrlib.runtime import world
+
+    return world()
 
 
 def gather_with_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:

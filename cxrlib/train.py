@@ -31,6 +31,7 @@ from cxrlib.losses import BCE_ON, MultiTaskLoss, _world
 from cxrlib.pairs import PairedSplit, load_paired
 from cxrlib.projector import KINDS, ProjectorModel, build_projector, save_projector
 from cxrlib.retrieval import label_precision_at_k
+from cxrlib.runtime import param_groups, warmup_cosine  # noqa: F401  (warmup_cosine: re-exported)
 
 
 @dataclass
@@ -131,16 +132,6 @@ class TrainResult:
     config: dict[str, Any]
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int):
-    """LR multiplier: linear 0->1 over ``warmup_steps`` (step 0 starts at 1/warmup), then cosine 1->0."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
 
 
 def resolve_pos_weight(pos_weight: float | str | None, labels: np.ndarray) -> float | None:
@@ -202,13 +193,6 @@ def project_split(split: PairedSplit, model: ProjectorModel, device: str = "cpu"
     return dataclasses.replace(split, img=zi, txt=zt)
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on weight matrices only (open_clip's rule: not on biases, norms or the logit scale)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-
-
 @torch.no_grad()
 def _val_losses(model: ProjectorModel, loss_fn: MultiTaskLoss, img: torch.Tensor, txt: torch.Tensor,
                 y: torch.Tensor, batch_size: int) -> dict[str, float]:
@@ -261,7 +245,7 @@ def train_projector(train: PairedSplit, val: PairedSplit, cfg: TrainConfig | Non
     net: torch.nn.Module = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model)
-    groups = _param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay)
     if not any(g["params"] for g in groups):
         raise ValueError(f"projector kind {cfg.kind!r} with a fixed temperature has no trainable parameters")
     opt = torch.optim.AdamW(groups, lr=cfg.lr, foreach=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from cxrlib import accel, embed
+from cxrlib import accel, embed, runtime
 
 
 @pytest.fixture
@@ -70,7 +70,7 @@ def test_precision_by_device(fake_cuda):
     fake_cuda.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a V100 / T4
     assert embed.resolve_precision("auto", "cuda:0") == "fp16"
     assert embed.resolve_precision("fp32", "cuda") == "fp32"
-    fake_cuda.setattr(embed, "cpu_has_native_bf16", lambda: False)
+    fake_cuda.setattr(runtime, "cpu_has_native_bf16", lambda: False)  # the one definition
     assert embed.resolve_precision("auto", "cpu") == "fp32"
     with pytest.raises(ValueError, match="fp16"):
         embed.resolve_precision("fp16", "cpu")

@@ -186,9 +186,11 @@ def test_text_dedup_conflicts_and_empty_reports(tiny, tmp_path):
 
 
 def test_precision_choice(monkeypatch):
-    monkeypatch.setattr(embed, "cpu_has_native_bf16", lambda: False)
+    from cxrlib import runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
     assert embed.resolve_precision("auto", "cpu") == "fp32"
-    monkeypatch.setattr(embed, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
     assert embed.resolve_precision("auto", "cpu") == "bf16"
     assert embed.resolve_precision("fp32", "cpu") == "fp32"
     with pytest.raises(ValueError, match="fp16"):
