@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import random
 import sys
@@ -52,6 +51,7 @@ from cxrlib import paths
 from cxrlib.embed import trim_padding  # noqa: F401  (re-exported: the locked-text cache uses it)
 from cxrlib.images import ImageReadError, load_cxr_image
 from cxrlib.io import atomic_path
+from cxrlib.projector import clamp_logit_scale_
 
 REQUIRED_COLUMNS = ("study_id", "image_id", "image_path", "report", "label_abnormal", "split")
 MONITORS = {"val_loss": "min", "val_recall": "max"}
@@ -288,7 +288,7 @@ class AdaptModel(nn.Module):
     def forward(self, images: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
         img = self.model.encode_image(images, normalize=True)
         txt = text if self.text_is_features else self.model.encode_text(text, normalize=True)
-        scale = self.model.logit_scale.clamp(max=math.log(100.0)).exp()
+        scale = self.model.logit_scale.exp()  # kept <= log(100) in place after each step (clamp_logit_scale_)
         return {"image": img, "text": txt, "logit_scale": scale,
                 "image_logits": self.classifier(img.float()).squeeze(-1),
                 "text_logits": self.classifier(txt.float()).squeeze(-1)}
@@ -516,6 +516,7 @@ def adapt(table: pd.DataFrame, backbone: Any, cfg: AdaptConfig, progress: bool =
     text_seconds = time.perf_counter() - t_text
     trainable = set_trainable(model, cfg.lock_text)
     net = AdaptModel(model, backbone.embed_dim, text_is_features=cfg.lock_text).to(device)
+    clamp_logit_scale_(model.logit_scale)  # the loss reads exp(logit_scale) unclamped
     # parameters no active term uses stay frozen (DDP requires every trainable parameter to get a gradient)
     if cfg.w_clip == 0:
         model.logit_scale.requires_grad_(False)
@@ -590,6 +591,7 @@ def adapt(table: pd.DataFrame, backbone: Any, cfg: AdaptConfig, progress: bool =
             optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
             optimizer.step()
+            clamp_logit_scale_(model.logit_scale)
             scheduler.step()
             step += 1
             n_images += len(idx)

@@ -14,7 +14,9 @@ Every ``encode_*`` returns L2-normalised embeddings. The classifier is one ``Lin
 when ``classifier_hidden > 0``) shared by both modalities and applied to the normalised projected embedding,
 so the BCE term shapes the retrieval space of whichever modalities feed it (``TrainConfig.bce_on``).
 ``logit_scale`` (log of the inverse CLIP temperature, as in open_clip) lives on the model so a checkpoint
-holds it; retrieval by cosine similarity never uses it.
+holds it; retrieval by cosine similarity never uses it. As in open_clip it is kept in ``[0, log(100)]`` by
+clamping the *parameter* in place after each optimiser step (:func:`clamp_logit_scale_`), not its value in
+the forward pass (whose gradient is 0 past the bound, so a scale that passed it could never come back).
 """
 
 from __future__ import annotations
@@ -34,6 +36,13 @@ KINDS = ("identity", "linear", "mlp", "residual_mlp")
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 #: the largest logit scale (inverse temperature) allowed, as in open_clip
 MAX_LOGIT_SCALE = 100.0
+
+
+def clamp_logit_scale_(logit_scale: torch.Tensor) -> torch.Tensor:
+    """Clamp a log logit scale in place to ``[0, log(MAX_LOGIT_SCALE)]`` without recording a gradient (open_clip's
+    ``logit_scale.clamp_(0, math.log(100))`` after ``optimizer.step()``); returns it."""
+    with torch.no_grad():
+        return logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
 
 
 def _mlp(in_dim: int, width: int, out_dim: int, depth: int, dropout: float, activation: str) -> nn.Sequential:
@@ -101,8 +110,8 @@ class ProjectorModel(nn.Module):
             out_dim = in_dim_image
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if not 0.0 < init_temperature <= 1.0:
-            raise ValueError(f"init_temperature must be in (0, 1], got {init_temperature}")
+        if not 1.0 / MAX_LOGIT_SCALE <= init_temperature <= 1.0:
+            raise ValueError(f"init_temperature must be in [{1.0 / MAX_LOGIT_SCALE}, 1], got {init_temperature}")
         self.build_args: dict[str, Any] = dict(
             kind=kind, in_dim_image=in_dim_image, in_dim_text=in_dim_text, out_dim=out_dim, width=width,
             depth=depth, dropout=dropout, activation=activation, classifier_hidden=classifier_hidden,
@@ -113,6 +122,11 @@ class ProjectorModel(nn.Module):
         self.classifier = (nn.Linear(out_dim, 1) if classifier_hidden <= 0 else
                            _mlp(out_dim, classifier_hidden, 1, 1, dropout, activation))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        self.clamp_logit_scale_()
+
+    def clamp_logit_scale_(self) -> None:
+        """Keep ``logit_scale`` in ``[0, log(MAX_LOGIT_SCALE)]``; call after every optimiser step."""
+        clamp_logit_scale_(self.logit_scale)
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         """Projected, L2-normalised image embeddings [N, out_dim]."""
@@ -127,8 +141,9 @@ class ProjectorModel(nn.Module):
         return self.classifier(z).squeeze(-1)
 
     def scale(self) -> torch.Tensor:
-        """``exp(logit_scale)`` clamped to ``MAX_LOGIT_SCALE`` (open_clip's clamp)."""
-        return self.logit_scale.clamp(max=math.log(MAX_LOGIT_SCALE)).exp()
+        """``exp(logit_scale)``: the parameter itself is kept at most ``log(MAX_LOGIT_SCALE)`` (see
+        :meth:`clamp_logit_scale_`), so the gradient always reaches it."""
+        return self.logit_scale.exp()
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, classify: bool = True) -> dict[str, torch.Tensor]:
         out = {"image": self.encode_image(img), "text": self.encode_text(txt), "logit_scale": self.scale()}
@@ -166,4 +181,5 @@ def load_projector(path: str | os.PathLike, map_location: str = "cpu") -> tuple[
     args = dict(payload["build_args"])
     model = build_projector(args.pop("kind"), args.pop("in_dim_image"), args.pop("in_dim_text"), **args)
     model.load_state_dict(payload["state_dict"])
+    model.clamp_logit_scale_()  # a checkpoint written before the in-place clamp may hold a larger value
     return model.eval(), payload["config"]

@@ -42,6 +42,7 @@ def test_logit_scale_is_clamped_at_100():
     assert float(m.scale().detach()) == pytest.approx(1 / 0.07, rel=1e-5)
     with torch.no_grad():
         m.logit_scale.fill_(10.0)
+    m.clamp_logit_scale_()  # the parameter is clamped in place (after each step), not its forward value
     assert float(m.scale().detach()) == pytest.approx(100.0)
 
 

@@ -1,0 +1,88 @@
+"""The CLIP logit scale is clamped as a parameter (in place, after the step), so it can come back from the bound."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from cxrlib.projector import MAX_LOGIT_SCALE, build_projector, clamp_logit_scale_, load_projector, save_projector
+
+BOUND = math.log(MAX_LOGIT_SCALE)
+
+
+def test_scale_at_the_bound_still_gets_a_gradient_and_comes_back():
+    """Push the scale up past the bound for a while, then down: it must leave the bound again.
+
+    With the value clamped in the forward pass (the old code) the parameter drifted past log(100), its
+    gradient was 0 and the second phase could not move it."""
+    model = build_projector("linear", 4, 4, init_temperature=0.05)
+    opt = torch.optim.SGD([model.logit_scale], lr=0.05)
+    for _ in range(200):  # a loss that wants a larger scale
+        opt.zero_grad()
+        (-model.scale()).backward()
+        opt.step()
+        model.clamp_logit_scale_()
+    assert float(model.logit_scale.detach()) == pytest.approx(BOUND) and float(model.scale().detach()) == pytest.approx(100.0)
+    opt.zero_grad()
+    model.scale().backward()
+    assert float(model.logit_scale.grad) == pytest.approx(100.0)  # d exp(s)/ds at the bound, not 0
+    for _ in range(5):  # now a loss that wants a smaller scale
+        opt.zero_grad()
+        model.scale().backward()
+        opt.step()
+        model.clamp_logit_scale_()
+    assert float(model.scale().detach()) < 99.0
+
+
+def test_clamp_is_in_place_and_records_no_gradient():
+    p = torch.nn.Parameter(torch.tensor(7.0))
+    assert clamp_logit_scale_(p) is p and float(p) == pytest.approx(BOUND) and p.grad_fn is None
+    p = torch.nn.Parameter(torch.tensor(-1.0))
+    assert float(clamp_logit_scale_(p)) == 0.0
+    with pytest.raises(ValueError, match="init_temperature"):
+        build_projector("linear", 4, 4, init_temperature=0.001)
+
+
+def test_training_keeps_the_parameter_within_the_bound(monkeypatch):
+    """``train_projector`` clamps the parameter after each step: exact pairs make the CLIP loss want an ever larger
+    scale, and every forward pass must see the *parameter* (not only its clamped value) at most log(100)."""
+    import numpy as np
+
+    from cxrlib.projector import ProjectorModel
+    from cxrlib.train import TrainConfig, synthetic_splits, train_projector
+
+    rng = np.random.default_rng(0)
+
+    def exact_pairs(split):  # a low dimension: pairs are not trivially separated, so the gradient is not 0
+        x = rng.standard_normal((len(split), 4)).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        return dataclasses.replace(split, img=x, txt=x.copy())
+
+    seen: list[float] = []
+    original = ProjectorModel.scale
+
+    def spy(self):
+        seen.append(float(self.logit_scale.detach()))
+        return original(self)
+
+    monkeypatch.setattr(ProjectorModel, "scale", spy)
+    torch.set_num_threads(1)
+    splits = {k: exact_pairs(v) for k, v in synthetic_splits(128, 48, dim=16, seed=0).items()}
+    cfg = TrainConfig(kind="identity", batch_size=64, epochs=3, lr=0.1, w_bce=0.0, w_supcon=0.0, w_clip=1.0,
+                      clip_temperature=0.0125, learn_temperature=True)
+    r = train_projector(splits["train"], splits["val"], cfg, progress=False)
+    assert max(seen) == pytest.approx(BOUND)  # it reached the bound ...
+    assert max(seen) <= BOUND + 1e-6          # ... and never went past it
+    assert float(r.history["logit_scale"].max()) <= MAX_LOGIT_SCALE * (1 + 1e-5)
+
+
+def test_loading_an_old_checkpoint_clamps_it(tmp_path):
+    model = build_projector("linear", 4, 4)
+    with torch.no_grad():
+        model.logit_scale.fill_(9.0)  # as a checkpoint trained under the value clamp could hold
+    save_projector(tmp_path / "p.pt", model, {})
+    back, _ = load_projector(tmp_path / "p.pt")
+    assert float(back.logit_scale.detach()) == pytest.approx(BOUND)
