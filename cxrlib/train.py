@@ -31,6 +31,7 @@ from cxrlib.losses import BCE_ON, MultiTaskLoss, _world
 from cxrlib.pairs import PairedSplit, load_paired
 from cxrlib.projector import KINDS, ProjectorModel, build_projector, save_projector
 from cxrlib.retrieval import label_precision_at_k
+from cxrlib.runtime import param_groups, warmup_cosine  # noqa: F401  (warmup_cosine: re-exported)
 
 
 @dataclass
@@ -131,16 +132,6 @@ class TrainResult:
     config: dict[str, Any]
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int):
-    """LR multiplier: linear 0->1 over ``warmup_steps`` (step 0 starts at 1/warmup), then cosine 1->0."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
 
 
 def resolve_pos_weight(pos_weight: float | str | None, labels: np.ndarray) -> float | None:
@@ -186,15 +177,13 @@ def label_precision(split: PairedSplit, model: ProjectorModel | None = None, k: 
 
 @torch.no_grad()
 def _embed(split: PairedSplit, model: ProjectorModel | None, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    if model is not None:  # the one projector application, in one pass (cxrlib.models.project)
+        from cxrlib.models import project
+
+        return project(model, split.img, split.txt, batch_size=max(len(split), 1), device=str(device))
     img = torch.as_tensor(split.img, dtype=torch.float32, device=device)
     txt = torch.as_tensor(split.txt, dtype=torch.float32, device=device)
-    if model is None:
-        zi, zt = torch.nn.functional.normalize(img, dim=1), torch.nn.functional.normalize(txt, dim=1)
-    else:
-        was_training = model.training
-        model.eval()
-        zi, zt = model.encode_image(img), model.encode_text(txt)
-        model.train(was_training)
+    zi, zt = torch.nn.functional.normalize(img, dim=1), torch.nn.functional.normalize(txt, dim=1)
     return zi.cpu().numpy(), zt.cpu().numpy()
 
 
@@ -202,13 +191,6 @@ def project_split(split: PairedSplit, model: ProjectorModel, device: str = "cpu"
     """A copy of ``split`` whose ``img``/``txt`` are the projector's normalised embeddings."""
     zi, zt = _embed(split, model, device)
     return dataclasses.replace(split, img=zi, txt=zt)
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on weight matrices only (open_clip's rule: not on biases, norms or the logit scale)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
 @torch.no_grad()
@@ -263,7 +245,7 @@ def train_projector(train: PairedSplit, val: PairedSplit, cfg: TrainConfig | Non
     net: torch.nn.Module = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model)
-    groups = _param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay)
     if not any(g["params"] for g in groups):
         raise ValueError(f"projector kind {cfg.kind!r} with a fixed temperature has no trainable parameters")
     opt = torch.optim.AdamW(groups, lr=cfg.lr, foreach=True)
