@@ -66,6 +66,11 @@ def save_figure(fig: plt.Figure, stem: str, out_dir: str | Path, formats: tuple[
     return written
 
 
+def _legend_below(ax, ncol: int = 2, fontsize: float = 7) -> None:
+    """The axes' legend below its x label, outside the data area (a legend inside hides curves)."""
+    ax.legend(fontsize=fontsize, ncol=ncol, loc="upper center", bbox_to_anchor=(0.5, -0.2), borderaxespad=0)
+
+
 # --- 00 backbone adaptation ------------------------------------------------------------------
 
 def plot_adaptation_curves(history, best_epoch: int | None = None) -> plt.Figure:
@@ -84,7 +89,7 @@ def plot_adaptation_curves(history, best_epoch: int | None = None) -> plt.Figure
                              label=f"{term} ({prefix})")
     ax_loss.set(xlabel="epoch (0 = before adaptation)", ylabel="loss (total weighted, terms unweighted)",
                 title="adaptation loss" + (f" ({terms[0]} only)" if len(terms) == 1 else ""))
-    ax_loss.legend(fontsize=7, ncol=2)
+    _legend_below(ax_loss)
     ks = sorted({int(c.split("@")[1]) for c in history.columns if c.startswith("val_i2t_R@")})
     palette = sns.color_palette("crest", max(len(ks), 1))
     for color, k in zip(palette, ks):
@@ -96,7 +101,7 @@ def plot_adaptation_curves(history, best_epoch: int | None = None) -> plt.Figure
         ax_rec.axvline(best_epoch, color="0.5", lw=0.8, ls="--", label=f"kept epoch {best_epoch}")
     ax_rec.set(xlabel="epoch (0 = before adaptation)", ylabel="recall (identical reports count)",
                title="validation retrieval", ylim=(0, 1.02))
-    ax_rec.legend(fontsize=7, ncol=2)
+    _legend_below(ax_rec)
     for ax in (ax_loss, ax_rec):
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()
@@ -278,8 +283,9 @@ def plot_per_class(results, metric: str = "label_precision", k: int | None = 5, 
             tick.set_color(LABEL_COLORS.get(c, "0.2"))
     label = metric.replace("_", " ") + (f"@{k}" if k is not None else "")
     axes[0][0].set_ylabel(f"{label} (%)")
-    axes[0][-1].legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, fontsize=8, loc="lower center", ncol=min(len(models), 4), bbox_to_anchor=(0.5, 0))
+    fig.tight_layout(rect=(0, 0.06 + 0.05 * ((len(models) - 1) // 4), 1, 1))  # room for the legend below
     return fig
 
 
@@ -294,17 +300,31 @@ def _label_name(label) -> str:
     return LABEL_NAMES.get(int(label), str(label))
 
 
+def collapse_identical(texts, indices) -> list[tuple[str, list[int], list[int]]]:
+    """Group retrieved items whose report text is identical: ``[(text, ranks, gallery rows)]`` in order of
+    each text's best rank (ranks 1-based)."""
+    groups: dict[str, tuple[list[int], list[int]]] = {}
+    for rank, j in enumerate(indices, start=1):
+        ranks, rows = groups.setdefault(" ".join(str(texts[j]).split()), ([], []))
+        ranks.append(rank)
+        rows.append(int(j))
+    return [(t, r, rows) for t, (r, rows) in groups.items()]
+
+
 def plot_image_to_reports(table, queries, indices, scores, title: str = "") -> plt.Figure:
-    """Rows of queries: the query image (with its label) and its top-k reports with labels and scores.
+    """Rows of queries: the query image (with its label), its true report, and its top-k reports.
 
     ``table`` holds the split's rows (``image_path``, ``report``, ``label_abnormal``); ``indices`` /
-    ``scores`` are the top-k gallery rows of each query. The true pair is marked ✓.
+    ``scores`` are the top-k gallery rows of each query. Identical report texts among the top k are shown
+    once with their ranks and count (``×3, ranks 1, 2, 4``); ✓ marks the true pair, ≡ a text identical to
+    the true report.
     """
     from cxrlib.images import load_cxr_image
 
     apply_style()
     k = indices.shape[1]
-    fig, axes = plt.subplots(len(queries), 2, figsize=(12, 2.2 + 0.55 * k * len(queries)), squeeze=False,
+    texts = table["report"].to_numpy()
+    fig, axes = plt.subplots(len(queries), 2, figsize=(12, 2.6 + 0.55 * (k + 1) * len(queries)), squeeze=False,
                              gridspec_kw={"width_ratios": [1, 3.2]})
     for row, (q, idx, sc) in enumerate(zip(queries, indices, scores)):
         qrow = table.iloc[q]
@@ -314,16 +334,23 @@ def plot_image_to_reports(table, queries, indices, scores, title: str = "") -> p
                          color=LABEL_COLORS[int(qrow["label_abnormal"])])
         ax_img.axis("off")
         ax_txt.axis("off")
-        y = 1.0
-        for rank, (j, s) in enumerate(zip(idx, sc), start=1):
-            g = table.iloc[j]
-            mark = " ✓ true pair" if j == q else ""
-            ax_txt.text(0, y, f"{rank}. [{_label_name(g['label_abnormal'])}] sim {s:.3f}{mark}", fontsize=8.5,
-                        weight="bold", color=LABEL_COLORS[int(g["label_abnormal"])], va="top",
-                        transform=ax_txt.transAxes)
-            ax_txt.text(0.02, y - 0.07, _wrap(g["report"], 120, 2), fontsize=7.5, va="top",
-                        transform=ax_txt.transAxes)
-            y -= 1.0 / k
+        groups = collapse_identical(texts, idx)
+        step = 1.0 / (len(groups) + 1)
+        ax_txt.text(0, 1.0, "true report", fontsize=8.5, weight="bold", va="top", transform=ax_txt.transAxes)
+        ax_txt.text(0.02, 1.0 - 0.07, _wrap(qrow["report"], 120, 2), fontsize=7.5, va="top", style="italic",
+                    transform=ax_txt.transAxes)
+        true_text = " ".join(str(qrow["report"]).split())
+        score_of = dict(zip(map(int, idx), sc))
+        y = 1.0 - step
+        for text, ranks, rows in groups:
+            g = table.iloc[rows[0]]
+            mark = " ✓ true pair" if q in rows else (" ≡ true report's text" if text == true_text else "")
+            count = f" ×{len(ranks)} (ranks {', '.join(map(str, ranks))})" if len(ranks) > 1 else ""
+            ax_txt.text(0, y, f"{ranks[0]}. [{_label_name(g['label_abnormal'])}] sim {score_of[rows[0]]:.3f}"
+                        f"{count}{mark}", fontsize=8.5, weight="bold", color=LABEL_COLORS[int(g["label_abnormal"])],
+                        va="top", transform=ax_txt.transAxes)
+            ax_txt.text(0.02, y - 0.07, _wrap(text, 120, 2), fontsize=7.5, va="top", transform=ax_txt.transAxes)
+            y -= step
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -506,13 +533,30 @@ def plot_modality_maps(maps, labels, method: str, title: str | None = None, scor
 # --- 05 loss ablation -------------------------------------------------------------------------
 
 
+def column_scaled(values):
+    """Each column of ``values`` mapped to 0..1 over its own min..max (a constant column -> 0.5), NaN kept."""
+    v = values.astype(float)
+    lo, hi = v.min(axis=0), v.max(axis=0)
+    span = (hi - lo).where(hi > lo)
+    return ((v - lo) / span).fillna(0.5).where(v.notna())
+
+
 def plot_ablation_heatmap(values, annot, title: str = "Loss-weight ablation (test split, 95% CI)"):
-    """Heatmap of headline metrics (rows: loss weightings, frozen first; columns: metric x direction)."""
-    fig, ax = plt.subplots(figsize=(1.55 * values.shape[1] + 2.5, 0.62 * values.shape[0] + 1.6))
-    sns.heatmap(values.astype(float), annot=annot.to_numpy(), fmt="", cmap="viridis", ax=ax,
-                cbar_kws={"label": "%"}, annot_kws={"fontsize": 7}, linewidths=0.5, linecolor="white")
+    """Heatmap of headline metrics (rows: loss weightings, frozen first; columns: metric x direction).
+
+    The colour of a cell is scaled within its column (one scale per metric column: R@5 of 1-6% and P@5
+    of 66-89% would share no useful colour range); each column label gives its range, and the annotation
+    the value itself.
+    """
+    fig, ax = plt.subplots(figsize=(1.55 * values.shape[1] + 2.5, 0.62 * values.shape[0] + 1.8))
+    v = values.astype(float)
+    scaled = column_scaled(v)
+    sns.heatmap(scaled, annot=annot.to_numpy(), fmt="", cmap="viridis", ax=ax, vmin=0, vmax=1, cbar=False,
+                annot_kws={"fontsize": 7}, linewidths=0.5, linecolor="white")
+    ax.set_xticks([i + 0.5 for i in range(v.shape[1])],
+                  [f"{c}\n({v[c].min():.1f}-{v[c].max():.1f}%)" for c in v.columns])
     ax.set_ylabel("")
-    ax.set_title(title)
+    ax.set_title(title + "\ncolour scaled within each column (low -> high)", fontsize=10)
     ax.tick_params(axis="x", labelrotation=0, labelsize=8)
     ax.tick_params(axis="y", labelrotation=0)
     fig.tight_layout()
