@@ -308,6 +308,24 @@ def _binary_findings(findings: np.ndarray | None) -> np.ndarray | None:
     return pos.astype(np.float32) if pos.any() else None
 
 
+def group_representatives(emb: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(embeddings, group ids)``: one item per report group for the merged gallery, in group-id order.
+
+    A group's item is the mean of its members' embeddings, re-normalised. Members share their normalised
+    text but not always their raw text (case, punctuation, the removed ``XXXX``), so their embeddings can
+    differ; unlike "the first member", the mean does not depend on the order of the rows.
+    """
+    keys, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    emb = np.asarray(emb, dtype=np.float64)
+    sums = np.zeros((len(keys), emb.shape[1]), np.float64)
+    np.add.at(sums, inverse, emb)
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise ValueError(f"report group {keys[np.flatnonzero(norms[:, 0] == 0)[0]]}: its members' embeddings "
+                         "sum to zero, so the group has no mean direction")
+    return (sums / norms).astype(np.float32), keys
+
+
 def query_scores(split: PairedSplit, model_name: str, ks=(1, 5, 10), chunk_size: int = 4096,
                  progress: bool = False) -> QueryScores:
     """Every per-query metric of ``split`` in both directions (see :func:`evaluate_pairs`)."""
@@ -334,8 +352,7 @@ def query_scores(split: PairedSplit, model_name: str, ks=(1, 5, 10), chunk_size:
 
     for direction in DIRECTIONS:
         q, g = (split.img, split.txt) if direction == "image_to_text" else (split.txt, split.img)
-        reps = np.unique(groups, return_index=True)[1]  # first row of each report group
-        merged_gallery, merged_keys = (g[reps], groups[reps]) if direction == "image_to_text" else (g, groups)
+        merged_gallery, merged_keys = group_representatives(g, groups) if direction == "image_to_text" else (g, groups)
         passes = {"raw": (g, {"pair": (key_rel(idx, idx), {"rank"}), "label": (lab_rel, {"topk", "ap"})}),
                   "merged": (merged_gallery, {"pair": (key_rel(groups, merged_keys), {"rank"})})}
         if fpos is not None:
@@ -403,8 +420,8 @@ def evaluate_pairs(split: PairedSplit, model_name: str, ks=(1, 5, 10), n_boot: i
 
     Tidy columns (:data:`COLUMNS`): ``model``; ``direction`` (``image_to_text``/``text_to_image``);
     ``gallery``: ``raw`` (every study's item is separate) or ``merged`` (identical report texts,
-    ``split.report_groups``, count as one item: image-to-text searches one text per group and a hit is
-    the query's group; text-to-image counts any image whose report is identical as a hit);
+    ``split.report_groups``, count as one item: image-to-text searches one text per group (the members'
+    mean embedding, re-normalised: :func:`group_representatives`) and a hit is the query's group; text-to-image counts any image whose report is identical as a hit);
     ``query_class`` (``all``/``normal``/``abnormal``); ``metric``; ``k`` (empty for k-free metrics);
     ``value`` with ``ci_low``/``ci_high``; ``n`` queries used, ``n_excluded`` queries without a relevant
     item, ``n_patients``, ``gallery_size``, ``note`` (exclusions, skipped k). Metrics:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -50,6 +52,17 @@ def _tm(metric, q, g, rel):
     return float(metric(s.reshape(-1), torch.as_tensor(rel).reshape(-1), indexes=idx.reshape(-1)))
 
 
+def _group_means_loop(emb, groups):
+    """The merged gallery's items written as a loop: each group's mean embedding, re-normalised, by group id."""
+    keys = sorted(set(groups.tolist()))
+    means = []
+    for key in keys:
+        members = [emb[i].astype(np.float64) for i in range(len(groups)) if groups[i] == key]
+        m = sum(members) / len(members)
+        means.append(m / np.linalg.norm(m))
+    return np.array(keys), np.array(means, np.float32)
+
+
 def _mean(scores, key):
     return float(np.nanmean(scores.values[key]))
 
@@ -68,8 +81,8 @@ def test_metrics_equal_torchmetrics_random(seed):
         finding = (fpos.astype(int) @ fpos.T.astype(int)) > 0
         groups = sp.report_groups
         if direction == "image_to_text":
-            reps = np.unique(groups, return_index=True)[1]
-            g_merged, merged = g[reps], groups[:, None] == groups[reps][None, :]
+            keys, g_merged = _group_means_loop(g, groups)
+            merged = groups[:, None] == keys[None, :]
         else:
             g_merged, merged = g, groups[:, None] == groups[None, :]
         for gallery, gal, rel in (("raw", g, pair), ("merged", g_merged, merged)):
@@ -233,3 +246,24 @@ def test_block_boundaries_do_not_change_results(monkeypatch):
     assert got.keys() == ref.keys()
     for key in ref:
         np.testing.assert_array_equal(got[key], ref[key])
+
+
+def test_merged_gallery_does_not_depend_on_row_order():
+    """Members of a report group with different embeddings (raw texts differ in case or punctuation): the group's
+    item is their re-normalised mean, so permuting the rows permutes the per-query values and nothing else."""
+    sp = _random_split(3, n=40, d=6, n_groups=12)
+    txt = sp.txt + 0.4 * np.random.default_rng(9).standard_normal(sp.txt.shape).astype(np.float32)  # members differ
+    sp = dataclasses.replace(sp, txt=_unit(txt))
+    perm = np.random.default_rng(1).permutation(len(sp))
+    shuffled = dataclasses.replace(sp, img=sp.img[perm], txt=sp.txt[perm], labels=sp.labels[perm],
+                                   study_ids=sp.study_ids[perm], patient_ids=sp.patient_ids[perm],
+                                   image_ids=sp.image_ids[perm], report_groups=sp.report_groups[perm],
+                                   findings=sp.findings[perm])
+    a, b = retrieval.query_scores(sp, "m", (1, 3)), retrieval.query_scores(shuffled, "m", (1, 3))
+    for key, v in a.values.items():
+        if key[1] == "merged":
+            np.testing.assert_allclose(b.values[key], v[perm], err_msg=str(key))
+    reps, keys = retrieval.group_representatives(sp.txt, sp.report_groups)
+    ref_keys, ref = _group_means_loop(sp.txt, sp.report_groups)
+    np.testing.assert_array_equal(keys, ref_keys)
+    np.testing.assert_allclose(reps, ref, atol=1e-6)
