@@ -1,0 +1,202 @@
+"""The GPU check (run by ``benchmarks/gpu_check.sh``): extraction, projector training and search on a GPU.
+
+1. ``embed_throughput`` on CUDA: BiomedCLIP architecture (random weights), synthetic MIMIC-like JPEGs
+   and Open-I-like PNGs; naive loop, pure forward, extractor with CPU and with GPU decode, and under
+   ``torch.compile`` (skip with ``--no-compile``); peak GPU memory; cosines.
+2. A short projector training on ``--train-pairs`` synthetic 512-d pairs, its embeddings resident on
+   the GPU; seconds per epoch and the projected time of ``--target-epochs`` epochs.
+3. Top-``k`` search of ``--queries`` against ``--gallery`` items on the GPU, checked against the CPU
+   search on a sample of queries.
+4. With two GPUs or more: a 2-process ``torchrun`` extraction (NCCL), checked against one process.
+
+Targets (one recent data-centre GPU): extractor >= 90% of the forward on PNGs, >= 2,000 images/s on
+full-resolution JPEGs with GPU decode, 300k pairs x 50 epochs under 120 s, 2,000 x 300,000 top-10
+under 2 s. The last line printed is one JSON object. Without a GPU it says so and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from cxrlib import accel  # noqa: E402
+
+TARGETS = {"train_projected_s": 120.0, "search_s": 2.0, "jpeg_device_images_per_s": 2000.0,
+           "png_fraction_of_forward": 0.9}
+
+
+def _sync(device: str) -> None:
+    if accel.is_cuda(device):
+        torch.cuda.synchronize()
+
+
+def _reset_peak(device: str) -> None:
+    if accel.is_cuda(device):
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_mb(device: str) -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1) if accel.is_cuda(device) else None
+
+
+def environment() -> dict:
+    import torchvision
+
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "cuda": torch.version.cuda,
+            "gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(), "cores": accel.available_cores(),
+            "bf16": torch.cuda.is_bf16_supported(), "build_problem": accel.cuda_build_problem(),
+            "gpu_jpeg_decode_problem": accel.decoder_problem("cuda")}
+
+
+def check_embed(compile: bool) -> dict:
+    import embed_throughput
+
+    res = embed_throughput.main(["--device", "cuda"] + (["--compile"] if compile else []))
+    keep = ("precision", "images", "forward_batch_size", "num_workers", "naive_images_per_s", "forward_images_per_s",
+            "forward_peak_gpu_mb", "extractor", "extractor_png_fraction_of_forward",
+            "low_precision_vs_fp32_min_cosine", "device_vs_cpu_decode_min_cosine", "seconds", "targets")
+    return {k: res[k] for k in keep}
+
+
+def check_train(n_train: int, n_val: int, epochs: int, target_epochs: int, device: str = "cuda") -> dict:
+    from cxrlib.train import TrainConfig, synthetic_splits, train_projector
+
+    t0 = time.perf_counter()
+    splits = synthetic_splits(n_train, n_val, dim=512, seed=0)
+    made = time.perf_counter() - t0
+    cfg = TrainConfig(epochs=epochs, patience=epochs, device=device, seed=0)
+    _reset_peak(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    res = train_projector(splits["train"], splits["val"], cfg, progress=False)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    per_epoch = float(res.history["seconds"].iloc[1:].mean())
+    return {"pairs": n_train, "val": n_val, "epochs": epochs, "batch_size": cfg.batch_size, "seconds": round(seconds, 2),
+            "seconds_per_epoch": round(per_epoch, 3), "setup_seconds": round(seconds - per_epoch * epochs, 2),
+            f"projected_{target_epochs}_epochs_s": round(seconds + per_epoch * (target_epochs - epochs), 1),
+            "data_seconds": round(made, 1), "best_val_metric": round(res.best_metric, 4),
+            "peak_gpu_mb": _peak_mb(device)}
+
+
+def check_search(n_queries: int, n_gallery: int, k: int, n_verify: int, device: str = "cuda") -> dict:
+    from cxrlib.retrieval import topk_similarity
+
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((n_gallery, 512), dtype=np.float32)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    q = g[rng.integers(0, n_gallery, n_queries)] + 0.5 * rng.standard_normal((n_queries, 512), dtype=np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    topk_similarity(q[:64], g, k, device=device)  # warm-up (CUDA context, kernels)
+    _sync(device)
+    t0 = time.perf_counter()
+    s, i = topk_similarity(q, g, k, device=device)
+    seconds = time.perf_counter() - t0
+    cs, ci = topk_similarity(q[:n_verify], g, k, device="cpu")
+    same = float(np.mean(ci == i[:n_verify]))
+    return {"queries": n_queries, "gallery": n_gallery, "k": k, "seconds": round(seconds, 3),
+            "verified_queries": n_verify, "same_indices_as_cpu": same,
+            "max_score_diff_vs_cpu": float(np.abs(cs - s[:n_verify]).max())}
+
+
+def check_torchrun(tmp: Path, device: str = "cuda") -> dict:
+    """2-process extraction under torchrun (NCCL on GPUs, gloo on CPU) vs one process: same ids, same embeddings."""
+    import pandas as pd
+    from PIL import Image
+
+    from cxrlib.embstore import load_embeddings
+
+    if accel.is_cuda(device) and torch.cuda.device_count() < 2:
+        return {"skipped": f"{torch.cuda.device_count()} GPU: the 2-process check needs two"}
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(96):
+        p = tmp / f"t{i:03d}.png"
+        Image.fromarray(rng.integers(0, 256, (80, 96), dtype=np.uint8)).save(p)
+        rows.append({"image_id": f"i{i:03d}", "image_path": str(p), "study_id": f"s{i:03d}", "report": f"report {i}"})
+    pd.DataFrame(rows).to_parquet(tmp / "t.parquet")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    common = ["-m", "cxrlib.embed", "--table", str(tmp / "t.parquet"), "--backbone", "tiny", "--batch-size", "8",
+              "--num-workers", "2" if accel.is_cuda(device) else "0", "--precision", "fp32", "--no-progress"]
+    t0 = time.perf_counter()
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *common,
+                          "--out-dir", str(tmp / "two"), "--device", device], env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    one = subprocess.run([sys.executable, *common, "--out-dir", str(tmp / "one"),
+                          "--device", "cuda:0" if accel.is_cuda(device) else device], env=env,
+                         capture_output=True, text=True)
+    if two.returncode or one.returncode:
+        return {"ok": False, "error": (two.stderr or one.stderr)[-800:]}
+    out = {}
+    for m in ("image", "text"):
+        a, b = load_embeddings(tmp / "one" / f"{m}.npz"), load_embeddings(tmp / "two" / f"{m}.npz")
+        out[m] = {"same_ids": a.ids.tolist() == b.ids.tolist(),
+                  "min_cosine": float(np.min(np.sum(a.emb * b.emb, axis=1)))}
+    stamp = json.loads((tmp / "two" / "done.json").read_text())
+    return {"ok": all(v["same_ids"] and v["min_cosine"] > 0.999 for v in out.values()), "world_size": stamp["world_size"],
+            "seconds": round(seconds, 1), **out}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurement")
+    ap.add_argument("--train-pairs", type=int, default=300_000)
+    ap.add_argument("--val-pairs", type=int, default=5_000)
+    ap.add_argument("--epochs", type=int, default=5, help="epochs run (the target's epochs are projected)")
+    ap.add_argument("--target-epochs", type=int, default=50)
+    ap.add_argument("--queries", type=int, default=2000)
+    ap.add_argument("--gallery", type=int, default=300_000)
+    ap.add_argument("--k", type=int, default=10)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(json.dumps({"benchmark": "gpu_check", "gpu": None, "message": "no GPU: nothing checked"}))
+        return 0
+    t_all = time.perf_counter()
+    summary: dict = {"benchmark": "gpu_check", **environment()}
+    steps = [("embed", lambda: check_embed(not args.no_compile)),
+             ("train", lambda: check_train(args.train_pairs, args.val_pairs, args.epochs, args.target_epochs)),
+             ("search", lambda: check_search(args.queries, args.gallery, args.k, 64))]
+    with tempfile.TemporaryDirectory() as tmp:
+        steps.append(("torchrun", lambda: check_torchrun(Path(tmp))))
+        for name, step in steps:
+            t0 = time.perf_counter()
+            try:
+                summary[name] = step()
+            except Exception as exc:  # noqa: BLE001 - one failed step is reported, the others still run
+                summary[name] = {"error": f"{type(exc).__name__}: {exc}"[:1000]}
+            print(f"gpu_check: {name} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    emb, tr, se = summary["embed"], summary["train"], summary["search"]
+    jpeg = emb.get("extractor", {}).get("jpeg_device_decode", {}).get("images_per_s")
+    projected = tr.get(f"projected_{args.target_epochs}_epochs_s")
+    summary["targets"] = {
+        "extractor_png>=0.9*forward": (emb["extractor_png_fraction_of_forward"] >= TARGETS["png_fraction_of_forward"]
+                                       if "extractor_png_fraction_of_forward" in emb else None),
+        "jpeg_device_decode>=2000/s": jpeg >= TARGETS["jpeg_device_images_per_s"] if jpeg else None,
+        "cosines>=0.995": (min(emb["low_precision_vs_fp32_min_cosine"], emb["device_vs_cpu_decode_min_cosine"]) >= 0.995
+                           if "low_precision_vs_fp32_min_cosine" in emb else None),
+        f"train_{args.train_pairs}x{args.target_epochs}<120s": projected < TARGETS["train_projected_s"] if projected else None,
+        f"search_{args.queries}x{args.gallery}<2s": se["seconds"] < TARGETS["search_s"] if "seconds" in se else None,
+        "search_equals_cpu": se.get("same_indices_as_cpu") == 1.0 if "same_indices_as_cpu" in se else None,
+    }
+    summary["seconds"] = round(time.perf_counter() - t_all, 1)
+    print(json.dumps(summary))
+    return 0 if all(v is not False for v in summary["targets"].values()) and \
+        not any("error" in v for v in summary.values() if isinstance(v, dict)) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""The GPU path's code run on CPU: device decoding equals the CPU reader, counted skips, OOM back-off,
+auto batch size and decode decisions with CUDA faked, and imports free of the notebook stack."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from cxrlib import accel, embed
+from cxrlib.backbones import load_backbone
+from cxrlib.embed import extract_embeddings
+from cxrlib.embstore import load_embeddings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_backbone("tiny")
+
+
+def radiograph(h: int, w: int, seed: int) -> np.ndarray:
+    """A smooth grey ramp with a bright blob and noise: something a resize can get wrong."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = 40 + 120 * xx / w + 60 * np.exp(-(((yy - h / 2) / (h / 5)) ** 2 + ((xx - w / 3) / (w / 6)) ** 2))
+    return (img + rng.normal(0, 8, (h, w))).clip(0, 255).astype(np.uint8)
+
+
+def jpeg_bytes(arr: np.ndarray, quality: int = 92) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def mixed_table(folder: Path) -> tuple[pd.DataFrame, dict[str, str]]:
+    """Grey and colour JPEGs of several sizes, 8- and 16-bit PNGs, a truncated and a corrupt JPEG.
+
+    Returns the table and ``{image_id: expected skip}`` for the two bad files.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, bad = [], {}
+
+    def add(name: str, data: bytes | None = None, image: Image.Image | None = None):
+        path = folder / name
+        if data is not None:
+            path.write_bytes(data)
+        else:
+            image.save(path)
+        i = len(rows)
+        rows.append({"image_id": f"im{i:02d}", "image_path": str(path), "study_id": f"s{i:02d}", "report": f"r{i}"})
+        return f"im{i:02d}"
+
+    add("a.jpg", jpeg_bytes(radiograph(300, 240, 0)))
+    add("b.jpg", jpeg_bytes(radiograph(180, 420, 1)))
+    colour = np.stack([radiograph(200, 260, 2)] * 3, -1)
+    colour[..., 0] = (colour[..., 0] * 0.8).astype(np.uint8)
+    add("c.jpg", jpeg_bytes(colour))
+    bad[add("truncated.jpg", jpeg_bytes(radiograph(200, 200, 3))[:-400])] = "truncated"
+    add("d.png", image=Image.fromarray(radiograph(256, 256, 4)))
+    add("e16.png", image=Image.fromarray(radiograph(220, 200, 5).astype(np.uint16) * 200 + 1000))
+    good = jpeg_bytes(radiograph(120, 100, 6))
+    corrupt = good[:3] + bytes(np.random.default_rng(7).integers(0, 256, 300, dtype=np.uint8)) + good[-2:]
+    bad[add("corrupt.jpg", corrupt)] = "corrupt"
+    add("f.jpg", jpeg_bytes(radiograph(1100, 900, 8)))
+    add("g.jpg", jpeg_bytes(radiograph(64, 64, 9)))
+    return pd.DataFrame(rows), bad
+
+
+@pytest.mark.parametrize("interpolation,resize_mode,size", [("bicubic", "shortest", 64), ("bilinear", "shortest", 64),
+                                                            ("bicubic", "squash", 48), ("bicubic", "shortest", 224)])
+@pytest.mark.parametrize("hw", [(300, 240), (180, 420), (64, 64), (1100, 900)])
+def test_device_preprocess_matches_the_cpu_transform(interpolation, resize_mode, size, hw):
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    cfg = PreprocessCfg(size=(size, size), interpolation=interpolation, resize_mode=resize_mode,
+                        mean=(0.5, 0.45, 0.4), std=(0.27, 0.26, 0.28))
+    cpu = image_transform_v2(cfg, is_train=False)
+    dev = accel.DevicePreprocess(size=(size, size), mean=cfg.mean, std=cfg.std, interpolation=interpolation,
+                                 resize_mode=resize_mode)
+    data = jpeg_bytes(radiograph(*hw, seed=hw[0]))
+    ref = cpu(Image.open(io.BytesIO(data)).convert("L").convert("RGB"))
+    got = dev(decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.GRAY))
+    assert got.shape == ref.shape
+    # in 8-bit grey levels: the decoders agree bit for bit, the resamplers within one level (rounding)
+    levels = (got - ref).abs() * torch.tensor(cfg.std).view(3, 1, 1) * 255
+    assert float(levels.max()) <= 1.0 + 1e-3 and float(levels.mean()) < 0.3
+
+
+def test_from_backbone_reads_the_transform(tiny):
+    pre = accel.DevicePreprocess.from_backbone(tiny)
+    assert pre.size == (64, 64) and pre.interpolation == "bicubic" and pre.resize_mode == "shortest"
+    assert pre.mean == tuple(tiny.model.visual.preprocess_cfg["mean"])
+
+
+def _cosines(a, b) -> np.ndarray:
+    ea, eb = load_embeddings(a), load_embeddings(b)
+    assert ea.ids.tolist() == eb.ids.tolist()
+    return np.sum(ea.emb * eb.emb, axis=1)
+
+
+def test_gpu_path_embeddings_equal_the_cpu_path(tiny, tmp_path):
+    """The same extraction with JPEGs decoded by decode_jpeg + device transform (on CPU here) vs PIL workers."""
+    table, bad = mixed_table(tmp_path / "img")
+    kw = dict(modalities=["image"], batch_size=4, num_workers=0, precision="fp32", device="cpu", progress=False)
+    cpu = extract_embeddings(table, tiny, tmp_path / "cpu", decode="cpu", **kw)
+    dev = extract_embeddings(table, tiny, tmp_path / "dev", decode="device", **kw)
+    cos = _cosines(cpu["image"], dev["image"])
+    assert len(cos) == len(table) - len(bad) and cos.min() >= 0.995
+    for res in (cpu, dev):  # the two bad files are counted skips naming them; their batch-mates are kept
+        assert {s["id"] for s in res.skipped["image"]} == set(bad)
+        assert all(s["reason"] for s in res.skipped["image"])
+    stamp = json.loads(dev.stamp.read_text())
+    assert stamp["decode"] == "device" and stamp["modalities"]["image"]["n_skipped"] == 2
+    assert json.loads(cpu.stamp.read_text())["decode"] == "cpu"
+    # the decode path is part of the cache key: switching it recomputes, not reuses
+    assert load_embeddings(cpu["image"]).meta["cache_key"] != load_embeddings(dev["image"]).meta["cache_key"]
+
+
+def test_device_decoder_rejecting_a_file_falls_back_to_the_cpu_reader(tiny, tmp_path, monkeypatch):
+    """nvjpeg refuses some valid JPEGs (e.g. some progressive ones): the batch is redone one by one
+    and the refused file read on CPU, so it is kept, not skipped."""
+    table, bad = mixed_table(tmp_path / "img")
+    refused = (tmp_path / "img" / "b.jpg").stat().st_size
+    real, calls = accel._decode, []
+
+    def picky(data, device):
+        calls.append(len(data))
+        if any(len(d) == refused for d in data):
+            raise RuntimeError("nvjpeg: unsupported JPEG")
+        return real(data, device)
+
+    monkeypatch.setattr(accel, "_decode", picky)
+    kw = dict(modalities=["image"], batch_size=4, num_workers=0, precision="fp32", device="cpu", progress=False)
+    dev = extract_embeddings(table, tiny, tmp_path / "dev", decode="device", **kw)
+    monkeypatch.setattr(accel, "_decode", real)
+    cpu = extract_embeddings(table, tiny, tmp_path / "cpu", decode="cpu", **kw)
+    assert {s["id"] for s in dev.skipped["image"]} == set(bad)
+    assert _cosines(cpu["image"], dev["image"]).min() >= 0.995
+    assert 1 in calls  # the one-by-one retry ran
+
+
+def test_decode_on_device_keeps_batch_order(tiny):
+    """Positions come back in batch order with JPEG and CPU-ready items interleaved."""
+    from torchvision.io import encode_jpeg
+
+    pre = accel.DevicePreprocess.from_backbone(tiny)
+    jpgs = [encode_jpeg(torch.full((1, 80, 80), v, dtype=torch.uint8)) for v in (10, 200)]
+    ready = torch.stack([torch.full((3, 64, 64), 7.0), torch.full((3, 64, 64), -7.0)])
+    batch = accel.EncodedBatch([0, 2], jpgs, [1, 3], ready, 4)
+    x, kept, failed = accel.decode_on_device(batch, [5, 6, 7, 8], pre, "cpu", lambda i: (None, "unused"))
+    assert kept == [0, 1, 2, 3] and failed == []
+    assert float(x[1].mean()) == 7.0 and float(x[3].mean()) == -7.0
+    assert float(x[0].mean()) < float(x[2].mean())  # dark JPEG before bright JPEG
+
+
+def test_extraction_backs_off_on_oom_without_losing_items(tiny, tmp_path, monkeypatch):
+    from tests.test_embed import make_table
+
+    table = make_table(tmp_path / "img", n=23)
+    kw = dict(modalities=["image"], num_workers=0, precision="fp32", device="cpu", progress=False)
+    ref = extract_embeddings(table, tiny, tmp_path / "ref", batch_size=8, **kw)
+    real, sizes = tiny.model.encode_image, []
+
+    def small_gpu(x, *a, **k):
+        if len(x) > 3:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate for {len(x)} images")
+        sizes.append(len(x))
+        return real(x, *a, **k)
+
+    monkeypatch.setattr(tiny.model, "encode_image", small_gpu)
+    got = extract_embeddings(table, tiny, tmp_path / "oom", batch_size=8, **kw)
+    monkeypatch.setattr(tiny.model, "encode_image", real)
+    a, b = load_embeddings(ref["image"]), load_embeddings(got["image"])
+    assert b.ids.tolist() == table["image_id"].tolist()  # every item once, in order
+    np.testing.assert_allclose(a.emb, b.emb, atol=1e-5)
+    assert sum(sizes) == len(table) and max(sizes) <= 3
+    stamp = json.loads(got.stamp.read_text())
+    assert stamp["batch_size_used"]["image"] == 2 and stamp["oom_backoffs"]["image"] == 2  # 8 -> 4 -> 2
+
+
+def test_auto_batch_size(tiny, monkeypatch):
+    assert embed.resolve_batch_size("auto", "image", tiny, "cpu", "fp32") == embed.AUTO_BATCH["cpu"]
+    assert embed.resolve_batch_size(16, "image", tiny, "cuda", "bf16") == 16
+    with pytest.raises(ValueError, match="batch_size"):
+        embed.resolve_batch_size(0, "image", tiny, "cpu", "fp32")
+    seen = []
+
+    def fake_encode(model, modality, x, tokenizer, device, precision):  # a GPU holding 300 images
+        seen.append((modality, len(x), device, tuple(x.shape[1:]) if modality == "image" else None))
+        if len(x) > 300:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return np.zeros((len(x), 32), np.float32)
+
+    monkeypatch.setattr(embed, "_encode", fake_encode)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setitem(embed.AUTO_BATCH, "image_limit", 1024)
+    assert embed.resolve_batch_size("auto", "image", tiny, "cuda", "bf16") == 256
+    assert seen[0] == ("image", 32, "cuda", (3, 64, 64)) and max(n for _, n, _, _ in seen) == 512
+    monkeypatch.setitem(embed.AUTO_BATCH, "text_limit", 128)
+    assert embed.resolve_batch_size("auto", "text", tiny, "cuda", "bf16") == 128
+    with pytest.raises(ValueError):
+        extract_embeddings(pd.DataFrame(), tiny, "unused", batch_size="big")
+
+
+def test_resolve_decode(tiny, monkeypatch):
+    assert embed.resolve_decode("auto", "cpu", tiny) == "cpu"
+    assert embed.resolve_decode("device", "cpu", tiny) == "device"  # the GPU code on CPU (tests, benchmarks)
+    assert embed.resolve_decode("cpu", "cuda", tiny) == "cpu"
+    with pytest.raises(ValueError):
+        embed.resolve_decode("gpu", "cpu", tiny)
+    monkeypatch.setattr(accel, "decoder_problem", lambda device: "decode_jpeg on cuda failed: no nvjpeg")
+    assert embed.resolve_decode("auto", "cuda", tiny) == "cpu"
+    with pytest.raises(accel.DeviceError, match="no nvjpeg"):
+        embed.resolve_decode("device", "cuda", tiny)
+    monkeypatch.setattr(accel, "decoder_problem", lambda device: None)
+    assert embed.resolve_decode("auto", "cuda", tiny) == "device"
+    monkeypatch.setattr(accel.DevicePreprocess, "from_backbone", classmethod(lambda cls, b: None))
+    assert embed.resolve_decode("auto", "cuda", tiny) == "cpu"
+
+
+def test_decoder_probe_on_cpu():
+    assert accel.decoder_problem("cpu") is None
+
+
+def test_cli_cuda_without_cuda_fails_in_one_line_before_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc = embed.main(["--table", str(tmp_path / "missing.parquet"), "--backbone", "tiny",
+                     "--out-dir", str(tmp_path / "out"), "--device", "cuda"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and "DEVICE=cuda" in err and "not available" in err
+    assert not (tmp_path / "out").exists()
+
+
+BLOCKER = r"""
+import importlib.abc, sys
+BLOCKED = {"papermill", "umap", "jupyter", "jupyter_client", "jupyter_core", "nbformat", "nbclient",
+           "ipykernel", "ipywidgets", "IPython", "faiss", "openTSNE"}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"blocked import of {name}")
+        return None
+sys.meta_path.insert(0, Block())
+import importlib, importlib.util
+for mod in MODULES:
+    importlib.import_module(mod)
+for path in SCRIPTS:
+    spec = importlib.util.spec_from_file_location("bench_" + path.split("/")[-1][:-3], path)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+assert not loaded, loaded
+print("ok")
+"""
+
+#: what benchmarks/gpu_check.sh runs (a GPU machine has none of the notebook stack, nor faiss)
+GPU_CHECK_MODULES = ["cxrlib", "cxrlib.accel", "cxrlib.embed", "cxrlib.backbones", "cxrlib.train",
+                     "cxrlib.retrieval", "cxrlib.projector", "cxrlib.losses", "cxrlib.pairs", "cxrlib.embstore"]
+GPU_CHECK_SCRIPTS = ["benchmarks/embed_throughput.py", "benchmarks/gpu_check.py"]
+
+
+def test_gpu_check_imports_without_the_notebook_stack():
+    code = f"MODULES = {GPU_CHECK_MODULES!r}\nSCRIPTS = {[str(REPO / s) for s in GPU_CHECK_SCRIPTS]!r}\n" + BLOCKER
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
+
+
+def test_blocker_catches_a_notebook_import(tmp_path):
+    """The hygiene test above can fail: a module importing papermill is caught."""
+    (tmp_path / "leaky.py").write_text("import papermill\n")
+    code = "MODULES = ['leaky']\nSCRIPTS = []\n" + BLOCKER
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode != 0 and "blocked import of papermill" in out.stderr
+
+
+def _gpu_check_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_check_train_and_search_steps_on_cpu():
+    """The check's steps are the package's own code on any device: here on CPU at a toy size."""
+    gc = _gpu_check_module()
+    tr = gc.check_train(600, 200, epochs=2, target_epochs=50, device="cpu")
+    assert tr["epochs"] == 2 and tr["seconds_per_epoch"] > 0 and tr["projected_50_epochs_s"] > tr["seconds"]
+    se = gc.check_search(100, 3000, 10, n_verify=20, device="cpu")
+    assert se["same_indices_as_cpu"] == 1.0 and se["max_score_diff_vs_cpu"] == 0.0
+
+
+@pytest.mark.slow
+def test_gpu_check_torchrun_step_on_cpu(tmp_path):
+    """Two gloo processes vs one: the same ids and embeddings (NCCL on a 2-GPU machine)."""
+    out = _gpu_check_module().check_torchrun(tmp_path, device="cpu")
+    assert out["ok"] and out["world_size"] == 2, out
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or Path("/usr/bin/nvidia-smi").exists(), reason="a GPU machine runs the check")
+def test_gpu_check_without_gpu_says_so_at_once():
+    out = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0
+    line = json.loads(out.stdout.strip().splitlines()[-1])
+    assert line["gpu"] is None and "no GPU" in line["message"]
