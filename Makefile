@@ -49,30 +49,44 @@ strip: $(ENV_STAMP) ## Strip outputs from every notebook (nbstripout)
 	$(PY) -m nbstripout notebooks/*.ipynb
 
 # ---- the paper DAG -----------------------------------------------------------------------------
+# Settings variables (DATASET, BACKBONE, W_<TERM> per loss term, SEED, EPOCHS, LR, BATCH_SIZE, DEVICE,
+# N_BOOT, OPENI_ROOT, MIMIC_ROOT) are defined once, in cxrlib/settings.py: `make help` lists them from there,
+# and cxrlib.dag validates each one given on the command line before anything runs (an unknown one is an error).
 ## VAR PROFILE paper (default) | offline (= make demo) | smoke; settings in configs/<profile>.yaml
-PROFILE ?= paper
-## VAR DATASET openi | mimic | openi_synth | synthetic (default: the profile's)
-## VAR OPENI_ROOT local Open-I copy (NLM NLMCXR_png + ecgen-radiology, or the Kaggle layout)
-## VAR MIMIC_ROOT local MIMIC-CXR-JPG 2.x folder (credentialed; needed for DATASET=mimic)
-## VAR BACKBONE biomedclip | clip | offline | tiny | open_clip:<model>:<tag> | local-dir:<folder>
-## VAR W_BCE weight of the normal/abnormal BCE term (>= 0)
-## VAR W_SUPCON weight of the supervised contrastive term (>= 0)
-## VAR W_CLIP weight of the CLIP term (>= 0)
-## VAR SEED seed of every random step
-## VAR EPOCHS projector training epochs
-## VAR LR projector learning rate
-## VAR BATCH_SIZE projector batch size
-## VAR DEVICE auto | cpu | cuda
-## VAR N_BOOT bootstrap resamples for confidence intervals
 ## VAR CXR_WORKDIR put data/ build/ results/ figures/ under another folder
+PROFILE ?= paper
 export OPENI_ROOT MIMIC_ROOT CXR_WORKDIR
-OVERRIDES = w_bce=$(W_BCE) w_supcon=$(W_SUPCON) w_clip=$(W_CLIP) seed=$(SEED) epochs=$(EPOCHS) lr=$(LR) \
-  batch_size=$(BATCH_SIZE) device=$(DEVICE) n_boot=$(N_BOOT) openi_root=$(OPENI_ROOT) mimic_root=$(MIMIC_ROOT)
+# every variable set on the command line, passed to cxrlib.dag for validation
+CLI_VARS = $(foreach v,$(sort $(.VARIABLES)),$(if $(filter command line,$(origin $(v))),'$(v)=$($(v))'))
+DAG_CHECK = $(PY) -m cxrlib.dag check --profile $(PROFILE) $(CLI_VARS)
+PREFLIGHT = $(PY) -m cxrlib.preflight --profile $(PROFILE) --dataset "$(DATASET)" --backbones "$(BACKBONE)"
 
-.PHONY: paper demo smoke dag
+# `make demo` and `make smoke` name their profile: another PROFILE is an error, not silently ignored
+ifneq ($(filter demo,$(MAKECMDGOALS)),)
+ifeq ($(origin PROFILE),command line)
+ifneq ($(PROFILE),offline)
+$(error make demo runs PROFILE=offline; for PROFILE=$(PROFILE) run make paper PROFILE=$(PROFILE))
+endif
+endif
+endif
+ifneq ($(filter smoke,$(MAKECMDGOALS)),)
+ifeq ($(origin PROFILE),command line)
+ifneq ($(PROFILE),smoke)
+$(error make smoke runs PROFILE=smoke; for PROFILE=$(PROFILE) run make paper PROFILE=$(PROFILE))
+endif
+endif
+endif
+
+.PHONY: paper demo smoke embed dag dag-embed
 paper: $(ENV_STAMP) ## Rebuild every figure and table of PROFILE (default paper: Open-I, BiomedCLIP, CLIP; needs network or local copies)
-	@$(PY) -m cxrlib.preflight --profile $(PROFILE) --dataset "$(DATASET)" --backbones "$(BACKBONE)"
+	@$(DAG_CHECK)
+	@$(PREFLIGHT)
 	@+$(MAKE) --no-print-directory dag PROFILE=$(PROFILE)
+
+embed: $(ENV_STAMP) ## Build PROFILE's embedding sets only (data prep, adaptation where the profile adapts, extraction)
+	@$(DAG_CHECK)
+	@$(PREFLIGHT)
+	@+$(MAKE) --no-print-directory dag-embed PROFILE=$(PROFILE)
 
 demo: ## The offline profile: real Open-I reports + synthetic radiographs, no network (= make paper PROFILE=offline)
 	@+$(MAKE) --no-print-directory paper PROFILE=offline
@@ -80,29 +94,18 @@ demo: ## The offline profile: real Open-I reports + synthetic radiographs, no ne
 smoke: ## The whole DAG on the smoke profile in about a minute (tiny synthetic data, random tiny backbone)
 	@+$(MAKE) --no-print-directory paper PROFILE=smoke
 
-ifneq ($(filter dag,$(MAKECMDGOALS)),)
-$(shell mkdir -p $(or $(CXR_WORKDIR),.)/build/$(PROFILE))
-VARS_MK := $(or $(CXR_WORKDIR),.)/build/$(PROFILE)/vars.mk
-$(shell $(PY) -m cxrlib.dag makevars --profile $(PROFILE) --dataset "$(DATASET)" --backbone "$(BACKBONE)" > $(VARS_MK))
-include $(VARS_MK)
-
-CORE := cxrlib/paths.py cxrlib/io.py cxrlib/config.py cxrlib/embstore.py cxrlib/pairs.py
-NB = notebooks/$(1).ipynb $(B)/params/$(1).yaml $(CORE)
-NB_OVERRIDES := dataset=$(DS) backbone=$(TRAIN_KEY)
-# every node's parameters, written at parse time (so `make -n` sees them) and only when they change:
-# make then reruns exactly the nodes whose parameters changed (W_SUPCON reruns 02-05, not 01 or embed)
-PARAMS_ERR := $(shell $(PY) -m cxrlib.config params-all --profile $(PROFILE) --out-dir $(B)/params \
-  $(NB_OVERRIDES) $(OVERRIDES) 00_adapt_backbone:backbone=$(BK) 2>&1 >/dev/null)
-ifneq ($(PARAMS_ERR),)
-$(error $(PARAMS_ERR))
-endif
-EMB_DONE := $(foreach k,$(EMBED_KEYS),$(EMB_ROOT)/$(k)/done.json)
-TRAIN_EMB := $(EMB_ROOT)/$(TRAIN_KEY)/done.json
-STAMPS := $(B)/01_data_prep.ipynb $(B)/02_train.ipynb $(B)/03_retrieval_eval.ipynb \
-          $(B)/04_embedding_viz.ipynb $(B)/05_loss_ablation.ipynb $(if $(ADAPT),$(B)/00_adapt_backbone.ipynb)
+ifneq ($(filter dag dag-embed,$(MAKECMDGOALS)),)
+# cxrlib.dag validates the variables, writes every node's params file (only when it changes: make then
+# reruns exactly the nodes whose parameters changed) and writes the DAG's make text: paths, embedding sets,
+# and each node's prerequisites (upstream stamps + its notebook's cxrlib import closure); it prints that
+# file's name (on an error, a file holding the one-line $(error)).
+include $(shell $(PY) -m cxrlib.dag makevars --profile $(PROFILE) $(CLI_VARS))
 
 dag: $(RESULTS)/run_manifest.json
 	@echo "done: $(PROFILE) -> $(RESULTS) and $(FIGURES)"
+
+dag-embed: $(EMB_DONE)
+	@echo "embeddings of $(PROFILE): $(EMB_DONE)"
 
 # papermill runs into <node>.run.ipynb; only a complete run is renamed to the stamp <node>.ipynb
 define papermill
@@ -114,45 +117,20 @@ define papermill
 	@mv $(B)/$(1).run.ipynb $@
 endef
 
-$(B)/01_data_prep.ipynb: $(call NB,01_data_prep) $(wildcard cxrlib/datasets/*.py) cxrlib/images.py cxrlib/plots.py
-	$(call papermill,01_data_prep)
+# every notebook node (cxrlib.dag.NODES); its other prerequisites are in the included make text
+$(B)/%.ipynb: notebooks/%.ipynb $(B)/params/%.yaml
+	$(call papermill,$*)
 
-MODEL_CFGS := $(wildcard configs/models/*/*)
-$(B)/00_adapt_backbone.ipynb: $(call NB,00_adapt_backbone) $(B)/01_data_prep.ipynb cxrlib/adapt.py \
-    cxrlib/backbones.py cxrlib/losses.py cxrlib/images.py cxrlib/plots.py $(MODEL_CFGS)
-	$(call papermill,00_adapt_backbone)
-
-# embedding sets: frozen backbones by name; <BK>-adapted from notebook 00's checkpoint
-$(EMB_ROOT)/%/done.json: $(B)/01_data_prep.ipynb $(B)/params/embed.yaml cxrlib/embed.py cxrlib/backbones.py \
-    cxrlib/images.py $(MODEL_CFGS) $(CORE)
+# every embedding set; EMBED_ARGS_<key> (backbone, adapted checkpoint) and prerequisites from cxrlib.dag
+$(EMB_ROOT)/%/done.json:
 	@echo ">> $(PROFILE): embed $*"
 	@$(PY) -m cxrlib.manifest timed --log $(B)/timings.jsonl --node embed-$* -- \
-	  $(PY) -m cxrlib.embed --table $(TABLE) --out-dir $(@D) \
-	  $(if $(filter $(TRAIN_KEY),$*),$(if $(ADAPT),--backbone $(BK) --checkpoint $(ADAPTED_CKPT) --name $*,--backbone $*),--backbone $*) \
+	  $(PY) -m cxrlib.embed --table $(TABLE) --out-dir $(@D) $(EMBED_ARGS_$*) \
 	  $$($(PY) -m cxrlib.config flags $(B)/params/embed.yaml)
 	@mkdir -p $(B)/params/built && cp -p $(B)/params/embed.yaml $(B)/params/built/
-ifneq ($(ADAPT),)
-$(TRAIN_EMB): $(B)/00_adapt_backbone.ipynb
-endif
 
-$(B)/02_train.ipynb: $(call NB,02_train) $(TRAIN_EMB) cxrlib/projector.py cxrlib/losses.py cxrlib/train.py \
-    cxrlib/pairs.py cxrlib/retrieval.py cxrlib/plots.py
-	$(call papermill,02_train)
-
-$(B)/03_retrieval_eval.ipynb: $(call NB,03_retrieval_eval) $(B)/02_train.ipynb $(EMB_DONE) cxrlib/retrieval.py \
-    cxrlib/stats.py cxrlib/report.py cxrlib/projector.py cxrlib/pairs.py cxrlib/plots.py
-	$(call papermill,03_retrieval_eval)
-
-$(B)/04_embedding_viz.ipynb: $(call NB,04_embedding_viz) $(B)/02_train.ipynb $(TRAIN_EMB) cxrlib/embedding_viz.py \
-    cxrlib/projector.py cxrlib/train.py cxrlib/pairs.py cxrlib/embstore.py cxrlib/plots.py
-	$(call papermill,04_embedding_viz)
-
-$(B)/05_loss_ablation.ipynb: $(call NB,05_loss_ablation) $(TRAIN_EMB) cxrlib/train.py cxrlib/losses.py \
-    cxrlib/projector.py cxrlib/retrieval.py cxrlib/stats.py cxrlib/report.py cxrlib/pairs.py cxrlib/plots.py
-	$(call papermill,05_loss_ablation)
-
-$(RESULTS)/run_manifest.json: $(STAMPS) $(EMB_DONE) cxrlib/manifest.py
-	@$(PY) -m cxrlib.manifest write --profile $(PROFILE) --inputs $(TABLE) $(EMB_DONE) \
+$(RESULTS)/run_manifest.json: $(STAMPS) $(EMB_DONE) $(MANIFEST_SRC)
+	@$(PY) -m cxrlib.manifest write --profile $(PROFILE) --out $(OUT) --inputs $(TABLE) $(EMB_DONE) \
 	  --outputs $(RESULTS) $(FIGURES)
 endif
 
@@ -172,3 +150,4 @@ help: ## List targets and variables
 	@echo
 	@echo "variables (make VAR=value target):"
 	@grep -hE '^## VAR ' $(MAKEFILE_LIST) | sed -E 's/^## VAR ([A-Z_]+) (.*)/\1\t\2/' | awk -F'\t' '{printf "  %-12s %s\n", $$1, $$2}'
+	@$(PYTHON_BOOT) -m cxrlib.settings make-help || echo "  (settings variables: python -m cxrlib.settings make-help)"

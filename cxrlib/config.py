@@ -1,14 +1,15 @@
-"""Profiles (``configs/<profile>.yaml``) and the parameters each notebook node receives.
+"""Profiles (``configs/<profile>.yaml``) and the parameters each node receives.
 
-A profile holds ``common`` settings and one section per node (``nodes: {02_train: {...}}``).
-A node's parameters are, in increasing priority: the notebook's own ``parameters`` cell
-defaults, the profile's ``common`` keys, the node's section, then command-line overrides
-(make variables such as ``W_SUPCON=0.5``). Only keys the notebook declares are passed to it,
-so a loss weight never marks data prep stale.
+A profile holds ``common`` settings and one section per node (``nodes: {02_train: {...}}``); it overrides
+and never restates a default (defaults: :mod:`cxrlib.settings`, and a notebook's own ``parameters`` cell
+for its node-local parameters). A node's parameters are, in increasing priority: its declared defaults
+(the notebook's ``parameters`` cell, or the schema's settings of a script node such as ``embed``), the
+profile's ``common`` keys it declares, its own section (every key must be one it declares), then
+overrides (make variables, applied by :mod:`cxrlib.dag` only to the nodes their setting lists). Every
+layer is checked by the schema's one validator (:func:`cxrlib.settings.validate`).
 
-``python -m cxrlib.config params --profile P --node N --out F [KEY=VALUE ...]`` writes the
-resolved parameters as YAML, rewriting the file only when its content changes: make uses
-that file as a prerequisite, so a node reruns exactly when one of its parameters changed.
+``python -m cxrlib.config params --profile P --node N --out F [KEY=VALUE ...]`` writes the resolved
+parameters as YAML, rewriting the file only when its content changes (make uses it as a prerequisite).
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from typing import Any
 
 import yaml
 
-from cxrlib import paths
+from cxrlib import paths, settings
 from cxrlib.io import write_text_if_changed
 
-#: common keys a script node (no notebook) receives besides its own section
+#: common settings a script node (no notebook) receives besides its own
 SCRIPT_COMMON_KEYS = ("device",)
 
 
@@ -74,61 +75,83 @@ def parse_value(text: str) -> Any:
     return yaml.safe_load(text) if text != "" else None
 
 
-def resolve_params(profile: str, node: str, overrides: dict[str, Any] | None = None,
-                   notebook: str | Path | None = None) -> dict[str, Any]:
-    """The parameters of ``node`` under ``profile``; overrides whose value is None are ignored."""
-    cfg = load_profile(profile)
+def declared_parameters(node: str, notebook: str | Path | None = None) -> dict[str, Any]:
+    """``{parameter: default}`` a node takes: its notebook's parameters cell, or a script node's schema settings."""
     notebook = Path(notebook) if notebook else paths.repo_root() / "notebooks" / f"{node}.ipynb"
     if notebook.is_file():
-        declared = notebook_parameters(notebook)
-    elif node in cfg["nodes"]:  # a script node (e.g. `embed`): its section lists what it takes
-        declared = {**dict.fromkeys(SCRIPT_COMMON_KEYS), **(cfg["nodes"][node] or {})}
-    else:
-        raise ConfigError(f"node {node!r} is neither a notebook ({notebook}) nor a section of profile {profile!r}")
-    params: dict[str, Any] = {}
-    for source in (cfg["common"], cfg["nodes"].get(node, {}) or {}):
-        params.update({k: v for k, v in source.items() if k in declared})
-    for k, v in (overrides or {}).items():
-        if v is not None and k in declared:
-            params[k] = v
-    if "profile" in declared:
-        params["profile"] = profile
-    validate_params(params)
-    return params
+        return notebook_parameters(notebook)
+    own = {s.name: s.default for s in settings.schema() if node in s.nodes}
+    if not own:
+        raise ConfigError(f"node {node!r} is neither a notebook ({notebook}) nor a script node of cxrlib.settings")
+    return {**{k: settings.lookup(node, k).default for k in SCRIPT_COMMON_KEYS}, **own}
 
 
-def validate_params(params: dict[str, Any]) -> None:
-    """Reject what would only fail later: negative or all-zero loss weights, a bad seed."""
-    weights = {k: params[k] for k in ("w_bce", "w_supcon", "w_clip") if k in params}
-    for k, v in weights.items():
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-            raise ConfigError(f"{k} must be a number >= 0, got {v!r}")
-    if weights and len(weights) == 3 and sum(weights.values()) == 0:
-        raise ConfigError("all loss weights are 0: nothing to train (set W_BCE, W_SUPCON or W_CLIP > 0)")
-    if "seed" in params and not (isinstance(params["seed"], int) and params["seed"] >= 0):
-        raise ConfigError(f"seed must be a non-negative integer, got {params['seed']!r}")
+def resolve_params(profile: str, node: str, overrides: dict[str, Any] | None = None,
+                   notebook: str | Path | None = None) -> dict[str, Any]:
+    """The parameters of ``node`` under ``profile``; overrides whose value is None are ignored.
+
+    Script nodes get every declared parameter (their defaults included); notebook nodes get only the
+    keys the profile or an override sets (papermill keeps the notebook's own defaults for the rest).
+    """
+    cfg = load_profile(profile)
+    declared = declared_parameters(node, notebook)
+    is_script = not (Path(notebook) if notebook else paths.repo_root() / "notebooks" / f"{node}.ipynb").is_file()
+    section = cfg["nodes"].get(node) or {}
+    extra = sorted(set(section) - set(declared))
+    if extra:
+        raise ConfigError(f"configs/{profile}.yaml nodes.{node}: {extra} not parameters of {node} "
+                          f"(it takes {sorted(declared)})")
+    params: dict[str, Any] = dict(declared) if is_script else {}
+    try:
+        params.update(settings.validate(node, {k: v for k, v in cfg["common"].items() if k in declared},
+                                        f"configs/{profile}.yaml common"))
+        params.update(settings.validate(node, section, f"configs/{profile}.yaml nodes.{node}"))
+        params.update({k: v for k, v in (overrides or {}).items() if v is not None and k in declared})
+        if "profile" in declared:
+            params["profile"] = profile
+        return settings.validate(node, params, f"node {node}")
+    except settings.SettingError as exc:
+        raise ConfigError(str(exc)) from None
 
 
-def all_nodes(profile: str) -> list[str]:
-    """Every notebook in notebooks/ plus the profile's script nodes (sections without a notebook)."""
-    notebooks = sorted(p.stem for p in (paths.repo_root() / "notebooks").glob("[0-9]*.ipynb"))
-    return notebooks + [n for n in load_profile(profile)["nodes"] if n not in notebooks]
+def validate_params(params: dict[str, Any], node: str = "02_train") -> dict[str, Any]:
+    """The schema's validator for ``node`` (default the training node), as a :class:`ConfigError`."""
+    try:
+        return settings.validate(node, params)
+    except settings.SettingError as exc:
+        raise ConfigError(str(exc)) from None
 
 
-def write_all_params(profile: str, out_dir: Path, overrides: dict[str | None, dict[str, Any]]) -> list[Path]:
-    """Write ``<out_dir>/<node>.yaml`` for every node; a file is rewritten only when it changes.
+def restated_defaults(profile: str) -> list[str]:
+    """``nodes.<node>.<key>`` / ``common.<key>`` entries of a profile that equal the default they override."""
+    cfg = load_profile(profile)
+    out = []
+    for node, section in cfg["nodes"].items():
+        try:
+            declared = declared_parameters(node)
+        except ConfigError:
+            continue
+        out += [f"nodes.{node}.{k}" for k, v in (section or {}).items() if k in declared and declared[k] == v]
+    from cxrlib import dag
+
+    for k, v in cfg["common"].items():
+        takers = [declared_parameters(n)[k] for n in dag.NODES if k in declared_parameters(n)]
+        if takers and all(d == v for d in takers):
+            out.append(f"common.{k}")
+    return out
+
+
+def write_params_files(out_dir: Path, params: dict[str, dict[str, Any]]) -> list[Path]:
+    """Write ``<out_dir>/<node>.yaml`` per node; a file is rewritten only when it changes.
 
     ``<out_dir>/built/<node>.yaml`` is the copy a node's recipe keeps (``cp -p``) after a successful
     run. When the requested parameters equal those, the file gets the built copy's time back, so a
     dry run with other values (``make -n W_SUPCON=0.5``) does not leave nodes looking stale.
     """
-
-
     written = []
-    for node in all_nodes(profile):
-        node_overrides = {**overrides.get(None, {}), **overrides.get(node, {})}
-        text = yaml.safe_dump(resolve_params(profile, node, node_overrides), sort_keys=True)
-        path, built = out_dir / f"{node}.yaml", out_dir / "built" / f"{node}.yaml"
+    for node, values in params.items():
+        text = yaml.safe_dump(values, sort_keys=True)
+        path, built = Path(out_dir) / f"{node}.yaml", Path(out_dir) / "built" / f"{node}.yaml"
         write_text_if_changed(path, text)
         if built.is_file() and built.read_text() == text:
             st = built.stat()
@@ -157,10 +180,6 @@ def _cli(argv: list[str] | None = None) -> int:
     p.add_argument("--node", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("overrides", nargs="*", help="KEY=VALUE; KEY is case-insensitive, empty VALUE = unset")
-    a = sub.add_parser("params-all", help="write every node's parameters into a folder (only files that change)")
-    a.add_argument("--profile", required=True)
-    a.add_argument("--out-dir", required=True)
-    a.add_argument("overrides", nargs="*", help="KEY=VALUE for every node, or NODE:KEY=VALUE for one node")
     f = sub.add_parser("flags", help="print a params file as command-line flags (--batch-size 64 ...)")
     f.add_argument("file")
     g = sub.add_parser("get", help="print one resolved value (for make)")
@@ -171,12 +190,14 @@ def _cli(argv: list[str] | None = None) -> int:
         if args.cmd == "params":
             params = resolve_params(args.profile, args.node, _parse_overrides(args.overrides)[None])
             write_text_if_changed(args.out, yaml.safe_dump(params, sort_keys=True))
-        elif args.cmd == "params-all":
-            write_all_params(args.profile, Path(args.out_dir), _parse_overrides(args.overrides))
         elif args.cmd == "flags":
             params = yaml.safe_load(Path(args.file).read_text()) or {}
-            print(" ".join(f"--{k.replace('_', '-')} {v}" for k, v in params.items()
-                           if k != "profile" and v is not None))
+            flags = []
+            for k, v in params.items():
+                if k == "profile" or v is None or v is False:
+                    continue
+                flags.append(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}"))
+            print(" ".join(flags))
         else:
             value: Any = load_profile(args.profile)
             for part in args.key.split("."):

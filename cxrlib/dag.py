@@ -1,30 +1,102 @@
-"""The make DAG's variables, computed once in Python so paths have one source of truth.
+"""The make DAG, computed in Python: its nodes, their prerequisites, the run names, the output folders.
 
-``python -m cxrlib.dag makevars --profile P [DATASET=..] [BACKBONE=..]`` prints make assignments:
-the dataset, the backbone the projector is trained on, every embedding set to extract, and the
-file each node writes (all through :mod:`cxrlib.paths`, so ``CXR_WORKDIR`` redirects them).
+``python -m cxrlib.dag makevars --profile P [VAR=VALUE ...]`` (the Makefile's one call at parse time)
 
-Embedding keys: each backbone of the profile's ``backbones`` list is embedded frozen under its own
-name; when the profile adapts (``adapt: true``), the training backbone is adapted in notebook 00 and
-embedded again under ``<backbone>-adapted``, which is then the one the projector trains on.
+1. validates every make variable with :mod:`cxrlib.settings` (one line naming the variable; nothing runs),
+2. resolves and writes each node's parameters (``build/<out>/params/<node>.yaml``, rewritten only when
+   they change, so make reruns exactly the nodes whose parameters changed),
+3. prints make text: paths (through :mod:`cxrlib.paths`, so ``CXR_WORKDIR`` redirects them), the embedding
+   sets and their extractor arguments, and one prerequisite line per node: its notebook's (or module's)
+   transitive ``cxrlib`` import closure, found with :mod:`ast`, plus its upstream stamps.
+
+Nodes are registered once in :data:`NODES` (:func:`register`); a new notebook node is one entry here and
+its notebook. The run a projector node trains and the runs later nodes evaluate are named once, by
+:func:`run_id`, from the full resolved recipe of node ``02_train``; make passes that name to every node
+that declares a ``run`` parameter.
+
+Output folders: results, figures and build stamps of a profile on its own dataset go to
+``results/<profile>/``, ``figures/<profile>/``, ``build/<profile>/``; with another ``DATASET`` to
+``results/<profile>-<dataset>/`` etc. (:func:`out_key`), so the datasets' results sit side by side.
+Embedding keys: each backbone of the profile's ``backbones`` list is embedded frozen under its own name;
+when the profile adapts (``adapt: true``) the training backbone is adapted in notebook 00 and embedded
+again under ``<backbone>-adapted``, the set the projector trains on.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import hashlib
+import json
+import os
 import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from cxrlib import config, paths
+from cxrlib import backbones, config, paths, settings
+from cxrlib.backbones import ADAPTED_SUFFIX
+from cxrlib.io import write_text_if_changed
 
-ADAPTED_SUFFIX = "-adapted"
+#: the node whose resolved recipe names the projector run
+TRAIN_NODE = "02_train"
+#: command-line make variables that are not settings (make's own and the environment's)
+NON_SETTING_VARS = frozenset({"PROFILE", "CXR_WORKDIR", "PYTHON_BOOT", "TORCH_SPEC", "PYTEST_ARGS", "KERNEL",
+                              "MAKEFLAGS", "MFLAGS", "SHELL", "PY", "V"})
+#: settings make variables also read from the environment (paths users export once)
+ENV_MAKE_VARS = ("OPENI_ROOT", "MIMIC_ROOT")
+#: non-Python files a module reads, prerequisites of every node whose closure holds the module
+DATA_DEPS = {"cxrlib/backbones.py": "configs/models"}
 
+
+@dataclass(frozen=True)
+class Node:
+    """One DAG node. ``needs``: upstream node names, ``embed:train`` (the training embedding set) or
+    ``embed:all`` (every set); ``backbone``: ``train`` (the set the projector trains on) or ``base`` (the
+    profile's backbone before adaptation); ``only_if_adapt``: the node exists only when the profile adapts;
+    ``module``: a script node run as ``python -m <module>`` (no notebook)."""
+
+    name: str
+    needs: tuple[str, ...] = ()
+    backbone: str = "train"
+    only_if_adapt: bool = False
+    module: str | None = None
+
+    @property
+    def notebook(self) -> Path | None:
+        return None if self.module else paths.repo_root() / "notebooks" / f"{self.name}.ipynb"
+
+
+NODES: dict[str, Node] = {}
+
+
+def register(node: Node) -> Node:
+    if node.name in NODES:
+        raise ValueError(f"node {node.name!r} registered twice")
+    NODES[node.name] = node
+    return node
+
+
+register(Node("01_data_prep"))
+register(Node("00_adapt_backbone", needs=("01_data_prep",), backbone="base", only_if_adapt=True))
+register(Node("embed", needs=("01_data_prep",), module="cxrlib.embed"))
+register(Node("02_train", needs=("embed:train",)))
+register(Node("03_retrieval_eval", needs=("02_train", "embed:all")))
+register(Node("04_embedding_viz", needs=("02_train", "embed:train")))
+register(Node("05_loss_ablation", needs=("02_train", "embed:train")))
+#: the last step (not a node with parameters): results/<out>/run_manifest.json
+MANIFEST_MODULE = "cxrlib.manifest"
+
+
+# ---- names ---------------------------------------------------------------------------------------
 
 def train_key(backbone: str, adapt: bool) -> str:
     return f"{backbone}{ADAPTED_SUFFIX}" if adapt else backbone
 
 
-def adapted_checkpoint(dataset: str, backbone: str):
-    return paths.models_dir() / dataset / f"{backbone}{ADAPTED_SUFFIX}.pt"
+def adapted_checkpoint(dataset: str, backbone: str) -> Path:
+    return backbones.adapted_checkpoint(dataset, backbone)
 
 
 def embedding_key(key: str) -> str:
@@ -32,47 +104,312 @@ def embedding_key(key: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
 
 
+def out_key(profile: str, dataset: str | None = None) -> str:
+    """``<profile>`` for the profile's own dataset, else ``<profile>-<dataset>``: the results/figures/build folder."""
+    default = config.load_profile(profile)["common"].get("dataset", settings.lookup("01_data_prep", "dataset").default)
+    return profile if dataset in (None, "", default) else f"{profile}-{dataset}"
 
+
+def results_dir(profile: str, dataset: str | None = None) -> Path:
+    return paths.results_dir(out_key(profile, dataset))
+
+
+def figures_dir(profile: str, dataset: str | None = None) -> Path:
+    return paths.figures_dir(out_key(profile, dataset))
+
+
+def recipe_identity(params: dict[str, Any]) -> dict[str, Any]:
+    """The full resolved recipe of a projector run: every recipe setting (defaults filled in, checked and
+    coerced), the seed, the dataset and the embedding set it trains on. Device and paths are not part of it."""
+    rec = {**settings.defaults("recipe"), **{k: v for k, v in params.items() if k in settings.group("recipe")}}
+    rec = settings.validate_recipe(rec)
+    seed = settings.lookup(TRAIN_NODE, "seed").validate(params.get("seed", settings.lookup(TRAIN_NODE, "seed").default))
+    return {**rec, "seed": seed, **{k: str(params.get(k, settings.lookup(TRAIN_NODE, k).default))
+                                    for k in ("dataset", "backbone")}}
+
+
+def run_id(params: dict[str, Any]) -> str:
+    """``bce1-supcon0.5-clip1-<hash>``: the loss weights for people, a hash of :func:`recipe_identity` for make."""
+    rec = recipe_identity(params)
+    weights = "-".join(f"{t}{rec[f'w_{t}']:g}" for t in settings.loss_terms())
+    digest = hashlib.sha1(json.dumps(rec, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{weights}-{digest}"
+
+
+def run_dir(profile: str, dataset: str | None, run: str) -> Path:
+    """``results/<out>/models/<run>/`` (projector.pt, config.json, history.csv, metrics.json)."""
+    return results_dir(profile, dataset) / "models" / run
+
+
+def main_run(profile: str, dataset: str | None = None, backbone: str | None = None,
+             seed: int | None = None) -> str:
+    """The run notebook 02 trains under ``profile`` (for a notebook opened without make)."""
+    given = {k: v for k, v in (("dataset", dataset), ("backbone", backbone), ("seed", seed)) if v is not None}
+    return run_id(config.resolve_params(profile, TRAIN_NODE, given))
+
+
+def inputs_fingerprint(dataset: str, backbone: str) -> dict[str, Any]:
+    """What a projector run was trained on: the study table's SHA-256 and the embedding files' cache keys."""
+    table = paths.study_table_path(dataset)
+    stamp = paths.embeddings_dir() / dataset / embedding_key(backbone) / "done.json"
+    if not table.is_file() or not stamp.is_file():
+        raise FileNotFoundError(f"no study table {table} or embedding stamp {stamp}: run make paper first")
+    digest = hashlib.sha256(table.read_bytes()).hexdigest()
+    mods = json.loads(stamp.read_text()).get("modalities", {})
+    return {"table_sha256": digest, "embeddings": {m: e.get("key") for m, e in sorted(mods.items())}}
+
+
+# ---- derived prerequisites -----------------------------------------------------------------------
+
+def _module_file(mod: str) -> Path | None:
+    root = paths.repo_root()
+    base = root.joinpath(*mod.split("."))
+    for cand in (base.with_suffix(".py"), base / "__init__.py"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _imports(tree: ast.AST, package: str) -> set[str]:
+    """``cxrlib`` modules a parsed file imports (absolute, relative, and ``from pkg import submodule``)."""
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.split(".")[0] == "cxrlib")
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1])
+                mod = f"{base}.{node.module}" if node.module else base
+            else:
+                mod = node.module or ""
+            if mod.split(".")[0] != "cxrlib":
+                continue
+            out.add(mod)
+            out.update(f"{mod}.{a.name}" for a in node.names if _module_file(f"{mod}.{a.name}"))
+    # importing a.b.c runs a/__init__ and a/b/__init__ too
+    return {".".join(m.split(".")[:i]) for m in out for i in range(1, len(m.split(".")) + 1)}
+
+
+def _notebook_tree(nb: Path) -> ast.AST:
+    cells = json.loads(nb.read_text())["cells"]
+    src = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    lines = [ln for ln in src.splitlines() if not ln.lstrip().startswith(("%", "!"))]  # IPython magics
+    return ast.parse("\n".join(lines))
+
+
+def closure(start: Iterable[str]) -> list[str]:
+    """Repo-relative files of the ``cxrlib`` modules in ``start`` and everything they import, transitively."""
+    seen: dict[str, Path] = {}
+    todo = list(start)
+    while todo:
+        mod = todo.pop()
+        if mod in seen:
+            continue
+        f = _module_file(mod)
+        if f is None:
+            continue
+        seen[mod] = f
+        package = mod if f.name == "__init__.py" else mod.rpartition(".")[0]
+        todo.extend(_imports(ast.parse(f.read_text()), package) - set(seen))
+    root = paths.repo_root()
+    return sorted(str(f.relative_to(root)) for f in seen.values())
+
+
+def node_sources(node: Node | str) -> list[str]:
+    """The ``cxrlib`` files ``node`` runs (its notebook's or module's import closure), plus data files they read."""
+    node = NODES[node] if isinstance(node, str) else node
+    start = {node.module} if node.module else _imports(_notebook_tree(node.notebook), "")
+    files = closure(start)
+    root = paths.repo_root()
+    for mod_file, folder in DATA_DEPS.items():
+        if mod_file in files:
+            files += sorted(str(p.relative_to(root)) for p in (root / folder).rglob("*") if p.is_file())
+    return files
+
+
+# ---- the make variables --------------------------------------------------------------------------
+
+def parse_assignments(items: Iterable[str], environ: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """``VAR=VALUE`` make variables -> ``{setting name: {"value", "var", "settings"}}``, each validated."""
+    environ = os.environ if environ is None else environ
+    given: dict[str, str] = {}
+    for var in ENV_MAKE_VARS:
+        if environ.get(var):
+            given[var] = environ[var]
+    for item in items:
+        var, sep, value = item.partition("=")
+        if not sep:
+            raise settings.SettingError(f"make variable {item!r} is not VAR=VALUE")
+        if var in NON_SETTING_VARS:
+            continue
+        given[var] = value
+    out: dict[str, dict[str, Any]] = {}
+    for var, text in given.items():
+        value, targets = settings.check_make_var(var, text)
+        if value is not None:
+            for s in targets:
+                out[(s.name, s.nodes)] = {"value": value, "var": var, "setting": s}
+    return out
+
+
+def node_overrides(node: str, assigned: dict, declared: Iterable[str]) -> dict[str, Any]:
+    """The make variables' values that ``node`` takes (a setting applies only to the nodes it lists)."""
+    declared = set(declared)
+    return {a["setting"].name: a["value"] for a in assigned.values()
+            if a["setting"].name in declared and settings.lookup(node, a["setting"].name) is a["setting"]}
+
+
+def active_nodes(cfg: dict[str, Any]) -> list[Node]:
+    return [n for n in NODES.values() if not (n.only_if_adapt and not cfg.get("adapt", False))]
+
+
+@dataclass
+class Plan:
+    """One resolved DAG: names, paths and every node's parameters (what make and a notebook opened by hand share)."""
+
+    profile: str
+    out: str
+    dataset: str
+    backbone: str
+    adapt: bool
+    train_key: str
+    embed_keys: list[str]
+    run: str
+    params: dict[str, dict[str, Any]]
+    nodes: list[Node]
+
+    @property
+    def build(self) -> Path:
+        return paths.build_dir() / self.out
+
+    def vars(self) -> dict[str, str]:
+        """The make variables (``DS``, ``BK``, ``TRAIN_KEY``, ``RUN``, ``B``, ``RESULTS`` ...)."""
+        emb = paths.embeddings_dir() / self.dataset
+        return {
+            "OUT": self.out, "DS": self.dataset, "BK": self.backbone, "ADAPT": "1" if self.adapt else "",
+            "TRAIN_KEY": self.train_key, "RUN": self.run,
+            "EMBED_KEYS": " ".join(embedding_key(k) for k in self.embed_keys),
+            "TABLE": str(paths.study_table_path(self.dataset)), "EMB_ROOT": str(emb),
+            "ADAPTED_CKPT": str(adapted_checkpoint(self.dataset, self.backbone)),
+            "RESULTS": str(paths.results_dir(self.out)), "FIGURES": str(paths.figures_dir(self.out)),
+            "B": str(self.build),
+        }
+
+
+def plan(profile: str, assignments: Iterable[str] = (), environ: dict[str, str] | None = None) -> Plan:
+    """Resolve ``profile`` with make variables ``VAR=VALUE`` (validated first; nothing is written)."""
+    cfg = config.load_profile(profile)
+    unknown = sorted(set(cfg["nodes"]) - set(NODES))
+    if unknown:
+        raise config.ConfigError(f"configs/{profile}.yaml: nodes {unknown} are not DAG nodes ({', '.join(NODES)})")
+    assigned = parse_assignments(assignments, environ)
+    pick = {name: a["value"] for (name, _), a in assigned.items()}
+    default = settings.lookup(TRAIN_NODE, "dataset").default
+    ds = pick.get("dataset") or cfg["common"].get("dataset") or default
+    bk = pick.get("backbone") or cfg["common"].get("backbone") or settings.lookup(TRAIN_NODE, "backbone").default
+    adapt = bool(cfg.get("adapt", False))
+    key = train_key(bk, adapt)
+    frozen = list(dict.fromkeys(list(cfg.get("backbones", [])) + [bk]))
+    nodes = active_nodes(cfg)
+    params: dict[str, dict[str, Any]] = {}
+    for node in nodes:
+        declared = config.declared_parameters(node.name)
+        given = node_overrides(node.name, assigned, declared)
+        given.update({k: v for k, v in (("dataset", ds), ("backbone", bk if node.backbone == "base" else key))
+                      if k in declared})
+        params[node.name] = config.resolve_params(profile, node.name, given)
+    run = run_id(params[TRAIN_NODE])
+    for node in nodes:
+        if "run" in config.declared_parameters(node.name):
+            params[node.name]["run"] = run
+    return Plan(profile, out_key(profile, ds), ds, bk, adapt, key, frozen + ([key] if adapt else []), run,
+                params, nodes)
 
 
 def makevars(profile: str, dataset: str | None = None, backbone: str | None = None) -> dict[str, str]:
-    cfg = config.load_profile(profile)
-    ds = dataset or cfg["common"]["dataset"]
-    bk = backbone or cfg["common"]["backbone"]
-    adapt = bool(cfg.get("adapt", False))
-    frozen = list(dict.fromkeys(list(cfg.get("backbones", [])) + [bk]))
-    key = train_key(bk, adapt)
-    keys = frozen + ([key] if adapt else [])
-    emb = paths.embeddings_dir() / ds
-    out = {
-        "DS": ds, "BK": bk, "ADAPT": "1" if adapt else "", "TRAIN_KEY": key,
-        "EMBED_KEYS": " ".join(embedding_key(k) for k in keys),
-        "FROZEN_KEYS": " ".join(embedding_key(k) for k in frozen),
-        "TABLE": str(paths.study_table_path(ds)),
-        "EMB_ROOT": str(emb),
-        "ADAPTED_CKPT": str(adapted_checkpoint(ds, bk)),
-        "RESULTS": str(paths.results_dir(profile)),
-        "FIGURES": str(paths.figures_dir(profile)),
-        "B": str(paths.build_dir() / profile),
-    }
-    return out
+    """The make variables of ``profile`` (optionally another dataset/backbone), as a dict."""
+    given = [f"DATASET={dataset}"] * bool(dataset) + [f"BACKBONE={backbone}"] * bool(backbone)
+    return plan(profile, given, environ={}).vars()
+
+
+def make_text(p: Plan) -> str:
+    """Make assignments and one prerequisite line per node (see the module docstring)."""
+    emb_done = {k: f"$(EMB_ROOT)/{embedding_key(k)}/done.json" for k in p.embed_keys}
+    stamp = {n.name: f"$(B)/{n.name}.ipynb" for n in p.nodes if not n.module}
+    lines = [f"{k} := {v}" for k, v in {**p.vars(), "STAMPS": " ".join(stamp.values()),
+                                          "EMB_DONE": " ".join(emb_done.values()),
+                                          "TRAIN_EMB": emb_done[p.train_key]}.items()]
+
+    def upstream(node: Node) -> list[str]:
+        deps = []
+        for need in node.needs:
+            if need == "embed:train":
+                deps.append(emb_done[p.train_key])
+            elif need == "embed:all":
+                deps.extend(emb_done.values())
+            elif need in stamp:
+                deps.append(stamp[need])
+        return deps
+
+    for node in p.nodes:
+        src = " ".join(node_sources(node))
+        if node.module:  # the embedding sets: one pattern rule in the Makefile, prerequisites and arguments here
+            for k in p.embed_keys:
+                adapted = p.adapt and k == p.train_key
+                args = (f"--backbone {p.backbone} --checkpoint {adapted_checkpoint(p.dataset, p.backbone)} "
+                        f"--name {embedding_key(k)}" if adapted else f"--backbone {k}")
+                lines.append(f"EMBED_ARGS_{embedding_key(k)} := {args}")
+                extra = " $(B)/00_adapt_backbone.ipynb" if adapted else ""
+                lines.append(f"{emb_done[k]}: $(B)/params/{node.name}.yaml {' '.join(upstream(node))}{extra} {src}")
+        else:
+            lines.append(f"{stamp[node.name]}: {' '.join(upstream(node))} {src}")
+    lines.append(f"MANIFEST_SRC := {' '.join(closure([MANIFEST_MODULE]))}")
+    return "\n".join(lines) + "\n"
+
+
+def write_make_text(profile: str, assignments: Iterable[str] = ()) -> Path:
+    """What ``make`` includes: ``build/<out>/dag.mk`` (params files written first), or on a bad setting
+    ``build/dag-error.mk`` holding one ``$(error ...)`` line. Returns the file's path."""
+    try:
+        p = plan(profile, assignments)
+        config.write_params_files(p.build / "params", p.params)
+        target, text = p.build / "dag.mk", make_text(p)
+    except (config.ConfigError, settings.SettingError) as exc:
+        msg = str(exc).replace("\n", " ").replace("$", "$$")
+        target, text = paths.build_dir() / "dag-error.mk", f"$(error error: {msg})\n"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_text_if_changed(target, text)
+    return target
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cxrlib.dag")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("makevars")
-    m.add_argument("--profile", required=True)
-    m.add_argument("--dataset", default="")
-    m.add_argument("--backbone", default="")
+    m = sub.add_parser("makevars", help="validate make variables, write params files and the DAG's make text; "
+                                        "print that file's path")
+    c = sub.add_parser("check", help="validate make variables and the profile (one line on error, exit 2)")
+    for q in (m, c):
+        q.add_argument("--profile", required=True)
+        q.add_argument("assignments", nargs="*", help="VAR=VALUE make variables")
+    s = sub.add_parser("sources", help="print a node's cxrlib import closure")
+    s.add_argument("node", choices=sorted(NODES))
+    r = sub.add_parser("run", help="print the run name notebook 02 trains under a profile")
+    r.add_argument("--profile", required=True)
+    r.add_argument("assignments", nargs="*", help="VAR=VALUE make variables")
     args = ap.parse_args(argv)
     try:
-        values = makevars(args.profile, args.dataset or None, args.backbone or None)
-    except config.ConfigError as exc:
-        print(f"$(error {exc})")
-        return 0
-    for k, v in values.items():
-        print(f"{k} := {v}")
+        if args.cmd == "makevars":
+            print(write_make_text(args.profile, args.assignments))
+        elif args.cmd == "check":
+            plan(args.profile, args.assignments)
+        elif args.cmd == "sources":
+            print("\n".join(node_sources(args.node)))
+        else:
+            print(plan(args.profile, args.assignments).run)
+    except (config.ConfigError, settings.SettingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -31,6 +31,10 @@ from pytorch_metric_learning.reducers import MeanReducer
 from torch import nn
 
 BCE_ON = ("image", "text", "both")
+#: the loss terms and their default weights (term -> weight): the one list every ``w_<term>`` setting,
+#: ``W_<TERM>`` make variable and ablation weighting is derived from (:mod:`cxrlib.settings` reads this
+#: literal without importing torch). A new term: its module here, an entry here, its test.
+TERMS = {"bce": 1.0, "supcon": 1.0, "clip": 1.0}
 
 
 def _world() -> tuple[int, int]:

@@ -101,12 +101,14 @@ def _all_parameters(params_file: Path) -> dict[str, Any]:
     return {**(notebook_parameters(notebook) if notebook.is_file() else {}), **given}
 
 
-def build_manifest(profile: str, inputs: list[Path], outputs: list[Path]) -> dict[str, Any]:
-    bdir = paths.build_dir() / profile
+def build_manifest(profile: str, inputs: list[Path], outputs: list[Path], out: str | None = None) -> dict[str, Any]:
+    """``out``: the results/build folder name (``cxrlib.dag.out_key``: the profile, or ``<profile>-<dataset>``)."""
+    bdir = paths.build_dir() / (out or profile)
     params = {p.stem: _all_parameters(p) for p in sorted((bdir / "params").glob("*.yaml"))}
     return {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "profile": profile,
+        "out": out or profile,
         "git": git_state(paths.repo_root()),
         "versions": versions(),
         "hardware": hardware(),
@@ -132,8 +134,9 @@ def timed(log: Path, node: str, cmd: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cxrlib.manifest")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    w = sub.add_parser("write", help="write results/<profile>/run_manifest.json")
+    w = sub.add_parser("write", help="write results/<out>/run_manifest.json")
     w.add_argument("--profile", required=True)
+    w.add_argument("--out", default=None, help="results/build folder name (default: the profile)")
     w.add_argument("--inputs", nargs="*", default=[])
     w.add_argument("--outputs", nargs="*", default=[])
     t = sub.add_parser("timed", help="run a command and log its wall time")
@@ -144,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "timed":
         cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
         return timed(Path(args.log), args.node, cmd)
-    manifest = build_manifest(args.profile, [Path(p) for p in args.inputs], [Path(p) for p in args.outputs])
-    out = write_json(paths.results_dir(args.profile) / "run_manifest.json", manifest)
+    manifest = build_manifest(args.profile, [Path(p) for p in args.inputs], [Path(p) for p in args.outputs], args.out)
+    out = write_json(paths.results_dir(args.out or args.profile) / "run_manifest.json", manifest)
     print(f"wrote {out}")
     return 0
 

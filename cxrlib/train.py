@@ -25,13 +25,16 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from cxrlib import accel
+from cxrlib import accel, settings
 from cxrlib.io import atomic_path, write_json
-from cxrlib.losses import BCE_ON, MultiTaskLoss, _world
+from cxrlib.losses import MultiTaskLoss, _world
 from cxrlib.pairs import PairedSplit, load_paired
-from cxrlib.projector import KINDS, ProjectorModel, build_projector, save_projector
+from cxrlib.projector import ProjectorModel, build_projector, save_projector
 from cxrlib.retrieval import label_precision_at_k
 from cxrlib.runtime import param_groups, warmup_cosine  # noqa: F401  (warmup_cosine: re-exported)
+
+#: the projector recipe's defaults: one source, :mod:`cxrlib.settings`
+_RECIPE = settings.defaults("recipe")
 
 
 @dataclass
@@ -57,56 +60,35 @@ class TrainConfig:
       ``patience=10`` epochs without an improvement > ``min_delta=0``.
     """
 
-    kind: str = "residual_mlp"
-    out_dim: int | None = None
-    width: int = 512
-    depth: int = 1
-    dropout: float = 0.1
-    activation: str = "gelu"
-    classifier_hidden: int = 0
-    w_bce: float = 1.0
-    w_supcon: float = 1.0
-    w_clip: float = 1.0
-    clip_temperature: float = 0.07
-    learn_temperature: bool = True
-    supcon_temperature: float = 0.1
-    pos_weight: float | str | None = None
-    bce_on: str = "both"
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    epochs: int = 50
-    batch_size: int = 256
-    warmup_epochs: float = 2.0
-    patience: int = 10
-    min_delta: float = 0.0
-    eval_k: int = 5
+    kind: str = _RECIPE["kind"]
+    out_dim: int | None = _RECIPE["out_dim"]
+    width: int = _RECIPE["width"]
+    depth: int = _RECIPE["depth"]
+    dropout: float = _RECIPE["dropout"]
+    activation: str = _RECIPE["activation"]
+    classifier_hidden: int = _RECIPE["classifier_hidden"]
+    w_bce: float = _RECIPE["w_bce"]
+    w_supcon: float = _RECIPE["w_supcon"]
+    w_clip: float = _RECIPE["w_clip"]
+    clip_temperature: float = _RECIPE["clip_temperature"]
+    learn_temperature: bool = _RECIPE["learn_temperature"]
+    supcon_temperature: float = _RECIPE["supcon_temperature"]
+    pos_weight: float | str | None = _RECIPE["pos_weight"]
+    bce_on: str = _RECIPE["bce_on"]
+    lr: float = _RECIPE["lr"]
+    weight_decay: float = _RECIPE["weight_decay"]
+    epochs: int = _RECIPE["epochs"]
+    batch_size: int = _RECIPE["batch_size"]
+    warmup_epochs: float = _RECIPE["warmup_epochs"]
+    patience: int = _RECIPE["patience"]
+    min_delta: float = _RECIPE["min_delta"]
+    eval_k: int = _RECIPE["eval_k"]
     seed: int = 0
     device: str = "cpu"
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first bad setting (before any training starts)."""
-        for k in ("w_bce", "w_supcon", "w_clip"):
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
-                raise ValueError(f"{k} must be a number >= 0, got {v!r}")
-        if self.w_bce + self.w_supcon + self.w_clip == 0:
-            raise ValueError("all loss weights are 0: nothing to train (set w_bce, w_supcon or w_clip > 0)")
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown projector kind {self.kind!r}; choose one of {KINDS}")
-        if self.bce_on not in BCE_ON:
-            raise ValueError(f"bce_on must be one of {BCE_ON}, got {self.bce_on!r}")
-        if not (isinstance(self.pos_weight, (int, float)) and self.pos_weight > 0 or
-                self.pos_weight in (None, "balanced")):
-            raise ValueError(f"pos_weight must be None, 'balanced' or a number > 0, got {self.pos_weight!r}")
-        checks = {"lr": self.lr > 0, "weight_decay": self.weight_decay >= 0, "epochs": self.epochs >= 1,
-                  "batch_size": self.batch_size >= 2, "warmup_epochs": self.warmup_epochs >= 0,
-                  "patience": self.patience >= 1, "eval_k": self.eval_k >= 1,
-                  "clip_temperature": 0 < self.clip_temperature <= 1,
-                  "supcon_temperature": self.supcon_temperature > 0,
-                  "seed": isinstance(self.seed, int) and self.seed >= 0}
-        for k, ok in checks.items():
-            if not ok:
-                raise ValueError(f"bad training setting {k}={getattr(self, k)!r}")
+        """Raise ``ValueError`` naming the first bad setting (before any training starts): the schema's one validator."""
+        settings.validate_recipe(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

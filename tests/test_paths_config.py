@@ -39,10 +39,15 @@ def test_atomic_path_leaves_nothing_on_error(tmp_path):
 
 
 def test_write_if_changed_keeps_mtime(tmp_path):
+    import os
+
     f = tmp_path / "p.yaml"
     assert write_text_if_changed(f, "a: 1\n")
+    os.utime(f, ns=(1_000_000_000, 1_000_000_000))
     assert not write_text_if_changed(f, "a: 1\n")
+    assert f.stat().st_mtime_ns == 1_000_000_000  # same content: not rewritten, so make sees no change
     assert write_text_if_changed(f, "a: 2\n")
+    assert f.stat().st_mtime_ns > 1_000_000_000 and f.read_text() == "a: 2\n"
 
 
 def _nb(tmp_path, src):
@@ -60,7 +65,7 @@ def test_notebook_parameters_parsed_not_executed(tmp_path):
 
 def test_resolve_only_declared_keys_and_overrides(tmp_path):
     p = _nb(tmp_path, "profile = 'paper'\nw_supcon = 1.0\nw_bce = 1.0\nw_clip = 1.0\nseed = 0\n")
-    params = config.resolve_params("smoke", "02_train", {"w_supcon": 0.5, "unrelated": 3, "seed": None},
+    params = config.resolve_params("smoke", "x", {"w_supcon": 0.5, "unrelated": 3, "seed": None},
                                    notebook=p)
     assert params["w_supcon"] == 0.5 and params["profile"] == "smoke"
     assert "unrelated" not in params
@@ -79,11 +84,25 @@ def test_unknown_profile_names_known_ones():
 
 
 def test_cli_writes_params(tmp_path, capsys):
-    p = _nb(tmp_path, "profile = 'paper'\nw_supcon = 1.0\n")
     out = tmp_path / "params.yaml"
-    # the CLI resolves notebooks by node name; use the API path for an ad-hoc notebook instead
-    params = config.resolve_params("smoke", "x", {"w_supcon": 0.25}, notebook=p)
-    write_text_if_changed(out, yaml.safe_dump(params))
-    assert yaml.safe_load(out.read_text())["w_supcon"] == 0.25
+    assert config._cli(["params", "--profile", "smoke", "--node", "02_train", "--out", str(out), "W_SUPCON=0.25"]) == 0
+    written = yaml.safe_load(out.read_text())
+    assert written["w_supcon"] == 0.25 and written["profile"] == "smoke" and written["epochs"] == 3
     assert config._cli(["params", "--profile", "nope", "--node", "x", "--out", str(out)]) == 2
     assert "unknown profile" in capsys.readouterr().err
+
+
+def test_cli_flags_for_a_script_node(tmp_path, capsys):
+    f = tmp_path / "embed.yaml"
+    f.write_text(yaml.safe_dump({"batch_size": 16, "num_workers": "auto", "compile": False, "decode": "auto",
+                                 "device": "cpu", "precision": None}))
+    assert config._cli(["flags", str(f)]) == 0
+    printed = capsys.readouterr().out.split()
+    assert "--compile" not in printed and "--precision" not in printed
+    assert printed[printed.index("--batch-size") + 1] == "16" and printed[printed.index("--num-workers") + 1] == "auto"
+
+
+def test_script_node_gets_every_schema_setting():
+    params = config.resolve_params("smoke", "embed")
+    assert params["batch_size"] == 16 and params["precision"] == "fp32"  # the profile's
+    assert params["decode"] == "auto" and params["compile"] is False  # the schema's defaults

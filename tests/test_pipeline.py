@@ -49,7 +49,9 @@ def test_smoke_dag_writes_every_output(smoke_run):
     assert {"model", "direction", "metric", "k", "value", "ci_low", "ci_high", "n"} <= set(table.columns)
     assert set(table["direction"]) == {"image_to_text", "text_to_image"}
     assert (res / "retrieval.md").is_file() and (res / "retrieval.tex").is_file()
-    assert (res / "models" / "main" / "projector.pt").is_file()
+    from cxrlib import dag
+
+    assert (res / "models" / dag.plan("smoke", environ={}).run / "projector.pt").is_file()
     assert (res / "ablation.csv").is_file()
     manifest = json.loads((res / "run_manifest.json").read_text())
     assert manifest["profile"] == "smoke" and manifest["git"]["commit"]

@@ -115,7 +115,7 @@ def test_warmup_cosine_schedule():
 @pytest.mark.parametrize("change, match", [
     (dict(w_supcon=-0.5), "w_supcon must be a number >= 0"),
     (dict(w_bce=0, w_supcon=0, w_clip=0), "all loss weights are 0"),
-    (dict(kind="deep"), "unknown projector kind"),
+    (dict(kind="deep"), "kind must be one of"),
     (dict(pos_weight="auto"), "pos_weight"),
     (dict(batch_size=1), "batch_size"),
 ])
