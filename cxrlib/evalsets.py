@@ -1,0 +1,89 @@
+"""The peers' fixed evaluation sets: build one's study table and embed it for the models to compare.
+
+An evaluation set is a registered data set whose every row is ``split = "test"``
+(``mimic_5x200``: :mod:`cxrlib.datasets.mimic5x200`; ``openi_cxrclip``:
+:mod:`cxrlib.datasets.openi_cxrclip`). Models are trained on their own data set (``DATASET``) and
+evaluated on the set by notebook 03 with ``eval_set=<name>``, which reads the table
+``paths.study_table_path(<name>)`` and the embeddings ``paths.embeddings_dir()/<name>/<backbone>/``
+written here.
+
+    python -m cxrlib.evalsets mimic_5x200 --backbones clip biomedclip
+    python -m cxrlib.evalsets openi_cxrclip --backbones offline-adapted \\
+        --checkpoint offline-adapted=data/models/openi_synth/offline-adapted.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from cxrlib import paths
+
+#: evaluation set -> the data set whose local copy it is built from (the MIMIC or Open-I root settings)
+EVAL_SETS = {"mimic_5x200": "mimic", "openi_cxrclip": "openi"}
+
+
+def check_eval_set(name: str | None) -> str | None:
+    """``name`` if it is an evaluation set (or None); otherwise an error listing the valid names."""
+    if name is not None and name not in EVAL_SETS:
+        raise ValueError(f"unknown evaluation set {name!r}; choose from {sorted(EVAL_SETS)} (or None: the data "
+                         f"set's own test split)")
+    return name
+
+
+def build_table(name: str, **params) -> Path:
+    """Build and save the study table of evaluation set ``name``; returns its path. ``params`` are notebook
+    01's flat parameters (``mimic_root``, ``openi_root``, ...; see :func:`cxrlib.datasets.build.notebook_params`).
+    The skips are written beside it as ``<name>.skips.csv`` (every listed item left out, with its reason)."""
+    from cxrlib.datasets import build_study_table, save_study_table
+    from cxrlib.datasets.build import notebook_params
+    from cxrlib.io import atomic_path
+
+    check_eval_set(name)
+    table, skips = build_study_table(name, **notebook_params(name, **params))
+    out = save_study_table(table, paths.ensure_dir(paths.processed_dir()) / f"{name}.parquet")
+    with atomic_path(out.with_name(f"{name}.skips.csv"), suffix=".csv") as tmp:
+        skips.to_csv(tmp, index=False)
+    return out
+
+
+def embed(name: str, backbone: str, checkpoint: str | os.PathLike | None = None, **embed_kw) -> Path:
+    """Embed evaluation set ``name`` with ``backbone`` (an adapted one needs its ``checkpoint``) into
+    ``paths.embeddings_dir()/<name>/<backbone key>/``; returns that folder."""
+    from cxrlib.dag import embedding_key
+    from cxrlib.embed import extract_embeddings
+
+    table = paths.study_table_path(name)
+    if not table.is_file():
+        raise FileNotFoundError(f"no study table for evaluation set {name!r} at {table}: run "
+                                f"`python -m cxrlib.evalsets {name}` first")
+    from cxrlib.backbones import base_name, is_adapted
+
+    if is_adapted(backbone) and checkpoint is None:
+        raise ValueError(f"{backbone!r} is an adapted backbone: give its checkpoint (notebook 00 writes it to "
+                         f"data/models/<training dataset>/{backbone}.pt)")
+    out = paths.embeddings_dir() / name / embedding_key(backbone)
+    extract_embeddings(table, base_name(backbone), out, checkpoint=checkpoint, name=backbone, **embed_kw)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m cxrlib.evalsets", description=__doc__.split("\n\n")[0])
+    ap.add_argument("name", choices=sorted(EVAL_SETS))
+    ap.add_argument("--backbones", nargs="+", default=[], help="backbones to embed the set with")
+    ap.add_argument("--checkpoint", action="append", default=[], metavar="BACKBONE=PATH",
+                    help="adapted backbone checkpoint (repeatable)")
+    ap.add_argument("--mimic-root", default=None)
+    ap.add_argument("--openi-root", default=None)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args(argv)
+    checkpoints = dict(c.split("=", 1) for c in args.checkpoint)
+    path = build_table(args.name, mimic_root=args.mimic_root, openi_root=args.openi_root)
+    print(f"{args.name}: study table {path}")
+    for b in args.backbones:
+        print(f"{args.name}: {b} -> {embed(args.name, b, checkpoints.get(b), device=args.device)}")
+
+
+if __name__ == "__main__":
+    main()
