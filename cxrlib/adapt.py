@@ -18,9 +18,14 @@ across ranks; rank 0 writes the checkpoint.
 Small datasets (the offline demo) can set ``cache_images``: every image is decoded and resized
 once and kept in memory as uint8, and the same augmentations run on tensors, so epochs no longer
 re-decode PNGs. The offline profile also adds SupCon and BCE to CLIP (its tower starts random and
-the labels are there): with ``resnet10t`` at 64 px, 10 epochs, lr 1e-3, batch 64, weights 1/1/1,
-val label P@5 rose from chance (~0.54) to 0.72 (image->text) / 0.77 (text->image) and image->text
-R@10 from 2.7% to 8.6%, in about 360 CPU-seconds on one thread.
+the labels are there); what that adaptation reaches is in notebook 00's ``adapt_history.csv`` under
+``results/``, never typed here.
+
+``adapt()`` runs named steps: :func:`_prepare_rows` (train/val rows, distinct reports, groups),
+:func:`_prepare_text` (the locked-text cache or tokens), :func:`_build_net` (trainable parameters,
+classifier head, DDP), :func:`_make_loaders` (streamed or cached images), :func:`_optimiser`, then
+:func:`_fit` (epochs, validation, early stopping) and :func:`_run_record` (what the checkpoint records).
+Rank, device, autocast, the warm-up-cosine schedule and parameter groups come from :mod:`cxrlib.runtime`.
 
 Radiograph augmentation: a small random-resized crop, a few degrees of rotation, brightness and
 contrast jitter; no horizontal flip by default (it moves the heart to the wrong side).
@@ -47,17 +52,16 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm.auto import tqdm
 
-from cxrlib import paths
+from cxrlib import runtime
+from cxrlib.backbones import ADAPTED_SUFFIX  # noqa: F401  (re-exported: defined once, in backbones)
 from cxrlib.embed import trim_padding  # noqa: F401  (re-exported: the locked-text cache uses it)
 from cxrlib.images import ImageReadError, load_cxr_image
-from cxrlib.io import atomic_path
 from cxrlib.projector import clamp_logit_scale_
+from cxrlib.runtime import param_groups, resolve_device
 
 REQUIRED_COLUMNS = ("study_id", "image_id", "image_path", "report", "label_abnormal", "split")
 MONITORS = {"val_loss": "min", "val_recall": "max"}
 PRECISIONS = ("fp32", "bf16")
-#: suffix of an adapted backbone's name and checkpoint file
-ADAPTED_SUFFIX = "-adapted"
 
 
 # ---- configuration -------------------------------------------------------------------------------
@@ -136,7 +140,9 @@ class AdaptConfig:
 
 def checkpoint_path(dataset: str, backbone: str) -> Path:
     """``models_dir()/<dataset>/<backbone>-adapted.pt`` (the path the make DAG expects)."""
-    return paths.models_dir() / dataset / f"{backbone}{ADAPTED_SUFFIX}.pt"
+    from cxrlib.backbones import adapted_checkpoint
+
+    return adapted_checkpoint(dataset, backbone)
 
 
 # ---- transforms ----------------------------------------------------------------------------------
@@ -304,27 +310,6 @@ def set_trainable(model: nn.Module, lock_text: bool) -> list[str]:
     return trainable
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no decay on biases, norms, embeddings and the logit scale (open_clip's rule)."""
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        flat = p.ndim < 2 or "bn" in name or "ln" in name or "embedding" in name or "logit_scale" in name
-        (no_decay if flat else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_frac: float) -> torch.optim.lr_scheduler.LRScheduler:
-    """Linear warm-up over ``warmup_frac`` of the steps, then cosine decay to 0 (torch schedulers)."""
-    warm = int(round(total_steps * warmup_frac))
-    if warm == 0:
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [
-        torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / (warm + 1), total_iters=warm),
-        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps - warm, 1))], milestones=[warm])
-
-
 @torch.no_grad()
 def encode_texts(model: nn.Module, tokenizer: Any, texts: list[str], batch_size: int = 64,
                  device: str | torch.device = "cpu", progress: bool = True) -> torch.Tensor:
@@ -384,21 +369,6 @@ class AdaptResult:
     config: dict[str, Any]
 
 
-def _world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available (the rank's GPU under torchrun), else ``cpu``."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        return "cpu"
-    return device
-
-
 class _SkipLog:
     """Unreadable images by id (first reason kept); counted once however many epochs meet them."""
 
@@ -416,7 +386,7 @@ class _SkipLog:
 
 def _loader(dataset: Dataset, batch_size: int, shuffle: bool, cfg: AdaptConfig, seed: int,
             drop_last: bool) -> DataLoader:
-    _, world = _world()
+    _, world = runtime.world()
     sampler = None
     if world > 1 and shuffle:
         sampler = torch.utils.data.distributed.DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
@@ -425,10 +395,6 @@ def _loader(dataset: Dataset, batch_size: int, shuffle: bool, cfg: AdaptConfig, 
                       num_workers=cfg.num_workers, collate_fn=collate_skipping, drop_last=drop_last,
                       worker_init_fn=_seed_worker, generator=g, persistent_workers=cfg.num_workers > 0,
                       pin_memory=False)
-
-
-def _autocast(device: str, precision: str):
-    return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def _text_input(idx: torch.Tensor, text_rows: torch.Tensor, text_cache: torch.Tensor | None,
@@ -452,7 +418,7 @@ def _evaluate(net: AdaptModel, loader: DataLoader, labels: torch.Tensor, text_ro
         if batch["image"] is None or len(batch["index"]) < 2:
             continue
         idx = batch["index"]
-        with _autocast(device, cfg.precision):
+        with runtime.autocast(device, cfg.precision):
             out = net(batch["image"].to(device), _text_input(idx, text_rows, text_cache, tokens, device, tokenizer))
         terms = loss_fn(out, labels[idx].to(device))
         for k, v in terms.items():
@@ -471,51 +437,77 @@ def _evaluate(net: AdaptModel, loader: DataLoader, labels: torch.Tensor, text_ro
     return result
 
 
-def adapt(table: pd.DataFrame, backbone: Any, cfg: AdaptConfig, progress: bool = True) -> AdaptResult:
-    """Train ``backbone.model`` contrastively on ``table``'s train rows; early-stop on its val rows.
+@dataclass
+class _Rows:
+    """The train and val rows of one adaptation: their reports (each distinct text once), labels, groups."""
 
-    ``backbone`` is a :class:`cxrlib.backbones.Backbone`; its model is trained in place and the
-    best epoch's weights are restored at the end. Every unreadable image is reported in
-    ``AdaptResult.skipped`` (by ``image_id``) and counted in the history, never silently dropped.
-    """
-    from cxrlib.losses import MultiTaskLoss
+    table: pd.DataFrame
+    texts: np.ndarray
+    text_rows: torch.Tensor
+    labels: torch.Tensor
+    groups: np.ndarray
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    skips: _SkipLog
 
-    cfg.validate()
-    check_table(table)
-    rank, world = _world()
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
 
-    model = backbone.model.to(device)
+@dataclass
+class _Text:
+    """What the model reads as text: cached features (locked tower) or token ids (trained tower)."""
+
+    cache: torch.Tensor | None
+    tokens: torch.Tensor | None
+    tokenizer: Any
+    seconds: float
+
+    def batch(self, rows: _Rows, idx: torch.Tensor, device: str) -> torch.Tensor:
+        return _text_input(idx, rows.text_rows, self.cache, self.tokens, device, self.tokenizer)
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _image_settings(model: nn.Module, backbone: Any, cfg: AdaptConfig) -> dict[str, Any]:
     icfg = image_config(model, backbone.preprocess)
     if cfg.image_size is not None and cfg.image_size != icfg["size"]:
         # load_backbone rebuilds the tower from its config, so a resized tower could not be loaded back
         raise ValueError(f"image_size={cfg.image_size} differs from backbone {cfg.backbone!r}'s input size "
                          f"{icfg['size']}: set the size in the backbone's config (configs/models/) or use None")
-    train_tf = train_transform(icfg["size"], icfg["mean"], icfg["std"], cfg.augment)
-    eval_tf = backbone.preprocess  # the model's own eval preprocessing, as in embedding extraction
+    return icfg
 
-    table = table[table["split"].isin(["train", "val"])].reset_index(drop=True)  # test rows are never read
-    reports = table["report"].astype(str)
-    texts, text_rows_np = np.unique(reports.to_numpy(), return_inverse=True)  # each distinct report once
-    text_rows = torch.as_tensor(text_rows_np, dtype=torch.long)
-    labels = torch.tensor(table["label_abnormal"].to_numpy(np.int64))
+
+def _prepare_rows(table: pd.DataFrame) -> _Rows:
+    """Train and val rows only (test rows are never read); each distinct report once."""
+    table = table[table["split"].isin(["train", "val"])].reset_index(drop=True)
+    texts, text_rows_np = np.unique(table["report"].astype(str).to_numpy(), return_inverse=True)
     groups = (table["report_group"].to_numpy(np.int64) if "report_group" in table else text_rows_np.astype(np.int64))
-    image_ids = table["image_id"].astype(str).to_numpy()
-    skips = _SkipLog(image_ids)
+    split = table["split"].to_numpy()
+    return _Rows(table=table, texts=texts, text_rows=torch.as_tensor(text_rows_np, dtype=torch.long),
+                 labels=torch.tensor(table["label_abnormal"].to_numpy(np.int64)), groups=groups,
+                 train_idx=np.flatnonzero(split == "train"), val_idx=np.flatnonzero(split == "val"),
+                 skips=_SkipLog(table["image_id"].astype(str).to_numpy()))
 
-    text_cache = tokens = None
-    tokenizer = backbone.tokenizer
-    t_text = time.perf_counter()
+
+def _prepare_text(model: nn.Module, backbone: Any, rows: _Rows, cfg: AdaptConfig, device: str,
+                  progress: bool) -> _Text:
+    """A locked tower's features of every distinct report (computed once), or the reports' tokens."""
+    t0 = time.perf_counter()
+    cache = tokens = None
     if cfg.lock_text:
-        text_cache = encode_texts(model, backbone.tokenizer, list(texts), cfg.eval_batch_size, device, progress)
+        cache = encode_texts(model, backbone.tokenizer, list(rows.texts), cfg.eval_batch_size, device, progress)
     else:
-        tokens = torch.cat([backbone.tokenizer(list(texts[i:i + 256])) for i in range(0, len(texts), 256)])
-    text_seconds = time.perf_counter() - t_text
+        tokens = torch.cat([backbone.tokenizer(list(rows.texts[i:i + 256])) for i in range(0, len(rows.texts), 256)])
+    return _Text(cache, tokens, backbone.tokenizer, time.perf_counter() - t0)
+
+
+def _build_net(model: nn.Module, embed_dim: int, cfg: AdaptConfig, device: str,
+               world: int) -> tuple[AdaptModel, nn.Module, list[str]]:
+    """``(net, the module to call in training (DDP-wrapped under torchrun), trainable parameter names)``."""
     trainable = set_trainable(model, cfg.lock_text)
-    net = AdaptModel(model, backbone.embed_dim, text_is_features=cfg.lock_text).to(device)
+    net = AdaptModel(model, embed_dim, text_is_features=cfg.lock_text).to(device)
     clamp_logit_scale_(model.logit_scale)  # the loss reads exp(logit_scale) unclamped
     # parameters no active term uses stay frozen (DDP requires every trainable parameter to get a gradient)
     if cfg.w_clip == 0:
@@ -526,68 +518,91 @@ def adapt(table: pd.DataFrame, backbone: Any, cfg: AdaptConfig, progress: bool =
         for name, m in model.named_children():
             if name not in ("visual",):
                 m.eval()
-    ddp_net: nn.Module = net
     if world > 1:
-        ddp_net = nn.parallel.DistributedDataParallel(
-            net, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+        return net, nn.parallel.DistributedDataParallel(
+            net, device_ids=[torch.device(device).index] if device.startswith("cuda") else None), trainable
+    return net, net, trainable
 
-    train_idx = np.flatnonzero(table["split"].to_numpy() == "train")
-    val_idx = np.flatnonzero(table["split"].to_numpy() == "val")
-    paths_all = table["image_path"].astype(str).tolist()
+
+def _make_loaders(rows: _Rows, icfg: dict[str, Any], eval_tf: Any, cfg: AdaptConfig, world: int,
+                  progress: bool) -> tuple[DataLoader, DataLoader, float]:
+    """``(train loader, val loader, seconds spent caching images)``; batch ``index`` values are table rows."""
+    paths_all = rows.table["image_path"].astype(str).tolist()
+    t0 = time.perf_counter()
     if cfg.cache_images:
-        t_cache = time.perf_counter()
         train_ds: Dataset = CachedImageDataset(
-            paths_all, train_idx.tolist(), icfg["size"],
+            paths_all, rows.train_idx.tolist(), icfg["size"],
             tensor_train_transform(icfg["size"], icfg["mean"], icfg["std"], cfg.augment), progress=progress)
-        val_ds: Dataset = CachedImageDataset(paths_all, val_idx.tolist(), icfg["size"], None, eval_tf, progress)
-        cache_seconds = time.perf_counter() - t_cache
+        val_ds: Dataset = CachedImageDataset(paths_all, rows.val_idx.tolist(), icfg["size"], None, eval_tf, progress)
+        cache_seconds = time.perf_counter() - t0
     else:
-        train_ds = torch.utils.data.Subset(ImageReportDataset(paths_all, train_tf), train_idx.tolist())
-        val_ds = torch.utils.data.Subset(ImageReportDataset(paths_all, eval_tf), val_idx.tolist())
+        train_tf = train_transform(icfg["size"], icfg["mean"], icfg["std"], cfg.augment)
+        train_ds = torch.utils.data.Subset(ImageReportDataset(paths_all, train_tf), rows.train_idx.tolist())
+        val_ds = torch.utils.data.Subset(ImageReportDataset(paths_all, eval_tf), rows.val_idx.tolist())
         cache_seconds = 0.0
-    if len(train_idx) < cfg.batch_size * world:
-        raise ValueError(f"{len(train_idx)} training rows are fewer than one batch of {cfg.batch_size} x {world} ranks")
-    # Subset hands the dataset's own index through, so batch["index"] are table rows
-    train_loader = _loader(train_ds, cfg.batch_size, True, cfg, cfg.seed, drop_last=True)
-    val_loader = _loader(val_ds, cfg.eval_batch_size, False, cfg, cfg.seed, drop_last=False)
+    if len(rows.train_idx) < cfg.batch_size * world:
+        raise ValueError(f"{len(rows.train_idx)} training rows are fewer than one batch of {cfg.batch_size} x "
+                         f"{world} ranks")
+    return (_loader(train_ds, cfg.batch_size, True, cfg, cfg.seed, drop_last=True),
+            _loader(val_ds, cfg.eval_batch_size, False, cfg, cfg.seed, drop_last=False), cache_seconds)
 
-    steps_per_epoch = len(train_loader)
-    total_steps = steps_per_epoch * cfg.epochs
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
-    loss_fn = MultiTaskLoss(w_bce=cfg.w_bce, w_supcon=cfg.w_supcon, w_clip=cfg.w_clip,
-                            supcon_temperature=cfg.supcon_temperature, bce_on="both")
-    # validation runs the whole val set on every rank: its loss must not gather across ranks
-    val_loss_fn = MultiTaskLoss(w_bce=cfg.w_bce, w_supcon=cfg.w_supcon, w_clip=cfg.w_clip,
-                                supcon_temperature=cfg.supcon_temperature, bce_on="both", rank=0, world_size=1)
+
+def _losses(cfg: AdaptConfig) -> tuple[nn.Module, nn.Module]:
+    """The training loss (gathers across ranks) and the validation loss (every rank scores all val rows alone)."""
+    from cxrlib.losses import MultiTaskLoss
+
+    kw = dict(w_bce=cfg.w_bce, w_supcon=cfg.w_supcon, w_clip=cfg.w_clip, supcon_temperature=cfg.supcon_temperature,
+              bce_on="both")
+    return MultiTaskLoss(**kw), MultiTaskLoss(**kw, rank=0, world_size=1)
+
+
+def _optimiser(net: nn.Module, cfg: AdaptConfig, total_steps: int):
+    """AdamW on :func:`cxrlib.runtime.param_groups`, warm-up over ``warmup_frac`` of the steps, then cosine."""
     optimizer = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=cfg.lr)
-    scheduler = warmup_cosine(optimizer, total_steps, cfg.warmup_frac)
+    warmup = int(round(total_steps * cfg.warmup_frac))
+    return optimizer, runtime.warmup_cosine_scheduler(optimizer, warmup, total_steps)
+
+
+@dataclass
+class _Fit:
+    history: list[dict[str, Any]]
+    best_epoch: int
+    best: float
+
+
+def _fit(net: AdaptModel, train_net: nn.Module, model: nn.Module, rows: _Rows, text: _Text,
+         loaders: tuple[DataLoader, DataLoader], losses: tuple[nn.Module, nn.Module], optimizer, scheduler,
+         total_steps: int, cfg: AdaptConfig, device: str, world: int, show: bool) -> _Fit:
+    """Epochs of training, each followed by validation; early stopping on ``cfg.monitor``. The best epoch's
+    weights (epoch 0 = the start, so no improvement keeps the start weights) are loaded back into ``net``."""
+    train_loader, val_loader = loaders
+    loss_fn, val_loss_fn = losses
 
     def evaluate() -> dict[str, float]:
         t0 = time.perf_counter()
-        out = _evaluate(net, val_loader, labels, text_rows, text_cache, tokens, groups, val_loss_fn, cfg, device,
-                         skips, progress and rank == 0, tokenizer)
+        out = _evaluate(net, val_loader, rows.labels, rows.text_rows, text.cache, text.tokens, rows.groups,
+                        val_loss_fn, cfg, device, rows.skips, show, text.tokenizer)
         return {**out, "val_seconds": time.perf_counter() - t0}
 
     history: list[dict[str, Any]] = [{"epoch": 0, "step": 0, "lr": 0.0, "seconds": 0.0, "images_per_s": float("nan"),
-                                      **evaluate(), "skipped": len(skips.reasons)}]
+                                      **evaluate(), "skipped": len(rows.skips.reasons)}]
     mode = MONITORS[cfg.monitor]
     best = history[0][cfg.monitor]
     best_epoch, bad_epochs, step = 0, 0, 0
-    best_state = copy.deepcopy(net.state_dict())  # epoch 0 counts: no improvement keeps the start weights
-    bar = tqdm(total=total_steps, desc=f"adapt {cfg.backbone}", disable=not progress or rank != 0)
+    best_state = copy.deepcopy(net.state_dict())
+    bar = tqdm(total=total_steps, desc=f"adapt {cfg.backbone}", disable=not show)
     for epoch in range(1, cfg.epochs + 1):
         if isinstance(train_loader.sampler, torch.utils.data.distributed.DistributedSampler):
             train_loader.sampler.set_epoch(epoch)
         t0, n_images, sums, n_batches = time.perf_counter(), 0, {}, 0
         for batch in train_loader:
-            skips.add(batch["skipped"])
+            rows.skips.add(batch["skipped"])
             if batch["image"] is None or len(batch["index"]) < 2:
                 continue
             idx = batch["index"]
-            with _autocast(device, cfg.precision):
-                out = ddp_net(batch["image"].to(device), _text_input(idx, text_rows, text_cache, tokens, device, tokenizer))
-            terms = loss_fn(out, labels[idx].to(device))
+            with runtime.autocast(device, cfg.precision):
+                out = train_net(batch["image"].to(device), text.batch(rows, idx, device))
+            terms = loss_fn(out, rows.labels[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
             optimizer.step()
@@ -608,11 +623,10 @@ def adapt(table: pd.DataFrame, backbone: Any, cfg: AdaptConfig, progress: bool =
         row["train_loss"] = sums.pop("total", float("nan")) / max(n_batches, 1)
         row.update({f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()})
         row.update(evaluate())
-        row["skipped"] = len(skips.reasons)
+        row["skipped"] = len(rows.skips.reasons)
         history.append(row)
         value = row[cfg.monitor]
-        improved = value < best if mode == "min" else value > best
-        if improved:
+        if value < best if mode == "min" else value > best:
             best, best_epoch, bad_epochs = value, epoch, 0
             best_state = copy.deepcopy(net.state_dict())
         else:
@@ -621,31 +635,62 @@ def adapt(table: pd.DataFrame, backbone: Any, cfg: AdaptConfig, progress: bool =
             break
     bar.close()
     net.load_state_dict(best_state)
+    return _Fit(history, best_epoch, best)
+
+
+def _run_record(cfg: AdaptConfig, backbone: Any, icfg: dict[str, Any], rows: _Rows, text: _Text, fit: _Fit,
+                trainable: list[str], world: int, cache_seconds: float) -> dict[str, Any]:
+    """What the checkpoint records: the backbone's open_clip config (load_backbone checks it) + this run."""
+    run = {**cfg.to_dict(), "image_size": icfg["size"], "mean": list(icfg["mean"]), "std": list(icfg["std"]),
+           "base_fingerprint": getattr(backbone, "fingerprint", None), "best_epoch": fit.best_epoch,
+           "monitor_best": fit.best, "trainable_tensors": len(trainable), "world_size": world,
+           "n_train": int(len(rows.train_idx)), "n_val": int(len(rows.val_idx)), "skipped": len(rows.skips.reasons),
+           "n_reports_encoded": int(len(rows.texts)) if cfg.lock_text else 0, "text_cache_seconds": text.seconds,
+           "image_cache_seconds": cache_seconds}
+    return {**copy.deepcopy(getattr(backbone, "config", {}) or {}), "adapt": run}
+
+
+def adapt(table: pd.DataFrame, backbone: Any, cfg: AdaptConfig, progress: bool = True) -> AdaptResult:
+    """Train ``backbone.model`` contrastively on ``table``'s train rows; early-stop on its val rows.
+
+    ``backbone`` is a :class:`cxrlib.backbones.Backbone`; its model is trained in place and the
+    best epoch's weights are restored at the end. Every unreadable image is reported in
+    ``AdaptResult.skipped`` (by ``image_id``) and counted in the history, never silently dropped.
+    """
+    cfg.validate()
+    check_table(table)
+    rank, world = runtime.world()
+    device = resolve_device(cfg.device)
+    _seed_everything(cfg.seed)
+    model = backbone.model.to(device)
+    icfg = _image_settings(model, backbone, cfg)
+    rows = _prepare_rows(table)
+    text = _prepare_text(model, backbone, rows, cfg, device, progress)
+    net, train_net, trainable = _build_net(model, backbone.embed_dim, cfg, device, world)
+    train_loader, val_loader, cache_seconds = _make_loaders(rows, icfg, backbone.preprocess, cfg, world, progress)
+    total_steps = len(train_loader) * cfg.epochs
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    optimizer, scheduler = _optimiser(net, cfg, total_steps)
+    fit = _fit(net, train_net, model, rows, text, (train_loader, val_loader), _losses(cfg), optimizer, scheduler,
+               total_steps, cfg, device, world, progress and rank == 0)
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
-    run = {**cfg.to_dict(), "image_size": icfg["size"], "mean": list(icfg["mean"]), "std": list(icfg["std"]),
-           "base_fingerprint": getattr(backbone, "fingerprint", None), "best_epoch": best_epoch,
-           "monitor_best": best, "trainable_tensors": len(trainable), "world_size": world,
-           "n_train": int(len(train_idx)), "n_val": int(len(val_idx)), "skipped": len(skips.reasons),
-           "n_reports_encoded": int(len(texts)) if cfg.lock_text else 0, "text_cache_seconds": text_seconds,
-           "image_cache_seconds": cache_seconds}
-    # the backbone's open_clip config (load_backbone checks it against the named backbone) + this run
-    config = {**copy.deepcopy(getattr(backbone, "config", {}) or {}), "adapt": run}
-    return AdaptResult(model=model, classifier=net.classifier, history=pd.DataFrame(history), best_epoch=best_epoch,
-                       skipped=skips.table(), config=config)
+    return AdaptResult(model=model, classifier=net.classifier, history=pd.DataFrame(fit.history),
+                       best_epoch=fit.best_epoch, skipped=rows.skips.table(),
+                       config=_run_record(cfg, backbone, icfg, rows, text, fit, trainable, world, cache_seconds))
 
 
 def save_adapted(path: str | os.PathLike, result: AdaptResult) -> Path:
-    """Write the checkpoint atomically (``load_backbone(name, checkpoint=path)`` reads it)."""
+    """Write the checkpoint atomically through :func:`cxrlib.backbones.write_checkpoint` (the format
+    ``load_backbone(name, checkpoint=path)`` reads), with the history, skips and classifier head."""
+    from cxrlib.backbones import write_checkpoint
+
     history = json.loads(result.history.to_json(orient="records"))
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save({"backbone": result.config["adapt"]["backbone"],
-                    "state_dict": {k: v.detach().cpu() for k, v in result.model.state_dict().items()},
-                    "config": result.config, "history": history,
-                    "skipped": result.skipped.to_dict("records"),
-                    "classifier": {k: v.detach().cpu() for k, v in result.classifier.state_dict().items()}}, tmp)
-    return Path(path)
+    return write_checkpoint(path, result.config["adapt"]["backbone"], result.model, result.config, extra={
+        "history": history, "skipped": result.skipped.to_dict("records"),
+        "classifier": {k: v.detach().cpu() for k, v in result.classifier.state_dict().items()}})
 
 
 # ---- torchrun entry point ------------------------------------------------------------------------
@@ -717,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from cxrlib.backbones import load_backbone
 
-        rank, _ = _world()
+        rank, _ = runtime.world()
         device = resolve_device(cfg.device)
         backbone = load_backbone(cfg.backbone, device=device)
         result = adapt(pd.read_parquet(args.table), backbone, cfg, progress=rank == 0)

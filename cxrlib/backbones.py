@@ -29,9 +29,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cxrlib import paths
+
+if TYPE_CHECKING:  # torch is imported where it is used, so that naming a backbone stays cheap
+    import torch
 
 RANDOM_INIT_SEED = 0
 #: suffix of an adapted backbone's name and of its checkpoint file
@@ -589,16 +592,22 @@ def _comparable(model_cfg: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(out))
 
 
-def save_adapted(path: str | os.PathLike, backbone: Backbone, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``{"backbone", "state_dict", "config", **extra}`` atomically: the checkpoint format
-    :func:`load_backbone` reads (:func:`cxrlib.adapt.save_adapted` writes through it)."""
+def write_checkpoint(path: str | os.PathLike, backbone: str, model: torch.nn.Module, config: dict[str, Any],
+                     extra: dict[str, Any] | None = None) -> Path:
+    """Write ``{"backbone", "state_dict", "config", **extra}`` atomically: the one writer of the checkpoint
+    format :func:`load_backbone` reads (:func:`save_adapted` and :func:`cxrlib.adapt.save_adapted` use it)."""
     import torch
 
     from cxrlib.io import atomic_path
 
-    obj = {"backbone": base_name(backbone.name),
-           "state_dict": {k: v.detach().cpu() for k, v in backbone.model.state_dict().items()},
-           "config": backbone.config, **(extra or {})}
+    obj = {"backbone": base_name(backbone),
+           "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+           "config": config, **(extra or {})}
     with atomic_path(path, suffix=".pt") as tmp:
         torch.save(obj, tmp)
     return Path(path)
+
+
+def save_adapted(path: str | os.PathLike, backbone: Backbone, extra: dict[str, Any] | None = None) -> Path:
+    """A loaded (and changed) :class:`Backbone` as a checkpoint (:func:`write_checkpoint`)."""
+    return write_checkpoint(path, backbone.name, backbone.model, backbone.config, extra)

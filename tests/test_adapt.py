@@ -139,15 +139,18 @@ def test_recall_matches_naive_loop_with_duplicate_reports():
 
 
 def test_warmup_then_cosine_schedule():
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = A.warmup_cosine(opt, total_steps=20, warmup_frac=0.2)
+    """adapt's optimiser: warm-up over warmup_frac of the steps, then cosine (cxrlib.runtime's one schedule)."""
+    net = torch.nn.Linear(2, 2)
+    opt, sched = A._optimiser(net, A.AdaptConfig(backbone="tiny", lr=1.0, warmup_frac=0.2, weight_decay=0.5),
+                              total_steps=20)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.5, 0.0]  # weight matrix decays, bias does not
     lrs = []
     for _ in range(20):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    # 4 warm-up steps rising linearly from 1/5 of the rate, then a cosine over the remaining 16 steps
-    assert lrs[:4] == pytest.approx([(i + 1) / 5 for i in range(4)])
+    # 4 warm-up steps rising linearly to the full rate, then a cosine over the remaining 16 steps
+    assert lrs[:4] == pytest.approx([(i + 1) / 4 for i in range(4)])
     assert lrs[4:] == pytest.approx([0.5 * (1 + math.cos(math.pi * i / 16)) for i in range(16)])
 
 

@@ -88,9 +88,10 @@ def test_world_device_and_precision_without_a_process_group(monkeypatch):
 
 
 def test_train_adapt_and_embed_use_the_one_definition():
-    from cxrlib import embed, losses, train
+    from cxrlib import adapt, embed, losses, train
 
     assert train.warmup_cosine is runtime.warmup_cosine and train.param_groups is runtime.param_groups
     assert embed.resolve_precision is runtime.resolve_precision and embed.autocast is runtime.autocast
     assert embed.resolve_device is runtime.resolve_device and embed._dist is runtime.world
     assert losses._world() == runtime.world()
+    assert adapt.resolve_device is runtime.resolve_device and adapt.param_groups is runtime.param_groups
