@@ -323,8 +323,24 @@ def plan(profile: str, assignments: Iterable[str] = (), environ: dict[str, str] 
     for node in nodes:
         if "run" in config.declared_parameters(node.name):
             params[node.name]["run"] = run
+    check_devices(params)
     return Plan(profile, out_key(profile, ds), ds, bk, adapt, key, frozen + ([key] if adapt else []), run,
                 params, nodes)
+
+
+def check_devices(params: dict[str, dict[str, Any]]) -> None:
+    """A GPU named by any node (``DEVICE=cuda``) must be usable here: one line before any node runs,
+    not a traceback inside the first node that needs it. torch is imported only when a GPU is named."""
+    wanted = sorted({str(p["device"]) for p in params.values() if str(p.get("device", "")).startswith("cuda")})
+    if not wanted:
+        return
+    from cxrlib.accel import DeviceError, require_device
+
+    for device in wanted:
+        try:
+            require_device(device)
+        except DeviceError as exc:
+            raise settings.SettingError(str(exc)) from None
 
 
 def makevars(profile: str, dataset: str | None = None, backbone: str | None = None) -> dict[str, str]:
