@@ -20,7 +20,8 @@ What runs where, and why:
   file that fails there too is a counted skip naming it. The same code runs with ``device="cpu"``,
   which is how the tests check it against the CPU path.
 
-Precision (``auto`` -> bf16 / fp16 / fp32) is decided by :func:`cxrlib.embed.resolve_precision`.
+Precision (``auto`` -> bf16 / fp16 / fp32) and device resolution are :mod:`cxrlib.runtime`'s; this
+module holds what only the GPU path needs.
 """
 
 from __future__ import annotations

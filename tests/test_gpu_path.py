@@ -320,3 +320,19 @@ def test_gpu_check_without_gpu_says_so_at_once():
     assert out.returncode == 0
     line = json.loads(out.stdout.strip().splitlines()[-1])
     assert line["gpu"] is None and "no GPU" in line["message"]
+
+
+def test_make_device_cuda_without_cuda_fails_before_any_node(monkeypatch, capsys):
+    """`make ... DEVICE=cuda` on a machine without CUDA: `dag check` (run before any node) says so in one line."""
+    from cxrlib import dag
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert dag.main(["check", "--profile", "smoke", "DEVICE=cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "DEVICE=cuda" in err and "not available" in err
+    assert dag.main(["check", "--profile", "smoke", "DEVICE=cpu"]) == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(accel, "cuda_build_problem", lambda: None)
+    assert dag.main(["check", "--profile", "smoke", "DEVICE=cuda"]) == 0
+    plan = dag.plan("smoke", ["DEVICE=cuda"])  # and it reaches every node that runs on a device
+    assert {n for n, p in plan.params.items() if p.get("device") == "cuda"} >= {"embed", "02_train"}
