@@ -377,3 +377,39 @@ def test_small_cnn_learns_the_findings(tmp_path):
     for name in ("cardiomegaly", "effusion", "device", "hyperinflation"):
         assert aurocs[name] > 0.75, (name, aurocs[name])
     assert np.mean(list(aurocs.values())) > 0.72
+
+
+# ---- files keyed by what drew them (seed, findings, renderer) ------------------------------------
+
+def test_more_studies_in_the_same_folder_redraw_what_changed(tmp_path):
+    """``make_synthetic_studies(12)`` after ``(10)`` in one folder: study i's findings can change with n, and
+    every image must show its own row's findings (the old reuse-by-name kept images of other findings)."""
+    first = make_synthetic_studies(10, tmp_path / "same", seed=0, size=64, n_jobs=1)
+    second = make_synthetic_studies(12, tmp_path / "same", seed=0, size=64, n_jobs=1)
+    fresh = make_synthetic_studies(12, tmp_path / "fresh", seed=0, size=64, n_jobs=1)
+    changed = first.merge(second, on="image_id")
+    assert (changed["drawn_x"] != changed["drawn_y"]).any()  # the case really arises
+    pd.testing.assert_frame_equal(second.drop(columns="image_path"), fresh.drop(columns="image_path"))
+    for a, b in zip(second["image_path"], fresh["image_path"]):
+        np.testing.assert_array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)), err_msg=a)
+
+
+def test_a_file_drawn_from_another_seed_or_renderer_is_redrawn(tmp_path, monkeypatch):
+    rows = _openi_rows()
+    render_openi_images(rows, tmp_path / "png", size=64, seed=0, n_jobs=1)
+    other_seed = render_openi_images(rows, tmp_path / "png", size=64, seed=1, n_jobs=1)
+    assert (other_seed["status"] == "redrawn").all()
+    fresh = render_openi_images(rows, tmp_path / "fresh", size=64, seed=1, n_jobs=1)
+    for a, b in zip(other_seed["image_path"], fresh["image_path"]):
+        np.testing.assert_array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    assert (render_openi_images(rows, tmp_path / "png", size=64, seed=1, n_jobs=1)["status"] == "existing").all()
+    changed_mesh = rows.assign(mesh=["normal", "normal", "Cardiomegaly", "normal"])
+    st = render_openi_images(changed_mesh, tmp_path / "png", size=64, seed=1, n_jobs=1)["status"].tolist()
+    assert st == ["redrawn", "redrawn", "redrawn", "redrawn"]  # row 3 loses its nodule, the others change too
+    monkeypatch.setattr(synthetic, "RENDERER_DIGEST", "another-renderer")
+    assert (render_openi_images(changed_mesh, tmp_path / "png", size=64, seed=1, n_jobs=1)["status"]
+            == "redrawn").all()
+    # a file without a key (written by an older version) is redrawn once, then kept
+    Image.new("L", (64, 64)).save(tmp_path / "png" / f"{rows['image_id'][0]}.png")
+    again = render_openi_images(changed_mesh, tmp_path / "png", size=64, seed=1, n_jobs=1)["status"].tolist()
+    assert again == ["redrawn", "existing", "existing", "existing"]

@@ -15,7 +15,10 @@ studies for tests and the smoke profile (:func:`make_synthetic_studies`), and th
   applies it, reading sides, zones and severities from the qualifiers. Terms with no visible
   counterpart (e.g. ``Hernia, Hiatal``) are not drawn and are returned as ``unmapped``.
 * Determinism: each image's generator is seeded by ``(seed, image_id)`` (a stable hash), so an image
-  is the same whichever subset, order or number of workers renders it. Choices not fixed by the
+  is the same whichever subset, order or number of workers renders it.
+* Files are keyed by what drew them: each PNG carries a :func:`render_key` (the renderer's source
+  digest, seed, image id, view, size and the fully resolved findings) in a text chunk, and a file
+  whose key differs (another seed, other findings, a changed renderer) is redrawn, never reused. Choices not fixed by the
   findings (a side, a zone) are seeded by the *study*, so frontal and lateral views of one study agree.
 
 The images are stand-ins: plausible CXR-like geometry and grey levels, not real anatomy; every
@@ -25,6 +28,7 @@ result computed on them must say so (the offline profile's label does).
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import time
@@ -33,9 +37,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
+from cxrlib.datasets import _synth_render
 from cxrlib.datasets._synth_render import RENDER_FINDINGS, SIDES, ZONES, render
 from cxrlib.datasets.labels import FINDING_LABELS, mesh_findings, mesh_is_abnormal, split_mesh
 from cxrlib.images import verify_image
@@ -230,32 +235,53 @@ def _fix_params(findings: dict[str, dict], seed: int, study: str) -> dict[str, d
     return out
 
 
-def _write_png(im: Image.Image, path: Path) -> None:
+#: the PNG text chunk that holds a file's :func:`render_key`
+KEY_CHUNK = "cxrlib-render-key"
+#: digest of the drawing code: a changed renderer changes every key, so old files are redrawn
+RENDERER_DIGEST = hashlib.sha256(Path(_synth_render.__file__).read_bytes()).hexdigest()[:16]
+
+
+def render_key(image_id: str, findings: dict[str, dict], view: str, size: int, seed: int) -> str:
+    """What draws one image: renderer digest, seed, image id (its generator), view, size, resolved findings."""
+    spec = {"renderer": RENDERER_DIGEST, "seed": int(seed), "image_id": str(image_id), "view": view,
+            "size": int(size), "findings": {k: findings[k] for k in sorted(findings)}}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=float).encode()).hexdigest()[:32]
+
+
+def _write_png(im: Image.Image, path: Path, key: str) -> None:
+    info = PngImagePlugin.PngInfo()
+    info.add_text(KEY_CHUNK, key)
     with atomic_path(path, suffix=".tmp.png") as tmp:
-        im.save(tmp, format="PNG", compress_level=1)
+        im.save(tmp, format="PNG", compress_level=1, pnginfo=info)
 
 
 def _render_batch(jobs: list[tuple[str, str, dict, str, int, int]]) -> list[tuple[str, str, float]]:
-    """Worker: for each ``(path, image_id, findings, view, size, seed)`` keep a valid existing file or
-    render and write it; returns ``(image_id, status, cpu seconds)`` per job."""
+    """Worker: for each ``(path, image_id, findings, view, size, seed)`` keep an existing file drawn from the
+    same :func:`render_key` or render and write it; returns ``(image_id, status, cpu seconds)`` per job
+    (status ``existing``, ``rendered``, or ``redrawn`` for a file drawn from something else)."""
     done = []
     for path, image_id, findings, view, size, seed in jobs:
         t0 = time.process_time()
-        if _existing_ok(Path(path), size):
+        key = render_key(image_id, findings, view, size, seed)
+        found = _existing_key(Path(path), size)
+        if found == key:
             status = "existing"
         else:
             im = render(findings, view, size, np.random.default_rng(stable_seed(seed, "image", image_id)))
-            _write_png(im, Path(path))
-            status = "rendered"
+            _write_png(im, Path(path), key)
+            status = "rendered" if found is None else "redrawn"
         done.append((image_id, status, time.process_time() - t0))
     return done
 
 
-def _existing_ok(path: Path, size: int) -> bool:
+def _existing_key(path: Path, size: int) -> str | None:
+    """The render key of a valid existing file (``""`` when it has none), or None when there is no valid file."""
     if not path.is_file() or verify_image(path) is not None:
-        return False
+        return None
     with Image.open(path) as im:
-        return im.size == (size, size) and im.mode == "L"
+        if im.size != (size, size) or im.mode != "L":
+            return None
+        return str(getattr(im, "text", {}).get(KEY_CHUNK, ""))
 
 
 #: fewer jobs than this run in the calling process
@@ -297,8 +323,9 @@ def render_openi_images(images: pd.DataFrame, out_dir: Path, size: int = 256, se
                         n_jobs: int | None = None) -> pd.DataFrame:
     """Render ``<out_dir>/<image_id>.png`` for each row of ``images`` (``image_id``, ``view``, ``mesh``).
 
-    Files already present, decodable and of the right size are kept (``status`` "existing"); the rest
-    are drawn from their MeSH terms (:func:`mesh_to_render`) and written atomically ("rendered").
+    Files already present, decodable, of the right size and drawn from the same :func:`render_key` are kept
+    (``status`` "existing"); the rest are drawn from their MeSH terms (:func:`mesh_to_render`) and written
+    atomically ("rendered", or "redrawn" where a file drawn from another key stood).
     Returns ``image_id, image_path`` (absolute), ``status``, ``drawn`` (render keys, ``;``-joined)
     and ``unmapped`` (MeSH terms with no visible counterpart). ``n_jobs`` processes (default 2, or
     ``CXR_RENDER_JOBS``). A missing column, duplicate id or unknown view raises, naming the item.
@@ -510,7 +537,9 @@ def make_synthetic_studies(n_studies: int, out_dir: Path, seed: int = 0, size: i
     label_abnormal``, the 14 :data:`FINDING_LABELS` (from the MeSH terms through
     :func:`cxrlib.datasets.labels.mesh_findings`, as for Open-I) and ``drawn`` (the render keys).
     About a quarter of patients have several studies; ``normal_frac`` of studies are normal and their
-    impressions often repeat verbatim, as in Open-I. Images go to ``<out_dir>/<image_id>.png``.
+    impressions often repeat verbatim, as in Open-I. Images go to ``<out_dir>/<image_id>.png``; one already
+    there is kept only when drawn from the same :func:`render_key` (so ``n_studies=12`` after ``10`` in the
+    same folder redraws the images whose findings changed).
     """
     if n_studies < 1:
         raise ValueError(f"n_studies must be >= 1, got {n_studies}")
