@@ -244,7 +244,7 @@ def style_drop(scores: BenchScores, n_boot: int = 1000, n_perm: int = 10000, see
         bench, style, direction, metric, kind, k = key
         if direction != "image_to_report" or style != ORIGINAL:
             continue
-        for (b2, s2, d2, m2, _, k2), (ids2, vals) in scores.values.items():
+        for (_, s2, d2, m2, _, k2), (_, vals) in scores.values.items():
             if d2 != direction or s2 == ORIGINAL or k2 != k or m2 != metric:
                 continue
             r = stats.paired_test(orig, vals, [scores.patients[i] for i in ids], n_boot, n_perm, seed)

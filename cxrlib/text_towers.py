@@ -369,6 +369,17 @@ class TowerTokenizer:
             pool[i, :len(s)] = torch.tensor(p)
         return BatchEncoding({"input_ids": ids, "attention_mask": att, "pool_mask": pool})
 
+    def count_truncation(self, texts: Sequence[str]) -> dict[str, int]:
+        """``stats`` of tokenizing ``texts`` alone (no model run; the running counts are kept)."""
+        kept = self.stats
+        self.stats = {"texts": 0, "truncated": 0, "tokens_cut": 0}
+        try:
+            for t in texts:
+                self.encode_one(t)
+            return self.stats
+        finally:
+            self.stats = kept
+
     def reset_stats(self) -> dict[str, int]:
         """Return the counts so far and start counting again."""
         out, self.stats = self.stats, {"texts": 0, "truncated": 0, "tokens_cut": 0}

@@ -166,7 +166,7 @@ def _changed(old: Report, new: Report) -> Report | None:
 def expand_abbreviations(report: Report, rng: np.random.Generator | None = None) -> Report | None:
     def fn(s: str) -> str:
         for abbr in sorted(ABBREVIATIONS, key=len, reverse=True):
-            s = _abbr_pattern(abbr).sub(lambda m: _sentence_case(m, ABBREVIATIONS[abbr]), s)
+            s = _abbr_pattern(abbr).sub(lambda m, r=ABBREVIATIONS[abbr]: _sentence_case(m, r), s)
         return s
     return _changed(report, _map_sentences(report, fn))
 
@@ -231,9 +231,9 @@ def synonyms(report: Report, rng: np.random.Generator | None = None) -> Report |
     def fn(s: str) -> str:
         for a, b in SYNONYMS:
             if _phrase_pattern(a).search(s):
-                return _phrase_pattern(a).sub(lambda m: _match_case(m.group(0), b), s)
+                return _phrase_pattern(a).sub(lambda m, r=b: _match_case(m.group(0), r), s)
             if _phrase_pattern(b).search(s):
-                return _phrase_pattern(b).sub(lambda m: _match_case(m.group(0), a), s)
+                return _phrase_pattern(b).sub(lambda m, r=a: _match_case(m.group(0), r), s)
         return s
     return _changed(report, _map_sentences(report, fn))
 
@@ -353,7 +353,7 @@ def finding_swap(report: Report, rng: np.random.Generator) -> tuple[Report, str]
             return None
         for phrase in sorted(FINDING_SWAPS, key=len, reverse=True):
             if _phrase_pattern(phrase).search(s):
-                return _phrase_pattern(phrase).sub(lambda m: _match_case(m.group(0), FINDING_SWAPS[phrase]), s,
+                return _phrase_pattern(phrase).sub(lambda m, r=FINDING_SWAPS[phrase]: _match_case(m.group(0), r), s,
                                                    count=1)
         return None
     return _edit_one_sentence(report, rng, edit)

@@ -10,6 +10,7 @@ import torch
 from cxrlib import lora
 from cxrlib import text_towers as tt
 
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     n = torch.get_num_threads()

@@ -14,6 +14,7 @@ import torch
 from cxrlib import paths
 from cxrlib import text_towers as tt
 
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     n = torch.get_num_threads()
@@ -172,6 +173,8 @@ def test_long_report_is_truncated_and_counted(tiny):
     assert enc["input_ids"].shape[1] == tok.max_length
     assert tok.stats["texts"] == 2 and tok.stats["truncated"] == 1 and tok.stats["tokens_cut"] > 0
     assert tt.describe(tiny)["stats"]["truncated"] == 1
+    assert tok.count_truncation(["effusion " * 200] * 3 + ["No effusion."])["truncated"] == 3
+    assert tok.stats["truncated"] == 1  # counting alone leaves the running counts as they were
 
 
 def test_text_that_tokenizes_to_nothing_is_an_error_naming_it(tiny):
