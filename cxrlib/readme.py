@@ -7,6 +7,7 @@
 * ``demo-results``: the headline tables of ``results/<profile>/`` (retrieval summary, paired tests,
   ablation, embedding metrics) and links to key figures, which are copied (PNG) into ``docs/demo/``
   because ``figures/`` is git-ignored. The block names the command, commit and date of the run.
+  Its headline cells (values and CIs) go to ``docs/demo/reference.json`` for ``make check-demo``.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def make_help() -> str:
 
 def _headline_retrieval(results: pd.DataFrame) -> pd.DataFrame:
     """Models x (R@1/R@5 merged, P@5, mAP) per direction, overall queries."""
-    cols = [("recall", "merged", 1), ("recall", "merged", 5), ("label_precision", "raw", 5), ("label_map", "raw", None)]
+    from cxrlib.check_demo import HEADLINE as cols  # the cells make check-demo compares
     rows = []
     for model in dict.fromkeys(results["model"]):
         for direction in ("image_to_text", "text_to_image"):
@@ -107,6 +108,9 @@ def update(readme: Path, profile: str = "offline", with_results: bool = True) ->
     text = replace_block(text, "make-help", make_help())
     if with_results:
         text = replace_block(text, "demo-results", demo_block(profile, paths.repo_root() / "docs" / "demo"))
+        from cxrlib import check_demo
+
+        check_demo.write_reference(profile)  # the values make check-demo compares a later run against
     with atomic_path(readme) as tmp:
         tmp.write_text(text)
 
