@@ -65,7 +65,8 @@ def load_embeddings(path: str | os.PathLike, expect_backbone: str | None = None)
     """Read an embedding file; ``expect_backbone`` guards against a cache of another backbone."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no embedding file at {path}; run the embedding step (make embed) first")
+        raise FileNotFoundError(f"no embedding file at {path}; build the embedding sets first: "
+                                f"`make embed PROFILE=<profile>` (`make demo` runs the whole offline profile)")
     with np.load(path, allow_pickle=False) as z:
         emb = Embeddings(ids=z["ids"], emb=z["emb"], meta=json.loads(str(z["meta"])))
     if expect_backbone is not None and emb.meta.get("backbone") != expect_backbone:
