@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm.auto import tqdm
 
-from cxrlib import runtime
+from cxrlib import accel, runtime
 from cxrlib.backbones import ADAPTED_SUFFIX  # noqa: F401  (re-exported: defined once, in backbones)
 from cxrlib.embed import trim_padding  # noqa: F401  (re-exported: the locked-text cache uses it)
 from cxrlib.images import ImageReadError, load_cxr_image
@@ -61,7 +61,8 @@ from cxrlib.runtime import param_groups, resolve_device
 
 REQUIRED_COLUMNS = ("study_id", "image_id", "image_path", "report", "label_abnormal", "split")
 MONITORS = {"val_loss": "min", "val_recall": "max"}
-PRECISIONS = ("fp32", "bf16")
+#: autocast precisions; fp16 (for GPUs without bf16) trains with a loss scaler (accel.grad_scaler)
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 # ---- configuration -------------------------------------------------------------------------------
@@ -133,6 +134,8 @@ class AdaptConfig:
             raise ValueError(f"monitor must be one of {sorted(MONITORS)}, got {self.monitor!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.precision == "fp16" and str(self.device).startswith(("cpu", "mps")):
+            raise ValueError(f"precision fp16 is for GPUs (trained with a loss scaler); on {self.device} use fp32 or bf16")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -590,6 +593,7 @@ def _fit(net: AdaptModel, train_net: nn.Module, model: nn.Module, rows: _Rows, t
     best = history[0][cfg.monitor]
     best_epoch, bad_epochs, step = 0, 0, 0
     best_state = copy.deepcopy(net.state_dict())
+    scaler = accel.grad_scaler(cfg.precision, device)
     bar = tqdm(total=total_steps, desc=f"adapt {cfg.backbone}", disable=not show)
     for epoch in range(1, cfg.epochs + 1):
         if isinstance(train_loader.sampler, torch.utils.data.distributed.DistributedSampler):
@@ -604,8 +608,9 @@ def _fit(net: AdaptModel, train_net: nn.Module, model: nn.Module, rows: _Rows, t
                 out = train_net(batch["image"].to(device), text.batch(rows, idx, device))
             terms = loss_fn(out, rows.labels[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            optimizer.step()
+            scaler.scale(terms["total"]).backward()  # plain backward / step unless fp16
+            scaler.step(optimizer)
+            scaler.update()
             clamp_logit_scale_(model.logit_scale)
             scheduler.step()
             step += 1
