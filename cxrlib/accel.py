@@ -164,6 +164,16 @@ def fits_on_device(nbytes: int, device: str | torch.device, fraction: float = 0.
     return nbytes <= fraction * free
 
 
+def grad_scaler(precision: str, device: str | torch.device) -> torch.amp.GradScaler:
+    """A loss scaler for fp16 training (fp16 gradients underflow without one); a pass-through otherwise.
+
+    Use ``scaler.scale(loss).backward(); scaler.step(optimizer); scaler.update()``: with bf16 or fp32
+    that is exactly ``loss.backward(); optimizer.step()``; with fp16 a step whose gradients overflowed
+    is skipped and the scale lowered.
+    """
+    return torch.amp.GradScaler(str(device).split(":")[0], enabled=precision == "fp16")
+
+
 # ---- out-of-memory back-off ----------------------------------------------------------------------
 
 def is_oom(exc: BaseException) -> bool:

@@ -191,3 +191,33 @@ def test_jpeg_completeness():
     assert not accel.is_complete_jpeg(data[:-10])
     assert not accel.is_complete_jpeg(b"\x89PNG\r\n\x1a\n" + data[3:])
     assert not accel.is_complete_jpeg(b"")
+
+
+def _sgd_step(precision: str, loss_factor: float = 1.0):
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.SGD([w], lr=0.1)
+    scaler = accel.grad_scaler(precision, "cpu")
+    loss = (w * torch.arange(4.0)).sum() * loss_factor
+    opt.zero_grad()
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return w.detach(), scaler
+
+
+def test_grad_scaler_is_a_pass_through_unless_fp16():
+    ref, _ = _sgd_step("fp32")
+    torch.testing.assert_close(ref, torch.ones(4) - 0.1 * torch.arange(4.0))  # plain SGD by hand
+    for precision in ("fp32", "bf16"):
+        w, scaler = _sgd_step(precision)
+        assert not scaler.is_enabled() and torch.equal(w, ref)
+
+
+def test_grad_scaler_fp16_unscales_and_skips_overflowing_steps():
+    w, scaler = _sgd_step("fp16")
+    assert scaler.is_enabled()
+    torch.testing.assert_close(w, torch.ones(4) - 0.1 * torch.arange(4.0))  # gradients unscaled before the step
+    start = scaler.get_scale()
+    w, scaler = _sgd_step("fp16", loss_factor=float("inf"))  # overflow: the step is skipped, the scale lowered
+    assert torch.equal(w, torch.ones(4)) and scaler.get_scale() < start

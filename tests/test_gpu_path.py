@@ -336,3 +336,25 @@ def test_make_device_cuda_without_cuda_fails_before_any_node(monkeypatch, capsys
     assert dag.main(["check", "--profile", "smoke", "DEVICE=cuda"]) == 0
     plan = dag.plan("smoke", ["DEVICE=cuda"])  # and it reaches every node that runs on a device
     assert {n for n, p in plan.params.items() if p.get("device") == "cuda"} >= {"embed", "02_train"}
+
+
+def test_adaptation_in_fp16_goes_through_the_grad_scaler(tmp_path, monkeypatch):
+    """fp16 adaptation (GPUs without bf16) scales the loss; the same code runs here with CPU autocast."""
+    from cxrlib import adapt as A
+    from tests.test_adapt import _cfg, _make_table
+
+    with pytest.raises(ValueError, match="fp16 is for GPUs"):
+        _cfg(precision="fp16", device="cpu").validate()
+    made = []
+    real = accel.grad_scaler
+
+    def spy(precision, device):
+        made.append(real(precision, device))
+        return made[-1]
+
+    monkeypatch.setattr(accel, "grad_scaler", spy)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    res = A.adapt(_make_table(tmp_path), load_backbone("tiny"), _cfg(precision="fp16", device="auto", epochs=1),
+                  progress=False)
+    assert len(made) == 1 and made[0].is_enabled() and made[0].get_scale() > 0
+    assert np.isfinite(res.history["train_loss"].iloc[1])
