@@ -169,6 +169,19 @@ def grid(v: Any) -> Any:
     return out
 
 
+def protocol_list(v: Any) -> Any:
+    """``"all"`` or a non-empty list of retrieval protocol names (``@register_protocol`` in cxrlib.protocols)."""
+    names = registered_names("protocols", "register_protocol")
+    if v == "all":
+        return v
+    if isinstance(v, str):
+        v = [v]
+    bad = [x for x in v if x not in names] if isinstance(v, (list, tuple)) and v else [v]
+    if bad:
+        raise SettingError(f"must be 'all' or a list of protocols from {', '.join(names)}, got {bad}")
+    return list(v)
+
+
 def profiles() -> list[str]:
     from cxrlib import paths
 
@@ -299,7 +312,7 @@ def _build() -> list[Setting]:
         S("max_steps", None, optional(integer(1)), "None: every batch of every epoch", **A),
         S("patience", 2, integer(1), "epochs without improvement of monitor before stopping", **A),
         S("monitor", "val_loss", choice(lambda: module_names("adapt", "MONITORS")), "val_loss | val_recall", **A),
-        S("precision", "fp32", choice(lambda: module_names("adapt", "PRECISIONS")), "fp32 | bf16 autocast", **A),
+        S("precision", "fp32", choice(lambda: module_names("adapt", "PRECISIONS")), "fp32 | bf16 | fp16 autocast (fp16: GPUs, with a loss scaler)", **A),
     ]
     X = dict(nodes=(EMBED,), group="extract")
     out += [
@@ -320,6 +333,11 @@ def _build() -> list[Setting]:
           nodes=(EVAL, ABLATION), make_var="N_BOOT", **E),
         S("n_perm", 10000, integer(10), "sign-flip permutations per paired test", nodes=(EVAL,), **E),
         S("n_examples", 1, integer(0), "example queries per class in the galleries", nodes=(EVAL,), **E),
+        S("protocols", "all", protocol_list, "retrieval protocols reported side by side (cxrlib.protocols): all "
+          "or a list", nodes=(EVAL,), make_var="PROTOCOLS", **E),
+        S("eval_set", None, optional(choice(lambda: module_names("evalsets", "EVAL_SETS"))),
+          "a peer's evaluation set instead of the data set's own split: mimic_5x200 | openi_cxrclip "
+          "(built by python -m cxrlib.evalsets)", nodes=(EVAL,), make_var="EVAL_SET", **E),
         S("grid", "default", grid, "loss-weight grid: default or a list of weightings", nodes=(ABLATION,), **E),
     ]
     return out

@@ -52,14 +52,18 @@ def write_fixture(root, n: int = 48, dim: int = 16, seed: int = 0) -> None:
     from cxrlib.projector import build_projector, save_projector
 
     model = build_projector("residual_mlp", dim, dim, width=16)
-    save_projector(paths.results_dir("smoke") / "models" / "main" / "projector.pt", model,
+    from cxrlib import dag
+
+    save_projector(paths.results_dir(dag.out_key("smoke", "fixture")) / "models" / "main" / "projector.pt", model,
                    {"backbone": "tiny-adapted", "dataset": "fixture"})
 
 
 @pytest.mark.slow
 def test_notebook_03_on_fixture(workdir):
     write_fixture(workdir)
-    params = config.resolve_params("smoke", "03_retrieval_eval", {"dataset": "fixture", "backbone": "tiny-adapted"})
+    # "fixture" is no registered data set: the smoke parameters with the fixture's table and run set afterwards
+    params = {**config.resolve_params("smoke", "03_retrieval_eval", {"backbone": "tiny-adapted"}),
+              "dataset": "fixture", "run": "main"}
     params_file = workdir / "params.yaml"
     params_file.write_text(yaml.safe_dump(params))
     nb = REPO / "notebooks" / "03_retrieval_eval.ipynb"
@@ -68,7 +72,7 @@ def test_notebook_03_on_fixture(workdir):
     run = subprocess.run([sys.executable, "-m", "papermill", "-k", "cxr-retrieval", "--cwd", str(nb.parent),
                           "-f", str(params_file), str(nb), str(out)], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
-    res, fig = workdir / "results" / "smoke", workdir / "figures" / "smoke"
+    res, fig = workdir / "results" / "smoke-fixture", workdir / "figures" / "smoke-fixture"
     df = pd.read_csv(res / "retrieval.csv")
     assert set(df["model"]) == {"tiny (frozen)", "tiny-adapted (frozen)", "tiny-adapted + projector"}
     assert set(df["direction"]) == {"image_to_text", "text_to_image"}
@@ -78,10 +82,21 @@ def test_notebook_03_on_fixture(workdir):
     # 4 distinct reports: k=5 and k=10 exceed the merged image->text gallery, stated in a note
     merged = df[(df["gallery"] == "merged") & (df["direction"] == "image_to_text") & (df["k"] == 10)]
     assert merged["value"].isna().all() and merged["note"].str.contains("exceeds").all()
+    # every protocol for every model, with CIs and chance (label_match_class: no one-hot class here, a stated skip)
+    from cxrlib import protocols
+
+    have = df[df["value"].notna()]
+    assert set(have["protocol"]) == set(protocols.PROTOCOLS) - {"label_match_class"}
+    for protocol, part in have.groupby("protocol"):
+        assert set(part["model"]) == set(df["model"]) and part["ci_low"].notna().any(), protocol
+    assert df.loc[df["protocol"] == "strict", "chance"].notna().all()
+    assert df.loc[df["protocol"] == "label_match_class", "note"].str.startswith("protocol skipped").all()
     paired = pd.read_csv(res / "paired_tests.csv")
     assert set(paired["model_a"]) == {"tiny-adapted + projector"} and paired["p_value"].between(0, 1).all()
     md = (res / "retrieval.md").read_text()
     assert "SMOKE TEST" in md and "Paired comparison" in md and (res / "retrieval.tex").is_file()
+    assert "Protocol `strict`; follows open_clip" in md and "chance (random ranking)" in md
+    assert "## Notes (one line per protocol)" in md and "excluded" not in md.split("## Notes")[0]
     stems = {p.stem for p in fig.glob("retrieval_*.png")}
     assert {"retrieval_recall_raw_at_k", "retrieval_label_precision_raw_at_k",
             "retrieval_per_class_precision_at_5"} <= stems
