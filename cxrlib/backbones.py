@@ -65,7 +65,15 @@ class HubRepo:
         return ["|".join(alts) for alts in self.files if not any(present(f) for f in alts)]
 
     def missing_in(self, folder: str | os.PathLike) -> list[str]:
-        return self.missing(lambda f: (Path(folder) / f).is_file())
+        """The files ``folder`` lacks; in a folder any weights file open_clip would pick counts as weights."""
+        return ["|".join(alts) for alts in self.files if not any((Path(folder) / f).is_file() for f in alts)
+                and not (alts == OPEN_CLIP_WEIGHTS and has_weights(folder))]
+
+
+def has_weights(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a weights file open_clip's local-folder load would find (``*.safetensors``,
+    ``*.bin``, ``*.pth``), without importing open_clip."""
+    return any(p.is_file() for pattern in ("*.safetensors", "*.bin", "*.pth") for p in Path(folder).glob(pattern))
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,13 @@
 """Checks `make` runs before any heavy work: one clear line instead of a failure an hour in.
 
 ``python -m cxrlib.preflight --profile P [--dataset D] [--backbones a,b]`` exits 2 with one line on
-stderr when the run cannot succeed here: an unknown profile, dataset or backbone, a missing
-``OPENI_ROOT`` / ``MIMIC_ROOT``, or a profile that needs the network (the paper profile downloads
-Open-I and the hub weights) on a machine without it and without local copies -- then it names
-``make demo``. It downloads and computes nothing.
+stderr when the run cannot succeed here. It reads the two registries, so it holds no name list of
+its own: a data set is checked by its registry entry's ``check`` (``OPENI_ROOT`` / ``MIMIC_ROOT``, or
+the network to download), and a backbone by its entry's repositories: for every Hugging Face repo a
+load reads (BiomedCLIP's own and BiomedBERT's, which holds its text config and tokenizer), the files
+it reads there must be in the local folder that replaces the repo (``<NAME>_DIR``, ``BIOMEDBERT_DIR``),
+or all be in the Hugging Face cache, or the hub must be reachable. A profile that needs the network
+on a machine without it names ``make demo``. It downloads and computes nothing.
 """
 
 from __future__ import annotations
@@ -12,15 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from cxrlib import config, paths
 
-DATASETS = ("openi", "openi_synth", "mimic", "synthetic")
-HUB_BACKBONES = {"biomedclip": "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
-                 "clip": "timm/vit_base_patch16_clip_224.openai"}
-OPENI_URL = "https://openi.nlm.nih.gov/imgs/collections/NLMCXR_png.tgz"
 HUB_URL = "https://huggingface.co"
+OFFLINE_HINT = "run `make demo` for the offline profile, or see README, 'Local weights'"
 
 
 class PreflightError(RuntimeError):
@@ -39,70 +40,118 @@ def reachable(url: str, timeout: float = 3.0) -> bool:
     return network_available(url, timeout)
 
 
-def _hub_cached(repo_id: str) -> bool:
-    try:
-        from huggingface_hub import scan_cache_dir
+class Network:
+    """``network(url) -> bool``, probed once per host; always False when the profile forbids the network."""
 
-        return any(r.repo_id == repo_id for r in scan_cache_dir().repos)
-    except Exception:  # no cache folder yet
-        return False
+    def __init__(self, allowed: bool = True, probe: Callable[[str], bool] = reachable):
+        self.allowed, self.probe, self.seen = allowed, probe, {}
+
+    def __call__(self, url: str) -> bool:
+        if not self.allowed:
+            return False
+        if url not in self.seen:
+            self.seen[url] = self.probe(url)
+        return self.seen[url]
 
 
-def check_backbone(name: str, network: bool | None) -> bool | None:
-    """Validate a backbone name; returns the (possibly probed) network state."""
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache as the loads will use it (``HF_HUB_CACHE``, else ``HF_HOME/hub``)."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def cached_file(repo_id: str, filename: str, cache_dir: Path | None = None) -> Path | None:
+    """The cached copy of ``filename`` of model repo ``repo_id`` (revision main), when it is a readable file."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, filename, cache_dir=str(cache_dir or hf_cache_dir()))
+    return Path(found) if isinstance(found, str) and Path(found).is_file() else None
+
+
+def check_backbone(name: str, network: Callable[[str], bool]) -> None:
+    """Every repository and file backbone ``name``'s load reads is local, cached, or reachable; else PreflightError."""
     from cxrlib import backbones
 
     backbones.validate_backbone_name(name)  # raises ValueError listing the valid names
-    if name.startswith("local-dir:"):
-        folder = Path(name.split(":", 1)[1]).expanduser()
-        if not folder.is_dir():
-            raise PreflightError(f"backbone {name}: folder {folder} does not exist")
-        return network
-    repo = HUB_BACKBONES.get(name)
-    local_env = {"biomedclip": "BIOMEDCLIP_DIR"}.get(name)
-    if repo and not (local_env and os.environ.get(local_env)) and not _hub_cached(repo):
-        network = reachable(HUB_URL) if network is None else network
-        if not network:
-            raise PreflightError(
-                f"backbone {name!r} needs the Hugging Face hub ({repo}) and this machine has no network "
-                f"and no cached copy: run `make demo` for the offline profile, or pre-download the weights"
-                + (f" and set {local_env}=<folder>" if local_env else "") + " (see README, 'Local weights')")
-    return network
+    base = backbones.base_name(name)  # an adapted copy needs its base (notebook 00 writes the checkpoint)
+    entry = backbones.backbone_entry(base)
+    if entry is None:
+        if base.startswith("local-dir:"):
+            folder = Path(base.split(":", 1)[1]).expanduser()
+            if not folder.is_dir():
+                raise PreflightError(f"backbone {base}: folder {folder} does not exist")
+            missing = backbones.LOCAL_DIR_FILES.missing_in(folder)
+            if missing:
+                raise PreflightError(f"backbone {base}: {folder} lacks {missing}")
+        return  # open_clip:<model>:<pretrained>: open_clip resolves the tag itself
+    if not entry.repos:  # a packaged config, unless <NAME>_DIR replaces it
+        folder = entry.local_dir()
+        if folder is not None:
+            _check_folder(entry.local_env, folder, backbones.LOCAL_DIR_FILES, name)
+        return
+    for repo in entry.repos:
+        env = entry.repo_env(repo)
+        folder = entry.local_dir(env)
+        if folder is not None:
+            _check_folder(env, folder, repo, name)
+            continue
+        cache = hf_cache_dir()
+        missing = missing_in_cache(repo, cache)
+        if not missing or network(HUB_URL):
+            continue  # cached, or the load downloads what is missing
+        files = ", ".join(" or ".join(alts) for alts in repo.files)
+        where = (f"the Hugging Face cache ({cache}) holds it without {missing}" if len(missing) < len(repo.files)
+                 else f"it is not in the Hugging Face cache ({cache})")
+        raise PreflightError(f"backbone {name!r} reads {repo.repo_id} ({files}); {where} and the hub is unreachable "
+                             f"(no network): pre-download it or set {env}=<folder with those files>; or {OFFLINE_HINT}")
 
 
-def check_dataset(dataset: str, network: bool | None) -> bool | None:
-    if dataset not in DATASETS:
-        raise PreflightError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
-    if paths.study_table_path(dataset).is_file():
-        return network
-    if dataset == "mimic":
-        root = paths.mimic_root()
-        if root is None:
-            raise PreflightError("DATASET=mimic needs MIMIC_ROOT=/path/to/mimic-cxr-jpg (credentialed data, "
-                                 "never downloaded by this package)")
-        if not root.is_dir():
-            raise PreflightError(f"MIMIC_ROOT={root} does not exist")
-    if dataset == "openi":
-        if os.environ.get("OPENI_ROOT"):
-            root = paths.openi_root()
-            if not root.is_dir():
-                raise PreflightError(f"OPENI_ROOT={root} does not exist")
-        elif not any(paths.openi_root().glob("*")):
-            network = reachable(OPENI_URL) if network is None else network
-            if not network:
-                raise PreflightError("Open-I images are not here and NLM is unreachable (no network): run "
-                                     "`make demo` for the offline profile, or set OPENI_ROOT to a local copy")
-    return network
+def missing_in_cache(repo, cache: Path | None = None) -> list[str]:
+    """The files of ``repo`` (a :class:`cxrlib.backbones.HubRepo`) that the Hugging Face cache lacks."""
+    cache = cache or hf_cache_dir()
+    return repo.missing(lambda f: cached_file(repo.repo_id, f, cache) is not None)
 
 
-def run(profile: str, dataset: str | None = None, backbones: list[str] | None = None) -> None:
+def _check_folder(env: str, folder: Path, repo, name: str) -> None:
+    if not folder.is_dir():
+        raise PreflightError(f"backbone {name!r}: {env}={folder} does not exist")
+    missing = repo.missing_in(folder)
+    if missing:
+        raise PreflightError(f"backbone {name!r}: {env}={folder} lacks {missing} (the files its load reads"
+                             + (f" from {repo.repo_id})" if "/" in repo.repo_id else ")"))
+
+
+def check_dataset(dataset: str, network: Callable[[str], bool]) -> None:
+    """A registered data set whose table exists, or whose entry's check passes here; else PreflightError."""
+    from cxrlib.datasets.registry import DatasetUnavailable, get_dataset
+
+    try:
+        entry = get_dataset(dataset)
+    except ValueError as exc:
+        raise PreflightError(str(exc)) from None
+    if paths.study_table_path(dataset).is_file() or entry.check is None:
+        return
+    try:
+        entry.check(network)
+    except DatasetUnavailable as exc:
+        raise PreflightError(str(exc)) from None
+
+
+def run(profile: str, dataset: str | None = None, backbones: list[str] | None = None,
+        network: Callable[[str], bool] | None = None) -> None:
+    from cxrlib import settings
+
     cfg = config.load_profile(profile)
-    dataset = dataset or cfg["common"].get("dataset")
-    names = list(dict.fromkeys((backbones or []) + list(cfg.get("backbones", []))))
-    network = None if cfg.get("network", True) else False
-    network = check_dataset(dataset, network)
+    common = {**settings.defaults("common"), **cfg["common"]}  # a profile never restates a default
+    dataset = dataset or common["dataset"]
+    names = list(dict.fromkeys((backbones or []) + list(cfg.get("backbones", [])) + [common["backbone"]]))
+    network = network or Network(allowed=bool(cfg.get("network", True)))
+    check_dataset(dataset, network)
     for name in names:
-        network = check_backbone(name, network)
+        check_backbone(name, network)
 
 
 def main(argv: list[str] | None = None) -> int:
