@@ -120,13 +120,24 @@ def _match_k(part: pd.DataFrame, k) -> pd.Series:
     return (part["k"] == k) if not pd.isna(k) else part["k"].isna()
 
 
+#: the columns of the tidy results (``retrieval.COLUMNS``) a table is rendered from
+TABLE_COLUMNS = ("model", "direction", "query_class", "metric", "k", "value", "ci_low", "ci_high", "n")
+
+
 def wide_table(df: pd.DataFrame, section: Section, decimals: int = 1,
                directions: tuple[str, ...] = tuple(DIRECTION_LABELS)) -> pd.DataFrame:
     """One row per (model, direction) and a chance row per direction; one column per metric@k (and class).
 
     Models keep their order of first appearance in ``df``. Empty when no row matches (or every value of
-    the section is missing, e.g. a protocol skipped on this evaluation set).
+    the section is missing, e.g. a protocol skipped on this evaluation set). A results table without one
+    of :data:`TABLE_COLUMNS` (or without both ``protocol`` and ``gallery``) is a ValueError naming them.
     """
+    missing = [c for c in TABLE_COLUMNS if c not in df.columns]
+    if "protocol" not in df.columns and "gallery" not in df.columns:
+        missing.append("protocol (or gallery)")
+    if missing:
+        raise ValueError(f"results table lacks column(s) {missing} (has {list(df.columns)}); expected the "
+                         f"tidy columns of cxrlib.retrieval.evaluate_pairs")
     df = with_protocol(df)
     sel = df[df["metric"].isin(section.metrics) & (df["protocol"] == section.protocol)
              & df["query_class"].isin(section.classes) & df["direction"].isin(directions)]

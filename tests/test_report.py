@@ -41,6 +41,7 @@ def test_format_rules():
     assert report.format_cell("recall", 0.5, 0.41, 0.592) == "50.0 [41.0, 59.2]"
     assert report.format_cell("recall", 0.5, np.nan, np.nan) == "50.0"
     assert report.format_p(0.0004) == "<0.001" and report.format_p(0.0414) == "0.041"
+    assert report.format_p(0.001) == "0.001" and report.format_p(1.0) == "1.000" and report.format_p(np.nan) == "n/a"
 
 
 def test_every_cell_comes_from_the_csv(tmp_path):
@@ -91,8 +92,12 @@ def test_comparison_table_from_paired_tests():
     noise = rng.standard_normal((n, d)).astype(np.float32)
     noise /= np.linalg.norm(noise, axis=1, keepdims=True)
     ids = np.arange(n).astype(str)
-    mk = lambda im: PairedSplit(im, txt, rng.integers(0, 2, n) * 0 + np.arange(n) % 2, ids, ids, ids,  # noqa: E731
-                                np.arange(n), None, pd.DataFrame())
+    labels = rng.integers(0, 2, n)  # random labels, the same for both models (the same queries)
+    assert 0 < labels.sum() < n
+
+    def mk(im):
+        return PairedSplit(im, txt, labels, ids, ids, ids, np.arange(n), None, pd.DataFrame())
+
     a = retrieval.query_scores(mk(img), "tuned", (1, 5))
     b = retrieval.query_scores(mk(noise), "frozen", (1, 5))
     paired = retrieval.compare_models(a, b, n_boot=100, n_perm=500)
@@ -101,7 +106,14 @@ def test_comparison_table_from_paired_tests():
     row = t[(t.Metric == "R@1") & (t.Direction == "image-to-report") & (t.Protocol == "strict")].iloc[0]
     src = paired[(paired.metric == "recall") & (paired.k == 1) & (paired.direction == "image_to_text")
                  & (paired.gallery == "raw") & (paired.query_class == "all")].iloc[0]
-    assert row["A"] == f"{100 * src.value_a:.1f}" and row["p"] == report.format_p(src.p_value)
+    assert row["A"] == f"{100 * src.value_a:.1f}" and row["B"] == f"{100 * src.value_b:.1f}"
+    # the p cells, formatted here by the rule (3 decimals, "<0.001" below 0.001), not by report.format_p
+    expected_p = "<0.001" if src.p_value < 0.001 else f"{src.p_value:.3f}"
+    assert row["p"] == expected_p and row["p"] != "n/a"
+    label = paired[(paired.metric == "label_precision") & (paired.k == 5) & (paired.direction == "text_to_image")
+                   & (paired.query_class == "all")].iloc[0]
+    cell = t[(t.Metric == "P@5") & (t.Direction == "report-to-image") & (t.B == f"{100 * label.value_b:.1f}")]
+    assert cell["p"].tolist() == ["<0.001" if label.p_value < 0.001 else f"{label.p_value:.3f}"]
     md = report.render_results(retrieval.summarise(a, n_boot=20), paired).markdown
     assert "Paired comparison" in md
 
@@ -110,8 +122,11 @@ def test_markdown_escapes_pipes_and_handles_empty():
     t = pd.DataFrame({"Model": ["a|b"], "x": ["1.0"]})
     assert "a\\|b" in report.to_markdown(t)
     assert report.to_markdown(pd.DataFrame()) == "_no rows_\n"
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['direction', 'query_class', .*'n', "
+                                         r"'protocol \(or gallery\)'\]"):
         report.wide_table(pd.DataFrame({"model": ["m"]}), report.SECTIONS[0])
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['ci_high'\]"):
+        report.wide_table(_tidy().drop(columns="ci_high"), report.SECTIONS[0])
 
 
 def test_latex_p_values_use_math_less_than():
