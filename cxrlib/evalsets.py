@@ -32,6 +32,19 @@ def check_eval_set(name: str | None) -> str | None:
     return name
 
 
+def require_built(name: str, backbones) -> None:
+    """Raise naming the command to run when evaluation set ``name``'s table or an embedding set is missing."""
+    from cxrlib.dag import embedding_key
+
+    missing = [] if paths.study_table_path(name).is_file() else ["its study table"]
+    missing += [f"{b} embeddings" for b in dict.fromkeys(backbones)
+                if not (paths.embeddings_dir() / name / embedding_key(b) / "image.npz").is_file()]
+    if missing:
+        raise FileNotFoundError(f"evaluation set {name!r} lacks {', '.join(missing)}: run `python -m cxrlib.evalsets "
+                                f"{name} --backbones {' '.join(dict.fromkeys(backbones))}` (add --mimic-root / "
+                                f"--openi-root for your copy, --checkpoint NAME=PATH for an adapted backbone)")
+
+
 def build_table(name: str, **params) -> Path:
     """Build and save the study table of evaluation set ``name``; returns its path. ``params`` are notebook
     01's flat parameters (``mimic_root``, ``openi_root``, ...; see :func:`cxrlib.datasets.build.notebook_params`).

@@ -16,6 +16,8 @@ def test_unknown_eval_set_lists_the_valid_ones():
 
 
 def test_build_and_embed_mimic_5x200(workdir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="python -m cxrlib.evalsets mimic_5x200 --backbones tiny"):
+        evalsets.require_built("mimic_5x200", ["tiny"])
     root = make_fake_mimic(tmp_path / "mimic")
     ids = tmp_path / "ids.csv"
     rows = [(f"{10000000 + 37 * p:08d}-{50000000 + 1000 * p + 1:08d}-pa", 10000000 + 37 * p, 50000000 + 1000 * p + 1)
@@ -31,6 +33,7 @@ def test_build_and_embed_mimic_5x200(workdir, tmp_path):
     out = evalsets.embed("mimic_5x200", "tiny", batch_size=2, num_workers=0, precision="fp32", device="cpu",
                          progress=False)
     assert (out / "image.npz").is_file() and (out / "text.npz").is_file()
+    evalsets.require_built("mimic_5x200", ["tiny"])
     from cxrlib.models import load_eval_split
 
     sp = load_eval_split("mimic_5x200", "tiny", "test")
