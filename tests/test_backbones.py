@@ -19,8 +19,12 @@ def tiny():
 
 
 def test_unknown_name_lists_valid_ones():
-    with pytest.raises(ValueError, match="valid names: biomedclip, clip, tiny, offline"):
+    """The message lists what the registry holds (not a list typed here): every entry and family usage."""
+    with pytest.raises(ValueError, match="unknown backbone 'resnet-from-nowhere'; valid names: ") as err:
         load_backbone("resnet-from-nowhere")
+    registered = list(backbones.registered_backbones())
+    assert registered and all(name in str(err.value) for name in registered)
+    assert "open_clip:<model>:<pretrained>" in str(err.value) and "local-dir:<folder>" in str(err.value)
     for bad in ("open_clip:ViT-B-16", "open_clip::openai", "local-dir:"):
         with pytest.raises(ValueError, match="unknown backbone"):
             backbones.validate_backbone_name(bad)
@@ -52,11 +56,26 @@ def test_random_init_is_deterministic_and_fingerprinted(tiny):
     assert torch.equal(torch.rand(3), expected)
 
 
+def _save_as_production(path, backbone):
+    """Write ``backbone`` the way notebook 00 does: ``adapt.save_adapted`` of an ``AdaptResult``."""
+    import pandas as pd
+
+    from cxrlib.adapt import AdaptResult, save_adapted
+
+    result = AdaptResult(model=backbone.model, classifier=torch.nn.Linear(backbone.embed_dim, 1),
+                         history=pd.DataFrame({"epoch": [0, 1], "val_loss": [1.0, 0.5]}), best_epoch=1,
+                         skipped=pd.DataFrame(columns=["image_id", "reason"]),
+                         config={**backbone.config, "adapt": {"backbone": backbone.name}})
+    return save_adapted(path, result)
+
+
 def test_adapted_checkpoint_roundtrip_and_mismatch(tiny, tmp_path):
     adapted = load_backbone("tiny")
     with torch.no_grad():
         adapted.model.visual.proj.add_(0.5)
-    path = backbones.save_adapted(tmp_path / "tiny-adapted.pt", adapted)
+    path = _save_as_production(tmp_path / "tiny-adapted.pt", adapted)
+    saved = torch.load(path, weights_only=True)
+    assert saved["backbone"] == "tiny" and saved["history"][1]["val_loss"] == 0.5 and "classifier" in saved
     back = load_backbone("tiny", checkpoint=path)
     assert back.fingerprint != tiny.fingerprint
     assert torch.equal(back.model.visual.proj, adapted.model.visual.proj)
