@@ -421,7 +421,8 @@ def evaluate_pairs(split: PairedSplit, model_name: str, ks=(1, 5, 10), n_boot: i
     Tidy columns (:data:`COLUMNS`): ``model``; ``direction`` (``image_to_text``/``text_to_image``);
     ``gallery``: ``raw`` (every study's item is separate) or ``merged`` (identical report texts,
     ``split.report_groups``, count as one item: image-to-text searches one text per group (the members'
-    mean embedding, re-normalised: :func:`group_representatives`) and a hit is the query's group; text-to-image counts any image whose report is identical as a hit);
+    mean embedding, re-normalised: :func:`group_representatives`) and a hit is the query's group;
+    text-to-image counts any image whose report is identical as a hit);
     ``query_class`` (``all``/``normal``/``abnormal``); ``metric``; ``k`` (empty for k-free metrics);
     ``value`` with ``ci_low``/``ci_high``; ``n`` queries used, ``n_excluded`` queries without a relevant
     item, ``n_patients``, ``gallery_size``, ``note`` (exclusions, skipped k). Metrics:
