@@ -1,4 +1,4 @@
-"""Render the tidy retrieval results (``retrieval.csv``, ``paired_tests.csv``) as Markdown and LaTeX tables.
+r"""Render the tidy retrieval results (``retrieval.csv``, ``paired_tests.csv``) as Markdown and LaTeX tables.
 
 Every number in a table is formatted from the CSV here; nothing is typed by hand. Proportions
 (recall, precision, hit rate, MRR, mAP, nDCG) are shown in percent, median rank as a rank; each cell is
@@ -235,7 +235,7 @@ def latex_escape(text: str) -> str:
 
 
 def to_latex(table: pd.DataFrame, caption: str, label: str) -> str:
-    """A booktabs ``table`` environment (pandas Styler), text escaped for LaTeX, the tabular scaled to
+    r"""A booktabs ``table`` environment (pandas Styler), text escaped for LaTeX, the tabular scaled to
     the text width (``\resizebox{\linewidth}{!}``, graphicx) so it never overflows the page."""
     if table.empty:
         return f"% {caption}: no rows\n"

@@ -79,7 +79,7 @@ def test_paired_tables_per_protocol_and_direction_with_distinct_labels(rendered)
     assert len(keys) == paired.groupby(["protocol", "direction"]).ngroups
     for k in keys:
         t = r.tables[k]
-        for comp, part in t.groupby("Comparison"):
+        for _comp, part in t.groupby("Comparison"):
             assert part["Metric"].is_unique  # no two metrics share a label within a table
 
 
