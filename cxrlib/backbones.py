@@ -404,6 +404,34 @@ def _local_dir_family(rest: str) -> dict[str, Any]:
     return {"cfg": read_open_clip_config(folder), "weights": weights}
 
 
+@register_family("text:", "text:<text tower>", bool)
+def _text_tower_family(rest: str) -> dict[str, Any]:
+    """A Hugging Face text tower alone (:mod:`cxrlib.text_towers`: a preset or ``hf:<id or folder>``): reports only."""
+    def load(device: str, dataset: str | None = None) -> Backbone:
+        from cxrlib import text_towers
+
+        return text_towers.load_text_tower(rest, device=device, backbone_name=f"text:{rest}")
+    return {"loader": load}
+
+
+def _dual_valid(rest: str) -> bool:
+    image, _, tower = rest.partition("+")
+    return bool(image and tower)
+
+
+@register_family("dual:", "dual:<image backbone>+<text tower>", _dual_valid)
+def _dual_family(rest: str) -> dict[str, Any]:
+    """A backbone's image tower with a :mod:`cxrlib.text_towers` text tower (e.g. ``dual:biomedclip+llm2vec4cxr``)."""
+    image, _, tower = rest.partition("+")
+
+    def load(device: str, dataset: str | None = None) -> Backbone:
+        from cxrlib import text_towers
+
+        return text_towers.with_image_tower(load_backbone(image, device=device, dataset=dataset),
+                                            text_towers.load_text_tower(tower, device=device), name=f"dual:{rest}")
+    return {"loader": load}
+
+
 def build_spec(name: str) -> dict[str, Any]:
     """How to build base backbone ``name``: ``{"cfg", "weights"}`` (an open_clip config + weights file or
     None = seeded random init) or ``{"builtin", "pretrained", "tag"}`` (an open_clip model name)."""
@@ -545,6 +573,11 @@ def load_backbone(name: str, device: str = "cpu", checkpoint: str | os.PathLike 
     """
     base, checkpoint = resolve_backbone(name, checkpoint, dataset)
     spec = build_spec(base)
+    if "loader" in spec:  # assembled outside open_clip (cxrlib.text_towers): text-only or image + text tower
+        if checkpoint:
+            raise ValueError(f"backbone {name!r} takes no adapted checkpoint; name its image tower's adapted copy "
+                             f"(e.g. dual:<image>-adapted+<tower>)")
+        return spec["loader"](device=device, dataset=dataset)
     if "builtin" in spec:
         model, preprocess, tokenizer, cfg = _build_builtin(base, spec, device, with_weights=checkpoint is None)
     else:

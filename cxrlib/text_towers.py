@@ -5,7 +5,10 @@ A text tower is a :class:`TextTowerSpec` (where the weights are, how to pool, ho
 into a :class:`TextTower` module by :func:`build_text_tower`; :func:`load_text_tower` wraps it as a
 text-only :class:`cxrlib.backbones.Backbone`, so :mod:`cxrlib.embed` caches, resumes and shards its
 embeddings like any backbone's (``extract_embeddings(table, backbone, out, modalities=("text",))``),
-and :func:`with_image_tower` pairs it with an open_clip backbone's image tower.
+and :func:`with_image_tower` pairs it with an open_clip backbone's image tower. Through the backbone
+registry (:mod:`cxrlib.backbones`) they are ``text:<tower>`` (reports only) and
+``dual:<image backbone>+<tower>`` (e.g. ``dual:biomedclip+llm2vec4cxr``: BiomedCLIP's image tower, Ko et
+al.'s text tower), usable wherever a backbone name is (``BACKBONE=``, ``python -m cxrlib.embed``).
 
 Presets (:data:`TEXT_TOWERS`, extended with :func:`register_text_tower`; ``hf:<hub id or folder>``
 loads any other model, mean pooling):
@@ -529,11 +532,13 @@ def text_backbone(tower: TextTower, tokenizer: TowerTokenizer, name: str | None 
                     config={"text_tower": spec.to_dict()})
 
 
-def load_text_tower(name: str | TextTowerSpec, device: str = "cpu", **overrides: Any):
-    """A preset or spec as a text-only backbone for :func:`cxrlib.embed.extract_embeddings`."""
+def load_text_tower(name: str | TextTowerSpec, device: str = "cpu", backbone_name: str | None = None,
+                    **overrides: Any):
+    """A preset or spec as a text-only backbone for :func:`cxrlib.embed.extract_embeddings`
+    (``backbone_name``: its name as a backbone, e.g. ``text:<tower>`` from :mod:`cxrlib.backbones`)."""
     spec = text_tower_spec(name, **overrides) if isinstance(name, str) else name.replace(**overrides)
     tower, tok = build_text_tower(spec, device)
-    return text_backbone(tower, tok)
+    return text_backbone(tower, tok, backbone_name)
 
 
 def with_image_tower(image_backbone, text: Any, name: str | None = None):

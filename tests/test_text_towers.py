@@ -300,3 +300,30 @@ def test_with_image_tower_pairs_an_open_clip_image_tower(tiny):
         enc = tiny.tokenizer(["No effusion."])
         assert torch.allclose(both.model.encode_text(enc), tiny.model.encode_text(enc))
     assert both.name == "tiny+tiny-llama" and both.fingerprint not in (tiny.fingerprint, image.fingerprint)
+
+
+def test_registered_as_backbones_text_only_and_dual(tmp_path):
+    from cxrlib.backbones import load_backbone, validate_backbone_name
+    from cxrlib.embed import extract_embeddings
+    from cxrlib.embstore import load_embeddings
+
+    assert validate_backbone_name("dual:biomedclip+llm2vec4cxr") and validate_backbone_name("text:llm2vec4cxr")
+    with pytest.raises(ValueError, match="unknown backbone"):
+        validate_backbone_name("dual:tiny")
+    text = load_backbone("text:tiny-llama")
+    assert text.name == "text:tiny-llama" and text.preprocess is None
+    both = load_backbone("dual:tiny+tiny-llama")
+    assert both.name == "dual:tiny+tiny-llama" and both.embed_dim == 32
+    with pytest.raises(ValueError, match="no adapted checkpoint"):
+        load_backbone("dual:tiny+tiny-llama", checkpoint=tmp_path / "x.pt")
+    from PIL import Image
+
+    Image.new("L", (32, 32), 128).save(tmp_path / "a.png")
+    table = pd.DataFrame({"study_id": ["s1"], "image_id": ["i1"], "image_path": [str(tmp_path / "a.png")],
+                          "report": ["Small left effusion."]})
+    out = extract_embeddings(table, "dual:tiny+tiny-llama", tmp_path / "emb", batch_size=2, num_workers=0,
+                             device="cpu", precision="fp32", progress=False)
+    img, txt = load_embeddings(out["image"]), load_embeddings(out["text"])
+    assert img.meta["backbone"] == txt.meta["backbone"] == "dual:tiny+tiny-llama" and txt.emb.shape == (1, 32)
+    with pytest.raises(ValueError, match="unknown text tower"):
+        load_backbone("text:gpt-17")
