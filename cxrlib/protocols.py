@@ -141,16 +141,17 @@ def unique_text(split: PairedSplit, direction: str, ks, chunk_size: int) -> Pass
     """The text gallery is the set of unique report *strings*; a hit is the query's string.
 
     Image-to-text follows CXR-CLIP's ``evaluator.py::retrieval_image_text``: one gallery text per
-    distinct string (identical strings have identical embeddings, so which row represents it does not
-    matter), the query's string is the one hit. CXR-CLIP has no text-to-image counterpart; here a
+    distinct string, the query's string is the one hit. The string's item is the mean of its rows'
+    embeddings, re-normalised (:func:`cxrlib.retrieval.group_representatives`): identical strings embed
+    alike only up to batch-dependent rounding, and the mean, unlike the first row, ignores row order. CXR-CLIP has no text-to-image counterpart; here a
     report query's hits are every image whose report is the same string. Strings that differ in case or
     punctuation stay apart (``duplicate_positive`` merges them).
     """
     q, g = _pair(split, direction)
     strings = report_strings(split)
     if direction == "image_to_text":
-        first = np.unique(strings, return_index=True)[1]
-        return Pass(q, g[first], _key_relevance(strings, strings[first]), frozenset({"rank"}))
+        items, keys = retrieval.group_representatives(g, strings)
+        return Pass(q, items, _key_relevance(strings, keys), frozenset({"rank"}))
     return Pass(q, g, _key_relevance(strings, strings), frozenset({"rank"}))
 
 
