@@ -1,0 +1,102 @@
+"""Progress output of make's notebook nodes: throttled status lines, tqdm widget bars, the summary."""
+
+from __future__ import annotations
+
+import io
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from cxrlib import progress
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_log_output_is_throttled():
+    out, clock = io.StringIO(), Clock()
+    rep = progress.NodeReporter("02_train", 10, stream=out, interval=15, clock=clock, tty=False)
+    rep.cell_started(1)
+    for i in range(1000):  # 1000 bar updates over 100 s
+        clock.t = i * 0.1
+        rep.bar_updated(f"epochs {i}/1000")
+    rep.finished(True)
+    lines = out.getvalue().splitlines()
+    assert 6 <= len(lines) <= 9  # one every 15 s, plus the end line
+    assert lines[0].startswith("   [02_train] cell 1/10")
+    assert lines[-1] == "<< 02_train done in 1 min 40 s (10 code cells)"
+
+
+def test_failed_node_says_so():
+    out = io.StringIO()
+    rep = progress.NodeReporter("03_eval", 3, stream=out, clock=Clock(), tty=False)
+    rep.finished(False)
+    assert "<< 03_eval FAILED" in out.getvalue()
+
+
+def _tqdm_messages(box="b", left="l", bar="p", right="r"):
+    """The widget states tqdm.notebook sends: three children opened, then the HBox, then updates."""
+    return [(left, {"_model_name": "HTMLModel", "value": ""}),
+            (bar, {"_model_name": "FloatProgressModel", "value": 0, "max": 50}),
+            (right, {"_model_name": "HTMLModel", "value": ""}),
+            (box, {"_model_name": "HBoxModel", "children": [f"IPY_MODEL_{left}", f"IPY_MODEL_{bar}",
+                                                            f"IPY_MODEL_{right}"]}),
+            (left, {"value": "adapt offline:  24%"}),
+            (bar, {"value": 12}),
+            (right, {"value": "12/50\u2007[00:10&lt;00:31,  1.20it/s, loss=3.2]"})]
+
+
+def test_widget_bars_read_tqdm_messages():
+    bars = progress.WidgetBars()
+    texts = [bars.update(cid, state) for cid, state in _tqdm_messages()]
+    assert texts[:4] == [None, None, None, None]
+    assert texts[-1] == "adapt offline: 24% 12/50 [00:10<00:31, 1.20it/s, loss=3.2]"
+
+
+def test_widgets_that_are_not_bars_are_ignored():
+    bars = progress.WidgetBars()
+    msgs = [("a", {"_model_name": "HTMLModel", "value": "x"}), ("b", {"_model_name": "ButtonModel"}),
+            ("c", {"_model_name": "HTMLModel", "value": "y"}),
+            ("h", {"_model_name": "HBoxModel", "children": ["IPY_MODEL_a", "IPY_MODEL_b", "IPY_MODEL_c"]}),
+            ("c", {"value": "changed"})]
+    assert all(bars.update(cid, s) is None for cid, s in msgs)
+
+
+def test_summary_lists_only_nodes_of_this_run(tmp_path):
+    now = datetime.now(timezone.utc)
+    log = tmp_path / "timings.jsonl"
+    recs = [("01_data_prep", 60.0, now - timedelta(hours=1)), ("02_train", 20.5, now), ("04_viz", 95.0, now)]
+    log.write_text("".join(json.dumps({"node": n, "seconds": s, "finished": t.isoformat(timespec="seconds")}) + "\n"
+                           for n, s, t in recs))
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "retrieval.csv").write_text("x")
+    since = (now - timedelta(minutes=5)).isoformat(timespec="seconds")
+    text = progress.summary(log, since, tmp_path / "res", tmp_path / "fig", "make demo")
+    assert "2 node(s) ran" in text and "02_train" in text and "04_viz" in text and "01_data_prep" not in text
+    assert "1 min 35 s" in text and "sum" in text and str(tmp_path / "res") in text
+    later = (now + timedelta(minutes=5)).isoformat(timespec="seconds")
+    assert "nothing ran" in progress.summary(log, later, tmp_path / "res", tmp_path / "fig")
+
+
+@pytest.mark.slow
+def test_runner_reports_cells_and_bars(tmp_path, capfd):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "cxr-retrieval", "language": "python",
+                                                           "display_name": "cxr"}})
+    first = nbformat.v4.new_code_cell("n = 3")
+    first.metadata["tags"] = ["parameters"]
+    nb.cells = [first, nbformat.v4.new_code_cell(
+        "import time\nfrom tqdm.auto import tqdm\nfor _ in tqdm(range(n), desc='epochs'):\n    time.sleep(0.3)")]
+    nbformat.write(nb, tmp_path / "in.ipynb")
+    code = progress.run("t-node", ["-k", "cxr-retrieval", "--no-progress-bar", "-p", "n", "8",
+                                   str(tmp_path / "in.ipynb"), str(tmp_path / "out.ipynb")], interval=0.2)
+    err = capfd.readouterr().err
+    assert code == 0
+    assert "[t-node] cell" in err and "epochs:" in err and "/8 [" in err and "<< t-node done in" in err
