@@ -55,13 +55,15 @@ class Node:
     """One DAG node. ``needs``: upstream node names, ``embed:train`` (the training embedding set) or
     ``embed:all`` (every set); ``backbone``: ``train`` (the set the projector trains on) or ``base`` (the
     profile's backbone before adaptation); ``only_if_adapt``: the node exists only when the profile adapts;
-    ``module``: a script node run as ``python -m <module>`` (no notebook)."""
+    ``module``: a script node run as ``python -m <module>`` (no notebook); ``switch``: a boolean setting
+    (a profile's top-level key, or its make variable) without which the node is off."""
 
     name: str
     needs: tuple[str, ...] = ()
     backbone: str = "train"
     only_if_adapt: bool = False
     module: str | None = None
+    switch: str | None = None
 
     @property
     def notebook(self) -> Path | None:
@@ -85,6 +87,9 @@ register(Node("02_train", needs=("embed:train",)))
 register(Node("03_retrieval_eval", needs=("02_train", "embed:all")))
 register(Node("04_embedding_viz", needs=("02_train", "embed:train")))
 register(Node("05_loss_ablation", needs=("02_train", "embed:train")))
+# text towers (Ko et al.): on in the offline demo (`text_encoders: true`), off in the paper's main path;
+# `make paper TEXT_ENCODERS=true` adds it to the paper's comparison
+register(Node("06_text_encoder", needs=("embed:train",), switch="text_encoders"))
 #: the last step (not a node with parameters): results/<out>/run_manifest.json
 MANIFEST_MODULE = "cxrlib.manifest"
 
@@ -260,8 +265,12 @@ def node_overrides(node: str, assigned: dict, declared: Iterable[str]) -> dict[s
             if a["setting"].name in declared and settings.lookup(node, a["setting"].name) is a["setting"]}
 
 
-def active_nodes(cfg: dict[str, Any]) -> list[Node]:
-    return [n for n in NODES.values() if not (n.only_if_adapt and not cfg.get("adapt", False))]
+def active_nodes(cfg: dict[str, Any], picks: dict[str, Any] | None = None) -> list[Node]:
+    """The nodes a profile runs: adaptation only where it adapts, a switched node only where its switch
+    (make variable ``picks`` first, then the profile's key) is on."""
+    picks = picks or {}
+    return [n for n in NODES.values() if not (n.only_if_adapt and not cfg.get("adapt", False))
+            and (n.switch is None or bool(picks.get(n.switch, cfg.get(n.switch, False))))]
 
 
 @dataclass
@@ -311,7 +320,7 @@ def plan(profile: str, assignments: Iterable[str] = (), environ: dict[str, str] 
     adapt = bool(cfg.get("adapt", False))
     key = train_key(bk, adapt)
     frozen = list(dict.fromkeys(list(cfg.get("backbones", [])) + [bk]))
-    nodes = active_nodes(cfg)
+    nodes = active_nodes(cfg, pick)
     params: dict[str, dict[str, Any]] = {}
     for node in nodes:
         declared = config.declared_parameters(node.name)
