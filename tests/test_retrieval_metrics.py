@@ -267,3 +267,22 @@ def test_merged_gallery_does_not_depend_on_row_order():
     ref_keys, ref = _group_means_loop(sp.txt, sp.report_groups)
     np.testing.assert_array_equal(keys, ref_keys)
     np.testing.assert_allclose(reps, ref, atol=1e-6)
+
+
+def test_unique_text_protocol_does_not_depend_on_row_order():
+    """The protocol notebook 03 reports (one gallery text per report string) uses the same mean rule."""
+    from cxrlib import protocols
+
+    sp = _random_split(4, n=40, d=6, n_groups=12)
+    txt = sp.txt + 0.4 * np.random.default_rng(2).standard_normal(sp.txt.shape).astype(np.float32)
+    sp = dataclasses.replace(sp, txt=_unit(txt), table=pd.DataFrame({"report": [f"r{g}" for g in sp.report_groups]}))
+    perm = np.random.default_rng(5).permutation(len(sp))
+    shuffled = dataclasses.replace(sp, img=sp.img[perm], txt=sp.txt[perm], labels=sp.labels[perm],
+                                   study_ids=sp.study_ids[perm], patient_ids=sp.patient_ids[perm],
+                                   image_ids=sp.image_ids[perm], report_groups=sp.report_groups[perm],
+                                   findings=sp.findings[perm], table=sp.table.iloc[perm].reset_index(drop=True))
+    a = protocols.protocol_scores(sp, "m", ["unique_text"], ks=(1, 3)).scores.values
+    b = protocols.protocol_scores(shuffled, "m", ["unique_text"], ks=(1, 3)).scores.values
+    assert a and set(a) == set(b)
+    for key, v in a.items():
+        np.testing.assert_allclose(b[key], v[perm], err_msg=str(key))
