@@ -44,6 +44,8 @@ JPEG_EOI = b"\xff\xd9"
 PREFETCH_FACTOR = 2
 #: upper bound on DataLoader workers (beyond it workers only add memory)
 MAX_WORKERS = 16
+#: same-size decoded images resized in one call (a full-resolution float copy is ~30 MB each)
+RESIZE_GROUP = 32
 
 
 class DeviceError(RuntimeError):
@@ -312,22 +314,42 @@ class DevicePreprocess:
             return short, int(short * w / h)
         return int(short * h / w), short
 
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        """[C, H, W] uint8 (C = 1 or 3) -> [3, *size] float32 normalised, on ``img``'s device."""
-        if img.shape[0] == 3:  # colour JPEG -> the grey the CPU reader makes (ITU-R 601-2 luma)
-            w = torch.tensor([0.299, 0.587, 0.114], device=img.device).view(3, 1, 1)
-            img = (img.float() * w).sum(0, keepdim=True).round_()
-        x = img.float()[None]
+    def levels(self, imgs: torch.Tensor) -> torch.Tensor:
+        """[n, C, H, W] uint8 (C = 1 or 3, one size) -> [n, 1, *size] float grey levels 0..255, resized and cropped."""
+        x = imgs.float()
+        if x.shape[1] == 3:  # colour JPEG -> the grey the CPU reader makes (ITU-R 601-2 luma)
+            w = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
+            x = (x * w).sum(1, keepdim=True).round_()
         oh, ow = self.resized_shape(x.shape[-2], x.shape[-1])
         if (oh, ow) != tuple(x.shape[-2:]):
             x = F.interpolate(x, size=(oh, ow), mode=self.interpolation, align_corners=False, antialias=True)
             x = x.clamp_(0, 255).round_()
         ch, cw = self.size
         top, left = int(round((oh - ch) / 2.0)), int(round((ow - cw) / 2.0))
-        x = x[..., top:top + ch, left:left + cw]
+        return x[..., top:top + ch, left:left + cw]
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """[n, 1, H, W] grey levels -> [n, 3, H, W] normalised with the backbone's mean and std."""
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return ((x.expand(1, 3, ch, cw) / 255.0 - mean) / std)[0]
+        return (x.expand(-1, 3, -1, -1) / 255.0 - mean) / std
+
+    def batch(self, imgs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Decoded images of any sizes -> [n, 3, *size] in input order; same-size images are resized together
+        (in groups of :data:`RESIZE_GROUP`, bounding the full-resolution float copies held at once)."""
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, img in enumerate(imgs):
+            by_shape.setdefault(tuple(img.shape), []).append(i)
+        out = torch.empty((len(imgs), 1, *self.size), device=imgs[0].device if imgs else "cpu")
+        for members in by_shape.values():
+            for s in range(0, len(members), RESIZE_GROUP):
+                group = members[s:s + RESIZE_GROUP]
+                out[group] = self.levels(torch.stack([imgs[i] for i in group]))
+        return self.normalise(out)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        """[C, H, W] uint8 (C = 1 or 3) -> [3, *size] float32 normalised, on ``img``'s device."""
+        return self.normalise(self.levels(img[None]))[0]
 
 
 class EncodedImages(Dataset):
@@ -419,10 +441,10 @@ def decode_on_device(batch: EncodedBatch, indices: Sequence[int], pre: DevicePre
                     decoded.append(_decode([data], device)[0])
                 except RuntimeError:
                     decoded.append(None)
-        for pos, img in zip(batch.jpeg_pos, decoded):
-            if img is not None:
-                images[pos] = pre(img)
-                continue
+        ok = [(pos, img) for pos, img in zip(batch.jpeg_pos, decoded) if img is not None]
+        if ok:
+            images.update(zip([p for p, _ in ok], pre.batch([img for _, img in ok])))
+        for pos in (p for p, img in zip(batch.jpeg_pos, decoded) if img is None):
             x, reason = cpu_fallback(int(indices[pos]))
             if x is None:
                 failed.append((int(indices[pos]), reason))

@@ -358,3 +358,32 @@ def test_adaptation_in_fp16_goes_through_the_grad_scaler(tmp_path, monkeypatch):
                   progress=False)
     assert len(made) == 1 and made[0].is_enabled() and made[0].get_scale() > 0
     assert np.isfinite(res.history["train_loss"].iloc[1])
+
+
+def test_batched_resize_equals_one_by_one(monkeypatch):
+    """Same-size images are resized together, in groups; the result equals resizing each alone, in order."""
+    monkeypatch.setattr(accel, "RESIZE_GROUP", 2)
+    pre = accel.DevicePreprocess(size=(32, 32), mean=(0.5,) * 3, std=(0.25,) * 3)
+    shapes = [(1, 90, 70), (1, 40, 50), (1, 90, 70), (3, 90, 70), (1, 90, 70), (1, 40, 50), (1, 90, 70)]
+    g = torch.Generator().manual_seed(0)
+    imgs = [torch.randint(0, 256, s, generator=g, dtype=torch.uint8) for s in shapes]
+    got = pre.batch(imgs)
+    assert got.shape == (len(imgs), 3, 32, 32)
+    for i, img in enumerate(imgs):
+        torch.testing.assert_close(got[i], pre(img), atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_biomedclip_architecture_device_decode_equals_cpu(tmp_path):
+    """BiomedCLIP's ViT-B/16 at 224 px (random weights) on full-resolution-like JPEGs: cosine >= 0.995."""
+    gc = _gpu_check_module()  # puts benchmarks/ on sys.path
+    import embed_throughput as et
+
+    bb = et.biomedclip_random("cpu")
+    files = et.make_images(tmp_path / "jpg", 4, "jpeg")
+    table = pd.DataFrame({"image_id": [f"i{i}" for i in range(4)], "image_path": list(map(str, files)),
+                          "study_id": [f"s{i}" for i in range(4)], "report": "x"})
+    kw = dict(modalities=["image"], batch_size=4, num_workers=0, precision="fp32", device="cpu", progress=False)
+    cpu = extract_embeddings(table, bb, tmp_path / "cpu", decode="cpu", **kw)
+    dev = extract_embeddings(table, bb, tmp_path / "dev", decode="device", **kw)
+    assert gc is not None and _cosines(cpu["image"], dev["image"]).min() >= 0.995
