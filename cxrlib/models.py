@@ -2,9 +2,10 @@
 
 A :class:`ModelSpec` names a backbone's cached embeddings and, optionally, the projector run that
 maps them (``results_dir(profile)/models/<run>/projector.pt``, :func:`projector_path`).
-:func:`project` is the one place embeddings go through a projector (evaluation, embedding maps and
-the trainer's validation all call it); :func:`load_checked_projector` refuses a checkpoint trained on
-another backbone, data set or embedding width, naming it.
+:func:`encode` / :func:`project` are the one place embeddings go through a projector (evaluation,
+embedding maps, the trainer's validation and the search explorer all call them);
+:func:`load_checked_projector` refuses a checkpoint trained on another backbone, data set or embedding
+width, naming it.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class ModelSpec:
 
 
 def projector_path(profile: str, run: str) -> Path:
-    """``results_dir(profile)/models/<run>/projector.pt`` (written by notebook 02_train)."""
+    """``results_dir(profile)/models/<run>/projector.pt`` (written by notebook 02_train); ``profile`` is the
+    results folder key, ``cxrlib.dag.out_key(profile, dataset)`` (the profile itself for its own dataset)."""
     return paths.results_dir(profile) / "models" / run / "projector.pt"
 
 
@@ -54,25 +56,30 @@ def load_eval_split(dataset: str, backbone: str, split: str = "test",
     return load_paired(dataset, backbone, (split,), finding_columns)[split]
 
 
-def project(model: Any, img: np.ndarray, txt: np.ndarray, batch_size: int = 8192,
-            device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """``model.encode_image(img)``, ``model.encode_text(txt)`` as float32 numpy, in eval mode, without
-    gradients, in batches of ``batch_size`` on ``device``; the model's train/eval mode is restored."""
+def encode(model: Any, x: np.ndarray, modality: str, batch_size: int = 8192, device: str = "cpu") -> np.ndarray:
+    """``model.encode_image(x)`` or ``encode_text(x)`` as float32 numpy, in batches of ``batch_size`` on
+    ``device``, without gradients, in the model's current train/eval mode."""
     import torch
 
-    def run(encode, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        parts = [encode(torch.from_numpy(x[s:s + batch_size]).to(device)).float().cpu().numpy()
-                 for s in range(0, max(len(x), 1), batch_size)]  # an empty input still gives [0, D]
-        return np.concatenate(parts)
-
+    if modality not in ("image", "text"):
+        raise ValueError(f"modality must be 'image' or 'text', got {modality!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    fn = model.encode_image if modality == "image" else model.encode_text
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    with torch.no_grad():  # an empty input still gives [0, D]
+        parts = [fn(torch.from_numpy(x[s:s + batch_size]).to(device)).float().cpu().numpy()
+                 for s in range(0, max(len(x), 1), batch_size)]
+    return np.concatenate(parts)
+
+
+def project(model: Any, img: np.ndarray, txt: np.ndarray, batch_size: int = 8192,
+            device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Both modalities through ``model`` (:func:`encode`) in eval mode; the model's train/eval mode is restored."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            return run(model.encode_image, img), run(model.encode_text, txt)
+        return encode(model, img, "image", batch_size, device), encode(model, txt, "text", batch_size, device)
     finally:
         model.train(was_training)
 
@@ -107,12 +114,15 @@ def apply_projector(split: PairedSplit, checkpoint: str | os.PathLike, backbone:
 
 def load_model_split(spec: ModelSpec, dataset: str, profile: str, split: str = "test",
                      finding_columns: list[str] | None = None) -> PairedSplit:
-    """The evaluation split of one model spec; a missing checkpoint names its path and how to build it."""
+    """The evaluation split of one model spec (``profile``: the results key, see :func:`projector_path`);
+    a missing checkpoint names its path and how to build it."""
     data = load_eval_split(dataset, spec.backbone, split, finding_columns)
     if spec.run is None:
         return data
     ckpt = projector_path(profile, spec.run)
     if not ckpt.is_file():
+        profile_name, _, other = profile.partition("-")
+        hint = f"`make paper PROFILE={profile_name}" + (f" DATASET={other}`" if other else "`")
         raise FileNotFoundError(f"model {spec.name!r}: no projector checkpoint at {ckpt}; build it with "
-                                f"`make paper PROFILE={profile}` (notebook 02_train, run {spec.run!r})")
+                                f"{hint} (notebook 02_train, run {spec.run!r})")
     return apply_projector(data, ckpt, spec.backbone)[0]

@@ -94,10 +94,15 @@ def test_load_eval_split_and_model_split_on_cached_embeddings(workdir):
     write_fixture(workdir)
     sp = models.load_eval_split("fixture", "tiny", "test", ["Cardiomegaly", "Lung Opacity"])
     assert len(sp) == 36 and sp.findings.shape == (36, 2) and set(sp.table["split"]) == {"test"}
-    tuned = models.load_model_split(models.ModelSpec("t", "tiny-adapted", "main"), "fixture", "smoke")
+    from cxrlib import dag
+
+    out = dag.out_key("smoke", "fixture")  # results of another dataset live beside the profile's own
+    tuned = models.load_model_split(models.ModelSpec("t", "tiny-adapted", "main"), "fixture", out)
     assert np.allclose(np.linalg.norm(tuned.img, axis=1), 1, atol=1e-5)
     with pytest.raises(ValueError, match="trained on backbone 'tiny-adapted', not 'tiny'"):
-        models.load_model_split(models.ModelSpec("x", "tiny", "main"), "fixture", "smoke")
+        models.load_model_split(models.ModelSpec("x", "tiny", "main"), "fixture", out)
+    with pytest.raises(FileNotFoundError, match="make paper PROFILE=smoke DATASET=fixture"):
+        models.load_model_split(models.ModelSpec("x", "tiny", "other-run"), "fixture", out)
     path = paths.embeddings_dir() / "fixture" / "tiny" / "text.npz"
     emb = load_embeddings(path)
     keep = emb.ids != "s7"
