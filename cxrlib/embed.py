@@ -454,6 +454,8 @@ def extract_embeddings(table: pd.DataFrame | str | os.PathLike, backbone: Backbo
     if todo and rank == 0:
         (out_dir / STAMP).unlink(missing_ok=True)
     if not todo and all(stamp.get("modalities", {}).get(m, {}).get("key") == keys[m] for m in modalities):
+        if rank == 0:  # a cache hit still stamps its target: make sees it up to date, not stale forever
+            os.utime(out_dir / STAMP)
         return ExtractionResult({m: out_dir / f"{m}.npz" for m in modalities},
                                 {m: stamp["modalities"][m]["skipped"] for m in modalities}, cached,
                                 out_dir / STAMP, {m: stamp["modalities"][m]["n"] for m in modalities})

@@ -1,0 +1,236 @@
+"""The make DAG: derived prerequisites, what a change reruns, cached stamps, the ablation's run cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from cxrlib import ablation, dag, paths
+from cxrlib.train import TrainConfig, save_run, synthetic_splits, train_projector
+
+REPO = paths.repo_root()
+
+
+# ---- import closures ----------------------------------------------------------------------------
+
+def test_closures_hold_the_modules_the_makefile_once_missed():
+    assert "cxrlib/ablation.py" in dag.node_sources("05_loss_ablation")
+    assert "cxrlib/embed.py" in dag.node_sources("00_adapt_backbone")  # adapt imports embed.trim_padding
+    for node in ("02_train", "03_retrieval_eval", "04_embedding_viz", "05_loss_ablation"):
+        src = dag.node_sources(node)
+        assert {"cxrlib/dag.py", "cxrlib/settings.py", "cxrlib/pairs.py"} <= set(src), node
+    assert "cxrlib/ablation.py" not in dag.node_sources("02_train")
+    assert "cxrlib/datasets/openi.py" in dag.node_sources("01_data_prep")
+
+
+def test_closure_follows_relative_and_submodule_imports(tmp_path, monkeypatch):
+    pkg = tmp_path / "cxrlib"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("from .leaf import f\n")
+    (pkg / "sub" / "leaf.py").write_text("def f():\n    from cxrlib import lazy\n")
+    (pkg / "lazy.py").write_text("import os\n")
+    (pkg / "alone.py").write_text("")
+    monkeypatch.setattr(paths, "repo_root", lambda: tmp_path)
+    assert dag.closure(["cxrlib.sub"]) == ["cxrlib/__init__.py", "cxrlib/lazy.py", "cxrlib/sub/__init__.py",
+                                           "cxrlib/sub/leaf.py"]
+
+
+# ---- make -n on a touched DAG (a copy of the repository, the smoke profile) -----------------------
+
+@pytest.fixture(scope="module")
+def touched_dag(tmp_path_factory):
+    """A copy of the repository whose smoke DAG is up to date (``make -t``): nothing runs, only mtimes count."""
+    root = tmp_path_factory.mktemp("repo")
+    for item in ("Makefile", "cxrlib", "notebooks", "configs", "pyproject.toml"):
+        src = REPO / item
+        (shutil.copytree(src, root / item, ignore=shutil.ignore_patterns("__pycache__"))
+         if src.is_dir() else shutil.copy2(src, root / item))
+    (root / ".venv").symlink_to(REPO / ".venv")
+    work = root / "work"
+    env = {**os.environ, "CXR_WORKDIR": str(work), "HF_HUB_OFFLINE": "1"}
+    for var in ("CXR_DATA_DIR", "CXR_BUILD_DIR", "CXR_RESULTS_DIR", "CXR_FIGURES_DIR", "CXR_EMBEDDINGS_DIR",
+                "OPENI_ROOT", "MIMIC_ROOT", "CONDA_PREFIX", "MAKEFLAGS", "MAKELEVEL"):
+        env.pop(var, None)
+
+    def make(*args: str) -> str:
+        out = subprocess.run(["make", "--no-print-directory", *args], cwd=root, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        return out.stdout
+
+    def would_run(*extra: str) -> set[str]:
+        return set(re.findall(r'>> smoke: ([^"\n]+)', make("-n", "dag", "PROFILE=smoke", *extra)))
+
+    plan = dag.plan("smoke", environ={})
+    for key in plan.embed_keys:  # make -t touches files but creates no folders
+        (work / "data" / "embeddings" / plan.dataset / dag.embedding_key(key)).mkdir(parents=True)
+    (work / "results" / plan.out).mkdir(parents=True)
+
+    def touch(*extra: str) -> None:
+        """``make -t`` and the params copies a real run keeps (``params/built/``, see config.write_params_files)."""
+        make("-t", "dag", "PROFILE=smoke", *extra)
+        params = work / "build" / plan.out / "params"
+        (params / "built").mkdir(exist_ok=True)
+        for f in params.glob("*.yaml"):
+            shutil.copy2(f, params / "built" / f.name)
+
+    touch()
+    assert would_run() == set()
+    return root, touch, would_run
+
+
+@functools.cache
+def _sources() -> dict[str, list[str]]:
+    return {node.name: dag.node_sources(node) for node in dag.plan("smoke", environ={}).nodes}  # same files as the copy
+
+
+def _expected(module: str) -> set[str]:
+    """Nodes whose import closure holds ``module``, and everything downstream of them."""
+    names = _sources()
+    hit = {n for n, src in names.items() if module in src}
+    children = {n: {m for m in names if n in dag.NODES[m].needs or
+                    (n == "embed" and any(x.startswith("embed:") for x in dag.NODES[m].needs)) or
+                    (n == "00_adapt_backbone" and m == "embed")} for n in names}
+    out, todo = set(), list(hit)
+    while todo:
+        n = todo.pop()
+        if n not in out:
+            out.add(n)
+            todo.extend(children[n])
+    return out
+
+
+def _nodes_of(ran: set[str]) -> set[str]:
+    return {"embed" if r.startswith("embed") else r for r in ran}
+
+
+FAST_MODULES = ["cxrlib/ablation.py"]
+ALL_MODULES = sorted(str(p.relative_to(REPO)) for p in (REPO / "cxrlib").rglob("*.py"))
+
+
+def _check_touch(touched_dag, module: str):
+    root, _, would_run = touched_dag
+    path = root / module
+    st = path.stat()
+    future = time.time_ns() + 10**11  # 100 s newer than every stamp
+    os.utime(path, ns=(future, future))
+    try:
+        ran = _nodes_of(would_run())
+    finally:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert ran == _expected(module), module
+
+
+@pytest.mark.parametrize("module", FAST_MODULES)
+def test_touching_a_module_reruns_exactly_its_dependents(touched_dag, module):
+    _check_touch(touched_dag, module)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", [m for m in ALL_MODULES if m not in FAST_MODULES])
+def test_touching_any_module_reruns_exactly_its_dependents(touched_dag, module):
+    _check_touch(touched_dag, module)
+
+
+def test_loss_weight_reruns_only_what_depends_on_it(touched_dag):
+    _, _, would_run = touched_dag
+    assert would_run("W_SUPCON=0.5") == {"02_train", "03_retrieval_eval", "04_embedding_viz", "05_loss_ablation"}
+    assert would_run() == set()  # the dry run left the recorded parameters' times as they were
+
+
+def test_projector_batch_size_twice_reruns_nothing_the_second_time(touched_dag):
+    """Case 3: BATCH_SIZE is the projector's: extraction is not rerun, and a second run has nothing to do."""
+    _, touch, would_run = touched_dag
+    first = would_run("BATCH_SIZE=128")
+    assert first == {"02_train", "03_retrieval_eval", "04_embedding_viz", "05_loss_ablation"}
+    touch("BATCH_SIZE=128")  # as if that run had happened
+    assert would_run("BATCH_SIZE=128") == set()
+    touch()
+
+
+# ---- a cache hit stamps its target ----------------------------------------------------------------
+
+def test_embedding_cache_hit_stamps_done_json(tmp_path):
+    from test_embed import make_table
+
+    from cxrlib.backbones import load_backbone
+    from cxrlib.embed import STAMP, extract_embeddings
+
+    tiny = load_backbone("tiny")
+    table = make_table(tmp_path / "img", n=4)
+    extract_embeddings(table, tiny, tmp_path / "emb", batch_size=4, num_workers=0, progress=False)
+    stamp = tmp_path / "emb" / STAMP
+    os.utime(stamp, ns=(10**18, 10**18))  # long ago: older than any prerequisite make would compare
+    again = extract_embeddings(table, tiny, tmp_path / "emb", batch_size=2, num_workers=0, progress=False)
+    assert again.cached == {"image": True, "text": True}
+    assert stamp.stat().st_mtime_ns > 10**18 + 10**9
+
+
+# ---- notebook 05's runs: the main run's recipe, cached per recipe ----------------------------------
+
+SMALL = dict(width=32, batch_size=64, epochs=2, patience=1, dropout=0.3, clip_temperature=0.05)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    s = synthetic_splits(160, 60, dim=32, seed=0)
+    return s["train"], s["val"]
+
+
+def _save_main(folder: Path, train, val, cfg: TrainConfig, identity: dict, inputs: dict) -> str:
+    """What notebook 02 does: train the recipe and save it under the run name of its recipe."""
+    run = dag.run_id({**cfg.to_dict(), **identity})
+    save_run(folder / run, train_projector(train, val, cfg, progress=False), {**identity, "run": run, "inputs": inputs},
+             {"epochs_run": cfg.epochs})
+    return run
+
+
+def test_ablation_main_row_is_the_main_run(tmp_path, splits, monkeypatch):
+    """Case 2: every setting of 02's recipe (dropout, clip_temperature ...) is 05's, and the main row is 02's run."""
+    train, val = splits
+    identity, inputs = {"dataset": "toy", "backbone": "b"}, {"table_sha256": "x"}
+    cfg = TrainConfig(**SMALL, w_supcon=0.5)
+    run = _save_main(tmp_path, train, val, cfg, identity, inputs)
+    base = ablation.main_config(tmp_path / run)
+    assert base == cfg
+    calls = []
+    real = ablation.train_projector
+    monkeypatch.setattr(ablation, "train_projector", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    _, runs = ablation.run_ablation(train, val, val, [(0.0, 0.0, 1.0), ablation.weights_of(base)], base,
+                                    models_dir=tmp_path, identity=identity, inputs=inputs, n_boot=10, main=run)
+    assert list(runs["run"])[1] == run and list(runs["reused"]) == [False, True]
+    assert [dataclasses.replace(c, w_bce=cfg.w_bce, w_supcon=cfg.w_supcon, w_clip=cfg.w_clip) for c in calls] == [cfg]
+
+
+def test_ablation_reuses_its_grid_when_only_the_main_weights_change(tmp_path, splits, monkeypatch):
+    """Case 5: a new main weighting trains one run (the new main is 02's); the fixed grid is read back."""
+    train, val = splits
+    identity, inputs = {"dataset": "toy", "backbone": "b"}, {"table_sha256": "x"}
+    grid_rows = [(0.0, 0.0, 1.0), (1.0, 0.0, 1.0)]
+    first = TrainConfig(**SMALL)
+    run1 = _save_main(tmp_path, train, val, first, identity, inputs)
+    ablation.run_ablation(train, val, val, grid_rows + [ablation.weights_of(first)], first, models_dir=tmp_path,
+                          identity=identity, inputs=inputs, n_boot=10, main=run1)
+    second = dataclasses.replace(first, w_supcon=0.5)
+    run2 = _save_main(tmp_path, train, val, second, identity, inputs)
+    calls = []
+    monkeypatch.setattr(ablation, "train_projector", lambda *a, **k: calls.append(a) or pytest.fail("retrained"))
+    results, runs = ablation.run_ablation(train, val, val, grid_rows + [ablation.weights_of(second)], second,
+                                          models_dir=tmp_path, identity=identity, inputs=inputs, n_boot=10, main=run2)
+    assert calls == [] and runs["reused"].all()
+    # other inputs (re-extracted embeddings) are not reused: the grid is trained again, the main run is an error
+    with pytest.raises(ValueError, match="main run"):
+        ablation.run_ablation(train, val, val, [ablation.weights_of(second)], second, models_dir=tmp_path,
+                              identity=identity, inputs={"table_sha256": "y"}, n_boot=10, main=run2)
+    saved = json.loads((tmp_path / run2 / "config.json").read_text())
+    assert saved["dropout"] == 0.3 and saved["clip_temperature"] == 0.05
