@@ -70,9 +70,13 @@ def test_notebook_01_on_fake_kaggle_tree(tmp_path):
     work = tmp_path / "work"
     table = load_study_table(work / "data" / "processed" / "openi.parquet")
     assert len(table) == 32 and (work / "data" / "processed" / "openi.splits.csv").is_file()
-    summary = json.loads((work / "results" / "smoke" / "data_summary.json").read_text())
+    from cxrlib import dag
+
+    out = dag.out_key("smoke", "openi")  # another dataset than the profile's: results/smoke-openi, side by side
+    assert out == "smoke-openi"
+    summary = json.loads((work / "results" / out / "data_summary.json").read_text())
     assert summary["splits"]["all"]["studies"] == 32 and summary["skips"]["by_reason"] == {"not_frontal": 32}
     assert summary["dataset"] == "openi" and summary["parameters"]["root"] == str(root)
     for stem in ("data_label_balance", "data_report_lengths", "data_examples"):
-        assert (work / "figures" / "smoke" / f"{stem}.png").is_file()
-        assert (work / "figures" / "smoke" / f"{stem}.pdf").is_file()
+        assert (work / "figures" / out / f"{stem}.png").is_file()
+        assert (work / "figures" / out / f"{stem}.pdf").is_file()
