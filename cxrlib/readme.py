@@ -26,7 +26,7 @@ from cxrlib import paths, report
 from cxrlib.io import atomic_path
 
 KEY_FIGURES = ("retrieval_label_precision_raw_at_k", "retrieval_recall_merged_at_k",
-               "embedding_tsne_image_label", "ablation_heatmap")
+               "embedding_tsne_image_label", "ablation_heatmap", "text_bench")
 
 
 def replace_block(text: str, name: str, body: str) -> str:
@@ -91,6 +91,12 @@ def demo_block(profile: str, docs_dir: Path) -> str:
     if emb.is_file():
         lines += ["Embedding-space numbers behind the t-SNE/UMAP maps (notebook 04; before = frozen, after = projector):",
                   "", emb.read_text().strip(), ""]
+    text_md = res / "text_bench.md"
+    if text_md.is_file():  # notebook 06: its tables without the long paired-test list (text_bench_paired.csv)
+        body = text_md.read_text().split("### Paired tests")[0]
+        body = "\n".join(line for line in body.splitlines() if not line.startswith("_"))
+        lines += ["Text towers (notebook 06, Ko et al.'s report-side benchmarks on rule-based report rewrites):",
+                  "", body.strip(), ""]
     docs_dir.mkdir(parents=True, exist_ok=True)
     figs = []
     for stem in KEY_FIGURES:
