@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm.auto import tqdm
 
-from cxrlib import accel, runtime
+from cxrlib import accel, runtime, settings
 from cxrlib.backbones import ADAPTED_SUFFIX  # noqa: F401  (re-exported: defined once, in backbones)
 from cxrlib.embed import trim_padding  # noqa: F401  (re-exported: the locked-text cache uses it)
 from cxrlib.images import ImageReadError, load_cxr_image
@@ -79,31 +79,37 @@ class AugmentConfig:
     hflip: bool = False
 
 
+#: notebook 00's settings (cxrlib.settings, group "adapt"), by AdaptConfig field name
+_ADAPT_SETTINGS = settings.defaults("adapt")
+_ADAPT = {k.removeprefix("adapt_"): v for k, v in _ADAPT_SETTINGS.items() if k != "num_workers"}
+
+
 @dataclass
 class AdaptConfig:
-    """Every setting of one adaptation run (recorded in the checkpoint)."""
+    """Every setting of one adaptation run (recorded in the checkpoint); the ones notebook 00 exposes take
+    their defaults from :mod:`cxrlib.settings` (``adapt_epochs`` -> ``epochs`` ...)."""
 
     backbone: str
     dataset: str = ""
     seed: int = 0
-    epochs: int = 3
-    lr: float = 1e-4
+    epochs: int = _ADAPT["epochs"]
+    lr: float = _ADAPT["lr"]
     weight_decay: float = 0.05
-    batch_size: int = 32
+    batch_size: int = _ADAPT["batch_size"]
     warmup_frac: float = 0.1
-    lock_text: bool = True
-    image_size: int | None = None
-    w_clip: float = 1.0
-    w_supcon: float = 0.0
-    w_bce: float = 0.0
+    lock_text: bool = _ADAPT["lock_text"]
+    image_size: int | None = _ADAPT["image_size"]
+    w_clip: float = _ADAPT["w_clip"]
+    w_supcon: float = _ADAPT["w_supcon"]
+    w_bce: float = _ADAPT["w_bce"]
     supcon_temperature: float = 0.1
     num_workers: int = 0
     #: decode + resize every image once and keep it in memory (uint8; augmentation on tensors)
-    cache_images: bool = False
-    max_steps: int | None = None
-    monitor: str = "val_loss"
-    patience: int = 2
-    precision: str = "fp32"
+    cache_images: bool = _ADAPT["cache_images"]
+    max_steps: int | None = _ADAPT["max_steps"]
+    monitor: str = _ADAPT["monitor"]
+    patience: int = _ADAPT["patience"]
+    precision: str = _ADAPT["precision"]
     device: str = "cpu"
     eval_batch_size: int = 64
     recall_ks: tuple[int, ...] = (1, 5, 10)
@@ -115,25 +121,14 @@ class AdaptConfig:
         self.recall_ks = tuple(int(k) for k in self.recall_ks)
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first bad setting."""
-        for k in ("w_clip", "w_supcon", "w_bce"):
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ValueError(f"{k} must be a number >= 0, got {v!r}")
-        if self.w_clip + self.w_supcon + self.w_bce == 0:
-            raise ValueError("all adaptation loss weights are 0: nothing to train")
-        checks = {"epochs": self.epochs >= 1, "batch_size": self.batch_size >= 2, "lr": self.lr > 0,
-                  "num_workers": self.num_workers >= 0, "patience": self.patience >= 1,
-                  "warmup_frac": 0 <= self.warmup_frac < 1, "seed": isinstance(self.seed, int) and self.seed >= 0,
-                  "max_steps": self.max_steps is None or self.max_steps >= 1,
-                  "image_size": self.image_size is None or self.image_size >= 16}
+        """Raise ``ValueError`` naming the first bad setting (the schema's validator for the notebook's settings)."""
+        names = {n: f"adapt_{n}" if f"adapt_{n}" in _ADAPT_SETTINGS else n for n in _ADAPT}
+        settings.validate(settings.ADAPT, {names[n]: getattr(self, n) for n in _ADAPT})
+        checks = {"num_workers": isinstance(self.num_workers, int) and self.num_workers >= 0,
+                  "warmup_frac": 0 <= self.warmup_frac < 1, "seed": isinstance(self.seed, int) and self.seed >= 0}
         for k, ok in checks.items():
             if not ok:
                 raise ValueError(f"{k} out of range: {getattr(self, k)!r}")
-        if self.monitor not in MONITORS:
-            raise ValueError(f"monitor must be one of {sorted(MONITORS)}, got {self.monitor!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.precision == "fp16" and str(self.device).startswith(("cpu", "mps")):
             raise ValueError(f"precision fp16 is for GPUs (trained with a loss scaler); on {self.device} use fp32 or bf16")
 

@@ -325,13 +325,6 @@ def save_run(run_dir: str | os.PathLike, result: TrainResult, extra_config: dict
     return out
 
 
-def default_run_name(w_bce: float, w_supcon: float, w_clip: float) -> str:
-    """``main`` for the default equal weights, else ``bce<w>-supcon<w>-clip<w>`` (e.g. bce1-supcon0.5-clip1)."""
-    if (w_bce, w_supcon, w_clip) == (1, 1, 1):
-        return "main"
-    return f"bce{w_bce:g}-supcon{w_supcon:g}-clip{w_clip:g}"
-
-
 def synthetic_splits(n_train: int, n_val: int, dim: int = 512, seed: int = 0, p_abnormal: float = 0.65,
                      signal: float = 0.2, nuisance: float = 3.0, nuisance_rank: int = 16) -> dict[str, PairedSplit]:
     """Structured stand-in embeddings for tests, benchmarks and examples (never for results).

@@ -21,7 +21,6 @@ from cxrlib.embstore import Embeddings, save_embeddings
 from cxrlib.projector import load_projector
 from cxrlib.train import (
     TrainConfig,
-    default_run_name,
     label_precision,
     load_splits,
     resolve_pos_weight,
@@ -153,11 +152,6 @@ def test_save_run_writes_the_run_folder(tmp_path, splits):
     metrics = json.loads(files["metrics"].read_text())
     assert metrics["best_epoch"] == r.best_epoch and metrics["frozen_val_p5"] == 0.5
     assert len(pd.read_csv(files["history"])) == len(r.history)
-
-
-def test_default_run_name():
-    assert default_run_name(1, 1, 1) == "main"
-    assert default_run_name(1.0, 0.5, 1.0) == "bce1-supcon0.5-clip1"
 
 
 def write_fixture_dataset(dataset: str = "fixture", backbone: str = "tiny", n_train: int = 160, n_val: int = 64,
