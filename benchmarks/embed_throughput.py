@@ -206,9 +206,18 @@ def main(argv: list[str] | None = None) -> dict:
         if args.compile:
             runs.append(("jpeg_device_decode_compile", jpgs, "device", True))
         for name, files, decode, comp in runs:
-            ext[name] = extract(bb, files, tmp / f"emb-{name}", device, precision, batch_size, num_workers, decode, comp)
-            print(f"extractor {name:28s} {ext[name]['images_per_s']:9.1f} images/s "
-                  f"(batch {ext[name]['batch_size_used']}, decode {ext[name]['decode']})", file=sys.stderr)
+            try:
+                ext[name] = extract(bb, files, tmp / f"emb-{name}", device, precision, batch_size, num_workers,
+                                    decode, comp)
+            except Exception as exc:  # noqa: BLE001 - torch.compile failing here is a finding, not the end
+                if not comp:
+                    raise
+                ext[name] = {"error": f"{type(exc).__name__}: {exc}"[:500], "images_per_s": None,
+                             "batch_size_used": None, "decode": decode, "emb": None}
+            e = ext[name]
+            print(f"extractor {name:28s} " + (f"failed: {e['error']}" if "error" in e else
+                  f"{e['images_per_s']:9.1f} images/s (batch {e['batch_size_used']}, decode {e['decode']})"),
+                  file=sys.stderr)
         cos_decode = float(np.min(np.sum(ext["jpeg_cpu_decode"]["emb"] * ext["jpeg_device_decode"]["emb"], axis=1)))
         for v in ext.values():
             v.pop("emb")

@@ -387,3 +387,16 @@ def test_biomedclip_architecture_device_decode_equals_cpu(tmp_path):
     cpu = extract_embeddings(table, bb, tmp_path / "cpu", decode="cpu", **kw)
     dev = extract_embeddings(table, bb, tmp_path / "dev", decode="device", **kw)
     assert gc is not None and _cosines(cpu["image"], dev["image"]).min() >= 0.995
+
+
+@pytest.mark.slow
+def test_embed_throughput_benchmark_runs_and_says_cpu(tmp_path):
+    _gpu_check_module()  # puts benchmarks/ on sys.path
+    import embed_throughput as et
+
+    res = et.main(["--device", "cpu", "--n-png", "4", "--n-jpeg", "2", "--n-naive", "1", "--batch-size", "4",
+                   "--num-workers", "0", "--precision", "fp32", "--workdir", str(tmp_path)])
+    assert res["gpu"] is None and "no GPU" in res["note"] and res["targets"]["jpeg_device_decode>=2000/s"] is None
+    assert res["extractor"]["jpeg_device_decode"]["decode"] == "device"
+    assert res["extractor"]["jpeg_cpu_decode"]["decode"] == "cpu"
+    assert res["device_vs_cpu_decode_min_cosine"] >= 0.995 and res["low_precision_vs_fp32_min_cosine"] > 0.999
