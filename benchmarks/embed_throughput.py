@@ -1,7 +1,7 @@
 """Image-embedding throughput of cxrlib's extractor on the BiomedCLIP architecture (random weights).
 
 Images made here, so the figures compare across machines: full-resolution MIMIC-like grey JPEGs
-(default 2544 x 3056, about MIMIC-CXR-JPG's size and bytes per file) and 512 px Open-I-like PNGs.
+(default 2544 x 3056 px, the size of a MIMIC-CXR-JPG PA view; the JSON gives their bytes) and 512 px Open-I-like PNGs.
 Measured on this machine, on ``--device`` (``cuda`` on a GPU; on CPU the JSON says so):
 
   naive            open_clip model + preprocess, fp32, one image at a time (PIL open -> preprocess -> encode)
