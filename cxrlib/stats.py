@@ -96,8 +96,13 @@ def bootstrap_ci(values, clusters, n_boot: int = 1000, seed: int = 0, kind: str 
     """Percentile bootstrap CI of ``kind`` over ``values`` resampling ``clusters`` (patients).
 
     NaN values (queries excluded, e.g. with no relevant item) are dropped first. With fewer than two
-    patients, or ``n_boot == 0``, the interval is NaN.
+    patients, or ``n_boot == 0``, the interval is NaN. ``confidence`` outside (0, 1) or a negative
+    ``n_boot`` is a ValueError.
     """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    if n_boot < 0:
+        raise ValueError(f"n_boot must be >= 0, got {n_boot!r}")
     vals, codes, n_clusters = _prepare(values, clusters)
     if len(vals) == 0:
         return Interval(np.nan, np.nan, np.nan, 0, 0)
@@ -131,9 +136,12 @@ def sign_flip_pvalue(diffs, clusters, n_perm: int = 10000, seed: int = 0) -> tup
 
     Enumerates all 2^P flips when that is at most ``n_perm`` (exact), else draws ``n_perm`` random
     flips and returns the (1 + count) / (1 + n_perm) estimate. Returns (p, flips used, exact).
+    ``n_perm == 0`` gives no test (NaN, not the 1.0 that no flips would estimate); a negative one raises.
     """
+    if n_perm < 0:
+        raise ValueError(f"n_perm must be >= 0, got {n_perm!r}")
     d, codes, n_clusters = _prepare(diffs, clusters)
-    if len(d) == 0:
+    if len(d) == 0 or n_perm == 0:
         return np.nan, 0, False
     per_cluster = np.bincount(codes, weights=d, minlength=n_clusters)
     observed = abs(per_cluster.sum())

@@ -115,3 +115,19 @@ def test_paired_test_identical_and_better_models():
     assert stats.paired_test(a_nan, b, clusters, 50, 50).n == 190
     with pytest.raises(ValueError, match="same queries"):
         stats.paired_test(a, b[:5], clusters)
+
+
+def test_no_permutations_is_no_p_value_and_bad_settings_raise():
+    """``n_perm=0`` drew no flips: the p-value is NaN (it read 1.0, a number no test computed)."""
+    rng = np.random.default_rng(0)
+    d, clusters = rng.normal(0.5, 1, 40), np.arange(40) % 25
+    p, used, exact = stats.sign_flip_pvalue(d, clusters, n_perm=0)
+    assert np.isnan(p) and used == 0 and not exact
+    assert np.isnan(stats.paired_test(d, np.zeros(40), clusters, n_boot=10, n_perm=0).p_value)
+    with pytest.raises(ValueError, match="n_perm must be >= 0"):
+        stats.sign_flip_pvalue(d, clusters, n_perm=-1)
+    for confidence in (0.0, 1.0, 95):
+        with pytest.raises(ValueError, match="confidence must be in"):
+            stats.bootstrap_ci(d, clusters, n_boot=10, confidence=confidence)
+    with pytest.raises(ValueError, match="n_boot must be >= 0"):
+        stats.bootstrap_ci(d, clusters, n_boot=-5)
