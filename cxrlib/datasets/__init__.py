@@ -20,9 +20,3 @@ from cxrlib.datasets.table import load_study_table, save_study_table, skip_count
 __all__ = ["DatasetEntry", "DatasetUnavailable", "FINDING_LABELS", "build_study_table", "dataset_names",
            "get_dataset", "load_study_table", "register_dataset", "registered_datasets", "save_study_table",
            "skip_counts", "validate_table"]
-
-
-def __getattr__(name: str):
-    if name == "DATASETS":  # the registered names (kept for callers of the former constant)
-        return dataset_names()
-    raise AttributeError(name)

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from cxrlib import paths
-from cxrlib.datasets.registry import DatasetUnavailable, get_dataset, register_dataset, registered_datasets
+from cxrlib.datasets.registry import DatasetUnavailable, get_dataset, register_dataset
 
 # ---- openi ---------------------------------------------------------------------------------------
 
@@ -148,12 +148,6 @@ def build_synthetic(n_studies: int = 200, image_size: int = 256, views=("frontal
 
 
 # ---- one entry point -----------------------------------------------------------------------------
-
-
-def __getattr__(name: str):
-    if name == "DATASETS":  # the registered names (kept for callers of the former constant)
-        return tuple(registered_datasets())
-    raise AttributeError(name)
 
 
 def build_study_table(dataset: str, **params):
