@@ -67,7 +67,7 @@ MODALITIES = ("image", "text")
 #: bump when image reading or the shard layout changes (part of every cache key)
 CACHE_VERSION = 1
 #: ``batch_size="auto"``: the batch on CPU, and the probe's start and limit on a GPU
-#: (the limit also bounds the host memory of prefetched batches; a ViT-B/16 at 256 keeps a GPU busy)
+#: (the limit also bounds the host memory of prefetched batches: workers x prefetch x batch items)
 AUTO_BATCH = {"cpu": 64, "start": 32, "image_limit": 256, "text_limit": 256}
 STAMP = "done.json"
 PARTIAL = ".partial"
