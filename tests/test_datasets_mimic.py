@@ -123,3 +123,18 @@ def test_missing_chexpert_column_is_an_error_naming_it(tmp_path, change):
         chex.to_csv(fh, index=False)
     with pytest.raises(ValueError, match=r"chexpert.csv.gz lacks columns \['Edema'\]"):
         build_study_table("mimic", root=root)
+
+
+def test_conflicting_chexpert_rows_for_one_study_are_an_error(tmp_path):
+    root = make_fake_mimic(tmp_path / "m", n_patients=4, reports="txt")
+    path = root / "mimic-cxr-2.0.0-chexpert.csv.gz"
+    chex = pd.read_csv(path)
+    same = pd.concat([chex, chex.iloc[[0]]])  # an identical repeated row is harmless
+    with gzip.open(path, "wt") as fh:
+        same.to_csv(fh, index=False)
+    build_study_table("mimic", root=root, uncertain="positive")
+    other = chex.iloc[[0]].assign(Edema=1.0 if chex["Edema"].iloc[0] != 1.0 else 0.0)
+    with gzip.open(path, "wt") as fh:
+        pd.concat([chex, other]).to_csv(fh, index=False)
+    with pytest.raises(ValueError, match=rf"different labels for study s{chex['study_id'].iloc[0]}"):
+        build_study_table("mimic", root=root)

@@ -288,3 +288,12 @@ def test_projections_without_a_column_name_it(openi_shared, tmp_path, column):
     (tmp_path / "indiana_reports.csv").write_bytes((openi_shared / "indiana_reports.csv").read_bytes())
     with pytest.raises(ValueError, match=rf"indiana_projections.csv: .*lacks column\(s\) \['{column}'\]"):
         build_study_table("openi", root=tmp_path, verify_images=False)
+
+
+def test_projection_row_without_filename_or_uid_is_an_error(openi_shared, tmp_path):
+    proj = pd.read_csv(openi_shared / "indiana_projections.csv")
+    proj.loc[5, "filename"] = None
+    proj.loc[9, "uid"] = None
+    proj.to_csv(tmp_path / "indiana_projections.csv", index=False)
+    with pytest.raises(ValueError, match=r"rows \[7, 11\] have no uid or filename"):
+        projection_views(tmp_path / "indiana_projections.csv")

@@ -143,7 +143,14 @@ def mimic_candidates(root: Path, reports: str | Path | None = None, uncertain: s
     })
     studies = meta[["study_id", "patient_id"]].drop_duplicates("study_id").reset_index(drop=True)
 
-    chex = chex.assign(study_id="s" + chex["study_id"].astype(str)).drop_duplicates("study_id").set_index("study_id")
+    chex = chex.assign(study_id="s" + chex["study_id"].astype(str))
+    label_cols = ["study_id", *FINDING_LABELS]
+    conflict = chex.drop_duplicates(label_cols)["study_id"]  # repeated identical rows are one row
+    if conflict.duplicated().any():
+        sid = conflict[conflict.duplicated()].iloc[0]
+        raise ValueError(f"{PREFIX}-{labeler}.csv.gz has rows with different labels for study {sid} "
+                         f"({int(conflict.duplicated().sum())} such studies): which one holds is unknown")
+    chex = chex.drop_duplicates("study_id").set_index("study_id")
     texts, labels, finds, present = [], [], [], []
     for sid in studies["study_id"]:
         text = src.get(sid)

@@ -167,6 +167,10 @@ def read_projections(csv: str | Path) -> pd.DataFrame:
     if missing:
         raise ValueError(f"{csv}: not an indiana_projections.csv (lacks column(s) {missing}; "
                          f"expected {list(PROJECTION_COLUMNS)})")
+    empty = proj[["uid", "filename"]].isna().any(axis=1) | (proj["filename"].astype(str).str.strip() == "")
+    if empty.any():
+        raise ValueError(f"{csv}: rows {[i + 2 for i in proj.index[empty][:5]]} have no uid or filename "
+                         f"({int(empty.sum())} such rows)")
     proj = proj.assign(image_id=proj["filename"].map(kaggle_image_id))
     dup = proj[proj["image_id"].duplicated(keep=False)]
     if len(dup):
