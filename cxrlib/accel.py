@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -95,8 +96,12 @@ def require_device(device: str) -> str:
     kind = device.split(":")[0]
     if kind == "cpu":
         return device
+    if kind == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceError(f"DEVICE={device} but this torch or machine has no MPS (Apple GPU); use DEVICE=cpu")
+        return device
     if kind != "cuda":
-        raise DeviceError(f"DEVICE={device}: unknown device; use auto, cpu, cuda or cuda:<index>")
+        raise DeviceError(f"DEVICE={device}: unknown device; use auto, cpu, cuda, cuda:<index> or mps")
     if not torch.cuda.is_available():
         why = ("this torch is a CPU-only build" if torch.version.cuda is None
                else f"torch is built for CUDA {torch.version.cuda} but no GPU or driver is visible")
@@ -203,6 +208,8 @@ class BatchLimiter:
             raise DeviceError("out of device memory with a batch of 1; free the GPU or use a smaller model")
         self.size = max(1, min(self.size, failed) // 2)
         self.backoffs += 1
+        print(f"out of device memory with a batch of {failed}: continuing with batches of {self.size}",
+              file=sys.stderr)
         _release_memory()
 
 

@@ -36,6 +36,11 @@ def test_cuda_without_cuda_is_one_clear_line(monkeypatch):
     assert accel.require_device("cpu") == "cpu"
     with pytest.raises(accel.DeviceError, match="unknown device"):
         accel.require_device("tpu")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(accel.DeviceError, match="no MPS"):
+        accel.require_device("mps")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert accel.require_device("mps") == "mps"
 
 
 def test_cuda_with_cuda_passes_and_checks_the_index(fake_cuda):
@@ -123,13 +128,15 @@ class FakeForward:
 
 
 @pytest.mark.parametrize("cap,start", [(5, 16), (1, 8), (7, 7), (100, 16), (3, 64)])
-def test_backoff_never_loses_or_duplicates(cap, start):
+def test_backoff_never_loses_or_duplicates(cap, start, capsys):
     x = torch.arange(37)
     fwd, lim = FakeForward(cap), accel.BatchLimiter(start)
     out = accel.run_in_batches(fwd, x, lim)
     assert torch.equal(out, x * 10)  # every item once, in order
     assert sum(fwd.calls) == len(x) and max(fwd.calls) <= cap
     assert lim.size <= cap and (lim.backoffs > 0) == (start > cap)
+    if start > cap:  # the back-off is reported, with the size it continues at
+        assert f"continuing with batches of {lim.size}" in capsys.readouterr().err
     # the next call starts at the size that fitted: no further back-off
     before = lim.backoffs
     again = accel.run_in_batches(fwd, torch.arange(20), lim)
