@@ -138,3 +138,14 @@ def test_conflicting_chexpert_rows_for_one_study_are_an_error(tmp_path):
         pd.concat([chex, other]).to_csv(fh, index=False)
     with pytest.raises(ValueError, match=rf"different labels for study s{chex['study_id'].iloc[0]}"):
         build_study_table("mimic", root=root)
+
+
+def test_study_under_two_subjects_is_an_error(tmp_path):
+    root = make_fake_mimic(tmp_path / "m", n_patients=4, reports="txt")
+    path = root / "mimic-cxr-2.0.0-metadata.csv.gz"
+    meta = pd.read_csv(path)
+    meta.loc[1, "study_id"] = meta.loc[meta["subject_id"] != meta["subject_id"].iloc[1], "study_id"].iloc[0]
+    with gzip.open(path, "wt") as fh:
+        meta.to_csv(fh, index=False)
+    with pytest.raises(ValueError, match=r"puts study s\d+ under several subjects"):
+        build_study_table("mimic", root=root)

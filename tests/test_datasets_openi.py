@@ -297,3 +297,9 @@ def test_projection_row_without_filename_or_uid_is_an_error(openi_shared, tmp_pa
     proj.to_csv(tmp_path / "indiana_projections.csv", index=False)
     with pytest.raises(ValueError, match=r"rows \[7, 11\] have no uid or filename"):
         projection_views(tmp_path / "indiana_projections.csv")
+
+
+def test_anonymisation_replacement_is_taken_verbatim():
+    from cxrlib.datasets.table import clean_text
+
+    assert clean_text("seen on 4XXXX.", r"\1[id]") == r"seen on \1[id]."

@@ -141,7 +141,12 @@ def mimic_candidates(root: Path, reports: str | Path | None = None, uncertain: s
                        for s, st, d in zip(meta["subject_id"], meta["study_id"], meta["dicom_id"])],
         "view": meta["ViewPosition"].astype(str).str.strip().str.upper().map(VIEW_MAP),
     })
-    studies = meta[["study_id", "patient_id"]].drop_duplicates("study_id").reset_index(drop=True)
+    owners = meta[["study_id", "patient_id"]].drop_duplicates()
+    if owners["study_id"].duplicated().any():
+        sid = owners.loc[owners["study_id"].duplicated(), "study_id"].iloc[0]
+        raise ValueError(f"{PREFIX}-metadata.csv.gz puts study {sid} under several subjects "
+                         f"{sorted(owners.loc[owners['study_id'] == sid, 'patient_id'])}")
+    studies = owners.reset_index(drop=True)
 
     chex = chex.assign(study_id="s" + chex["study_id"].astype(str))
     label_cols = ["study_id", *FINDING_LABELS]

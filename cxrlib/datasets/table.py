@@ -95,7 +95,7 @@ def clean_text(text: object, anon: str = "remove") -> str:
         text = re.sub(r"([.,;:])(?:\s*[.,;:])+", r"\1", text)  # "at XXXX. XXXX: none" -> "at. none"
         text = re.sub(r"^[\s.,;:]+", "", text)
     elif anon != "keep":
-        text = re.sub(_ANON_WORD, anon, text)
+        text = re.sub(_ANON_WORD, lambda _: anon, text)  # the replacement verbatim (no backslash escapes)
     text = re.sub(r"\s+", " ", text).strip()
     return text if re.search(r"[^\W_]", text) else ""
 
