@@ -278,7 +278,8 @@ def _build() -> list[Setting]:
     out += [S(f"w_{t}", d, w, f"weight of {_weight_help(t)} (>= 0)", make_var=f"W_{t.upper()}", **R)
             for t, d in loss_terms().items()]
     out += [
-        S("clip_temperature", 0.07, number(0.0, 1.0, lo_open=True), "initial CLIP temperature", **R),
+        S("clip_temperature", 0.07, number(0.01, 1.0), "initial CLIP temperature (>= 1/projector.MAX_LOGIT_SCALE)",
+          **R),
         S("learn_temperature", True, boolean, "False: CLIP temperature fixed at clip_temperature", **R),
         S("supcon_temperature", 0.1, number(0.0, lo_open=True), "SupCon temperature", **R),
         S("pos_weight", None, optional(either(choice(["balanced"]), number(0.0, lo_open=True))),

@@ -86,3 +86,14 @@ def test_loading_an_old_checkpoint_clamps_it(tmp_path):
     save_projector(tmp_path / "p.pt", model, {})
     back, _ = load_projector(tmp_path / "p.pt")
     assert float(back.logit_scale.detach()) == pytest.approx(BOUND)
+
+
+def test_settings_bound_equals_the_projector_bound():
+    """The settings schema rejects a clip_temperature the projector would refuse (up front, not in node 02)."""
+    from cxrlib import settings
+
+    check = settings.lookup("02_train", "clip_temperature").check
+    assert check(1.0 / MAX_LOGIT_SCALE) == pytest.approx(1.0 / MAX_LOGIT_SCALE)
+    with pytest.raises(settings.SettingError):
+        check(0.5 / MAX_LOGIT_SCALE)
+    build_projector("linear", 4, 4, init_temperature=1.0 / MAX_LOGIT_SCALE)  # the bound itself is accepted
