@@ -303,7 +303,8 @@ def build_openi_synth(image_size: int = 256, seed: int = 0, out_dir: str | Path 
     """Real NLM reports (torchxrayvision's copy) + synthetic radiographs rendered for the selected images.
 
     Images go to ``raw_dir()/openi_synth/NLMCXR_png`` (an NLM layout); only the images the table
-    keeps are rendered, and ones already there are reused.
+    keeps are rendered, and ones already there are reused only when drawn from the same seed, findings
+    and renderer (:func:`cxrlib.datasets.synthetic.render_key`).
     """
     from cxrlib.datasets import synthetic
 
