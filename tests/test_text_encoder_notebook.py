@@ -26,7 +26,7 @@ REPORTS = [
 ]
 
 
-def write_fixture(n: int = 24, dim: int = 16) -> None:
+def write_fixture(n: int = 24, dim: int = 32) -> None:  # dim: the tiny backbone's joint space
     rng = np.random.default_rng(0)
     rows = []
     for i in range(n):
@@ -64,16 +64,18 @@ def test_notebook_06_on_tiny_settings(workdir):
     df = pd.read_csv(res / "text_bench.csv")
     models = set(df["model"])
     assert models == {"tiny-llama (frozen)", "tiny-llama + LoRA (tiny space)",
-                      "tiny-llama + variant SupCon (MNTP first)"}
+                      "tiny-llama + variant SupCon (MNTP first)", "tiny (its text tower)"}
     assert set(df["benchmark"]) == {"style_robustness", "error_discrimination"}
     img = df[df["direction"] == "image_to_report"]
-    assert set(img["model"]) == {"tiny-llama + LoRA (tiny space)"} and "original" in set(img["style"])
+    assert set(img["model"]) == {"tiny-llama + LoRA (tiny space)", "tiny (its text tower)"}
+    assert "original" in set(img["style"])
     assert df["value"].between(0, 1).all() and (df["n_patients"] > 0).all()
     paired = pd.read_csv(res / "text_bench_paired.csv")
     assert {"style_drop", "style_robustness", "error_discrimination"} <= set(paired["benchmark"])
+    assert ("tiny-llama + LoRA (tiny space)", "tiny (its text tower)") in set(zip(paired["model_a"], paired["model_b"]))
     runs = json.loads((res / "text_encoder_runs.json").read_text())
     assert runs["adjustments"]["tiny-llama (frozen)"]["pad_token"]
-    assert all(t["texts"] > 0 for t in runs["truncation"].values())  # counted for every tower
+    assert len(runs["truncation"]) == 3 and all(t["texts"] > 0 for t in runs["truncation"].values())
     assert all(not r["reused"] for r in runs["runs"].values())
     assert "Error discrimination" in (res / "text_bench.md").read_text()
     assert (fig / "text_bench.png").is_file() and (fig / "text_bench.pdf").is_file()
