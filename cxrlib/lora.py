@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from cxrlib import text_towers as tt
 from cxrlib.io import atomic_path
+from cxrlib.projector import clamp_logit_scale_
 
 FORMAT = "cxrlib.lora/1"
 #: the attention projections LoRA targets by default, per model type (Ko et al.: q/k/v/o)
@@ -119,6 +120,7 @@ class ProjectedTower(nn.Module):
         self.head = nn.Sequential(nn.LayerNorm(tower.hidden_size), nn.Linear(tower.hidden_size, self.out_dim)) \
             if out_dim else nn.Identity()
         self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1.0 / init_temperature))))
+        clamp_logit_scale_(self.logit_scale)
         self.classifier = nn.Linear(self.out_dim, 1)
 
     @property
@@ -132,7 +134,7 @@ class ProjectedTower(nn.Module):
     def forward(self, image: torch.Tensor, batch) -> dict[str, torch.Tensor]:
         img = F.normalize(image, dim=-1)
         txt = self.encode_text(batch, normalize=True)
-        return {"image": img, "text": txt, "logit_scale": self.logit_scale.exp().clamp(max=100.0),
+        return {"image": img, "text": txt, "logit_scale": self.logit_scale.exp(),  # parameter clamped in place after each step
                 "image_logits": self.classifier(img).squeeze(-1), "text_logits": self.classifier(txt).squeeze(-1)}
 
 
@@ -288,6 +290,7 @@ def train_lora(spec: tt.TextTowerSpec | str, texts: list[str], image_emb: np.nda
             opt.zero_grad(set_to_none=True)
             terms["total"].backward()
             opt.step()
+            clamp_logit_scale_(model.logit_scale)  # open_clip's rule: the parameter, so its gradient survives
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(rows)
             n += len(rows)

@@ -97,3 +97,35 @@ def test_settings_bound_equals_the_projector_bound():
     with pytest.raises(settings.SettingError):
         check(0.5 / MAX_LOGIT_SCALE)
     build_projector("linear", 4, 4, init_temperature=1.0 / MAX_LOGIT_SCALE)  # the bound itself is accepted
+
+
+def test_lora_tower_gets_a_gradient_at_the_bound_and_its_trainer_clamps(monkeypatch):
+    """The LoRA text-tower trainer follows the same rule: at the bound its forward still passes a gradient to
+    ``logit_scale`` (``exp().clamp(max=100)`` gave 0 there: exp(log 100) rounds above 100 in float32), and
+    training brings a parameter past the bound back to it."""
+    import numpy as np
+
+    from cxrlib import lora
+    from cxrlib import text_towers as tt
+
+    tower, tok = tt.build_text_tower("tiny-llama")
+    model = lora.ProjectedTower(tower, 16)
+    with torch.no_grad():
+        model.logit_scale.fill_(BOUND)
+    out = model(torch.randn(2, 16), tok(["a b", "c d"]))
+    out["logit_scale"].backward()
+    assert float(model.logit_scale.grad) == pytest.approx(100.0, rel=1e-4)
+
+    original = lora.ProjectedTower.__init__
+
+    def past_the_bound(self, *a, **k):  # a tower whose parameter starts past the bound
+        original(self, *a, **k)
+        with torch.no_grad():
+            self.logit_scale.fill_(BOUND + 1.0)
+
+    monkeypatch.setattr(lora.ProjectedTower, "__init__", past_the_bound)
+    texts = ["no acute disease", "small left effusion", "heart enlarged", "clear lungs", "normal", "edema"]
+    img = np.random.default_rng(0).standard_normal((len(texts), 16)).astype(np.float32)
+    cfg = lora.LoraTrainConfig(lora=lora.LoraSettings(r=4, alpha=8, dropout=0.0), epochs=2, lr=1e-2, batch_size=6)
+    trained, _, _ = lora.train_lora("tiny-llama", texts, img, np.array([0, 1, 1, 1, 0, 1]), cfg, progress=False)
+    assert float(trained.logit_scale.detach()) <= BOUND + 1e-6
