@@ -29,6 +29,9 @@ $(ENV_STAMP): pyproject.toml
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (cxr-retrieval)" >/dev/null
+	@# notebooks stay clean: JupyterLab saves them stripped; git sees them through nbstripout (cxrlib.nbclean)
+	$(PY) -m cxrlib.nbclean install-jupyter --config-dir $(ENV_DIR)/etc/jupyter >/dev/null
+	@if git rev-parse --git-dir >/dev/null 2>&1; then $(PY) -m cxrlib.nbclean install-git; fi
 	@touch $@
 
 # ---- tests and lint ----------------------------------------------------------------------------
@@ -60,6 +63,8 @@ export OPENI_ROOT MIMIC_ROOT CXR_WORKDIR
 CLI_VARS = $(foreach v,$(sort $(.VARIABLES)),$(if $(filter command line,$(origin $(v))),'$(v)=$($(v))'))
 DAG_CHECK = $(PY) -m cxrlib.dag check --profile $(PROFILE) $(CLI_VARS)
 PREFLIGHT = $(PY) -m cxrlib.preflight --profile $(PROFILE) --dataset "$(DATASET)" --backbones "$(BACKBONE)"
+# one build of a profile at a time (cxrlib.lock): held for the whole build; a second one waits, `make -n` says so
+LOCKED = $(PY) -m cxrlib.lock run --profile $(PROFILE) --
 
 # `make demo` and `make smoke` name their profile: another PROFILE is an error, not silently ignored
 ifneq ($(filter demo,$(MAKECMDGOALS)),)
@@ -81,12 +86,12 @@ endif
 paper: $(ENV_STAMP) ## Rebuild every figure and table of PROFILE (default paper: Open-I, BiomedCLIP, CLIP; needs network or local copies)
 	@$(DAG_CHECK)
 	@$(PREFLIGHT)
-	@+$(MAKE) --no-print-directory dag PROFILE=$(PROFILE)
+	@+$(LOCKED) $(MAKE) --no-print-directory dag PROFILE=$(PROFILE)
 
 embed: $(ENV_STAMP) ## Build PROFILE's embedding sets only (data prep, adaptation where the profile adapts, extraction)
 	@$(DAG_CHECK)
 	@$(PREFLIGHT)
-	@+$(MAKE) --no-print-directory dag-embed PROFILE=$(PROFILE)
+	@+$(LOCKED) $(MAKE) --no-print-directory dag-embed PROFILE=$(PROFILE)
 
 demo: ## The offline profile: real Open-I reports + synthetic radiographs, no network (= make paper PROFILE=offline)
 	@+$(MAKE) --no-print-directory paper PROFILE=offline
@@ -99,7 +104,9 @@ ifneq ($(filter dag dag-embed,$(MAKECMDGOALS)),)
 # reruns exactly the nodes whose parameters changed) and writes the DAG's make text: paths, embedding sets,
 # and each node's prerequisites (upstream stamps + its notebook's cxrlib import closure); it prints that
 # file's name (on an error, a file holding the one-line $(error)).
-include $(shell $(PY) -m cxrlib.dag makevars --profile $(PROFILE) $(CLI_VARS))
+# Under cxrlib.lock: while another build of the profile runs, nothing is rewritten and make stops with a message.
+include $(shell $(PY) -m cxrlib.lock run --profile $(PROFILE) --no-wait --make-error -- \
+  $(PY) -m cxrlib.dag makevars --profile $(PROFILE) $(CLI_VARS))
 
 dag: $(RESULTS)/run_manifest.json
 	@echo "done: $(PROFILE) -> $(RESULTS) and $(FIGURES)"
@@ -111,14 +118,17 @@ dag-embed: $(EMB_DONE)
 define papermill
 	@echo ">> $(PROFILE): $(1)"
 	@$(PY) -m cxrlib.manifest timed --log $(B)/timings.jsonl --node $(1) -- \
+	  env CXR_MAKE_NODE=$(1) CXR_PLAIN_PROGRESS=1 \
 	  $(PY) -m papermill -k $(KERNEL) --no-progress-bar --cwd notebooks -f $(B)/params/$(1).yaml \
 	  notebooks/$(1).ipynb $(B)/$(1).run.ipynb
 	@mkdir -p $(B)/params/built && cp -p $(B)/params/$(1).yaml $(B)/params/built/
 	@mv $(B)/$(1).run.ipynb $@
 endef
 
-# every notebook node (cxrlib.dag.NODES); its other prerequisites are in the included make text
-$(B)/%.ipynb: notebooks/%.ipynb $(B)/params/%.yaml
+# every notebook node (cxrlib.dag.NODES); its other prerequisites are in the included make text. The notebook
+# itself counts by its code and parameters ($(B)/src/<node>.src, cxrlib.nbclean.source_key), not its mtime:
+# opening, running or saving it in JupyterLab reruns nothing
+$(B)/%.ipynb: $(B)/src/%.src $(B)/params/%.yaml
 	$(call papermill,$*)
 
 # every embedding set; EMBED_ARGS_<key> (backbone, adapted checkpoint) and prerequisites from cxrlib.dag

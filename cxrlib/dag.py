@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cxrlib import backbones, config, paths, settings
+from cxrlib import backbones, config, nbclean, paths, settings
 from cxrlib.backbones import ADAPTED_SUFFIX
 from cxrlib.io import write_text_if_changed
 
@@ -399,6 +399,7 @@ def write_make_text(profile: str, assignments: Iterable[str] = ()) -> Path:
     try:
         p = plan(profile, assignments)
         config.write_params_files(p.build / "params", p.params)
+        nbclean.write_source_keys(p.build / "src", [n.notebook for n in p.nodes if n.notebook])
         target, text = p.build / "dag.mk", make_text(p)
     except (config.ConfigError, settings.SettingError) as exc:
         msg = str(exc).replace("\n", " ").replace("$", "$$")

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--profile", required=True)
     r.add_argument("--no-wait", action="store_true", help="exit with a message when a build is running")
     r.add_argument("--make-error", action="store_true",
-                   help="when busy, print `$(error ...)` on stdout (for a make include) instead")
+                   help="when busy, print the name of a make file holding `$(error ...)` (for an include) instead")
     r.add_argument("command", nargs=argparse.REMAINDER)
     s = sub.add_parser("status", help="say whether a build of the profile is running")
     s.add_argument("--profile", required=True)
@@ -167,12 +167,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.make_error:
         path = lock_path(args.profile)
         if not inherited(path) and _is_held(path):
-            print(f"$(error {BuildRunning(path, holder(path))}; its parameter files are left as they are)")
+            print(_error_file(args.profile, f"{BuildRunning(path, holder(path))}; its parameter files are left as they are"))
             return 0
     code = run(args.profile, cmd, wait=wait)
     if code == BUSY and args.make_error:  # it started between the check above and the attempt
-        print(f"$(error a build of {args.profile!r} started meanwhile; its parameter files are left as they are)")
+        print(_error_file(args.profile, f"a build of {args.profile!r} started meanwhile; its parameter files are left as they are"))
     return code
+
+
+def _error_file(profile: str, message: str) -> Path:
+    """A make file holding one ``$(error ...)`` line (what the Makefile includes when a build is running)."""
+    from cxrlib.io import atomic_path
+
+    path = paths.build_dir() / f"busy-{profile}.mk"
+    with atomic_path(path) as tmp:
+        tmp.write_text("$(error error: " + message.replace("$", "$$") + ")\n")
+    return path
 
 
 if __name__ == "__main__":

@@ -45,8 +45,9 @@ class ModelSpec:
 
 def projector_path(profile: str, run: str) -> Path:
     """``results_dir(profile)/models/<run>/projector.pt`` (written by notebook 02_train); ``profile`` is the
-    results folder key, ``cxrlib.dag.out_key(profile, dataset)`` (the profile itself for its own dataset)."""
-    return paths.results_dir(profile) / "models" / run / "projector.pt"
+    results folder key, ``cxrlib.dag.out_key(profile, dataset)`` (the profile itself for its own dataset). In
+    an interactive run, that run's own checkpoint when it trained one, else make's (:func:`cxrlib.paths.readable`)."""
+    return paths.readable(paths.results_dir(profile) / "models" / run / "projector.pt")
 
 
 def load_eval_split(dataset: str, backbone: str, split: str = "test",

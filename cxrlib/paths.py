@@ -21,6 +21,9 @@ function               environment variable             default
 ``openi_root()``       ``OPENI_ROOT``                   ``raw_dir()/openi``
 ``mimic_root()``       ``MIMIC_ROOT``                   None (credentialed data: never guessed)
 =====================  ===============================  ==========================================
+
+Outside make, :mod:`cxrlib.interactive` calls :func:`set_interactive`: a notebook opened by hand then
+writes its results and figures under ``.../interactive/<run>/`` and never over make's outputs.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def raw_dir() -> Path:
 
 
 def processed_dir() -> Path:
-    return data_dir() / "processed"
+    return _interactive_data("processed") or data_dir() / "processed"
 
 
 def embeddings_dir() -> Path:
@@ -63,21 +66,62 @@ def embeddings_dir() -> Path:
 
 
 def models_dir() -> Path:
-    return data_dir() / "models"
+    return _interactive_data("models") or data_dir() / "models"
 
 
 def build_dir() -> Path:
     return _env_path("CXR_BUILD_DIR") or workdir() / "build"
 
 
-def results_dir(profile: str = "paper") -> Path:
+def published_results_dir(profile: str = "paper") -> Path:
+    """make's ``results/<profile>`` (what :func:`results_dir` is outside an interactive run)."""
     base = _env_path("CXR_RESULTS_DIR")
     return base / profile if base else workdir() / "results" / profile
 
 
+def results_dir(profile: str = "paper") -> Path:
+    """Where a node writes its results: make's folder, or ``<it>/interactive/<run>`` in an interactive run."""
+    base = published_results_dir(profile)
+    return base / "interactive" / _INTERACTIVE["run"] if _INTERACTIVE.get("run") else base
+
+
 def figures_dir(profile: str = "paper") -> Path:
     base = _env_path("CXR_FIGURES_DIR")
-    return base / profile if base else workdir() / "figures" / profile
+    base = base / profile if base else workdir() / "figures" / profile
+    return base / "interactive" / _INTERACTIVE["run"] if _INTERACTIVE.get("run") else base
+
+
+# ---- interactive runs (set by cxrlib.interactive when a notebook runs outside make) ------------
+_INTERACTIVE: dict[str, str | None] = {}
+
+
+def set_interactive(run: str | None, data: str | None = None) -> None:
+    """Send results/figures (and, for ``data`` = ``processed`` | ``models``, that data folder) of an
+    interactive notebook run under ``.../interactive/<run>/``; ``run=None`` restores make's folders."""
+    _INTERACTIVE.clear()
+    if run:
+        _INTERACTIVE.update(run=run, data=data)
+
+
+def interactive_run() -> str | None:
+    return _INTERACTIVE.get("run")
+
+
+def readable(path: Path) -> Path:
+    """An input path: in an interactive run, its own output when it wrote one, else make's (the same
+    path outside ``.../interactive/<run>/``)."""
+    path = Path(path)
+    parts = path.parts
+    if path.exists() or "interactive" not in parts:
+        return path
+    i = len(parts) - 1 - parts[::-1].index("interactive")
+    return Path(*parts[:i], *parts[i + 2:])
+
+
+def _interactive_data(kind: str) -> Path | None:
+    if not _INTERACTIVE.get("run") or _INTERACTIVE.get("data") != kind:
+        return None
+    return data_dir() / "interactive" / _INTERACTIVE["run"] / kind
 
 
 def configs_dir() -> Path:
