@@ -143,8 +143,9 @@ def unique_text(split: PairedSplit, direction: str, ks, chunk_size: int) -> Pass
     Image-to-text follows CXR-CLIP's ``evaluator.py::retrieval_image_text``: one gallery text per
     distinct string, the query's string is the one hit. The string's item is the mean of its rows'
     embeddings, re-normalised (:func:`cxrlib.retrieval.group_representatives`): identical strings embed
-    alike only up to batch-dependent rounding, and the mean, unlike the first row, ignores row order. CXR-CLIP has no text-to-image counterpart; here a
-    report query's hits are every image whose report is the same string. Strings that differ in case or
+    alike only up to batch-dependent rounding, and the mean, unlike the first row (CXR-CLIP's choice),
+    ignores row order. CXR-CLIP has no text-to-image counterpart; here a report query's hits are every
+    image whose report is the same string. Strings that differ in case or
     punctuation stay apart (``duplicate_positive`` merges them).
     """
     q, g = _pair(split, direction)
@@ -263,8 +264,9 @@ def chance_values(m: np.ndarray, n: int, metric: str, k: int) -> np.ndarray:
     out = np.full(len(m), np.nan)
     has = m > 0
     base = metric.split("_")[-1]
-    if base in ("recall", "hit"):
-        out[has] = sps.hypergeom(n, m[has], k).sf(0)
+    if base in ("recall", "hit"):  # computed once per distinct m
+        uniq, inv = np.unique(m[has], return_inverse=True)
+        out[has] = sps.hypergeom(n, uniq, k).sf(0)[inv] if len(uniq) else []
     elif base == "precision":
         out[has] = m[has] / n
     elif metric in ("mrr", "median_rank"):
@@ -304,6 +306,7 @@ def protocol_scores(split: PairedSplit, model_name: str, protocols=None, ks=(1, 
     ks = sorted({int(k) for k in ks})
     values, sizes, skipped, chance, protocol_of, skipped_protocols = {}, {}, {}, {}, {}, {}
     n = len(split)
+    scans: dict[tuple, list] = {}  # passes over the same queries and gallery share one scan (scores once)
     for proto in chosen:
         reason = proto.requires(split)
         if reason:
@@ -327,10 +330,18 @@ def protocol_scores(split: PairedSplit, model_name: str, protocols=None, ks=(1, 
                         values[(direction, proto.gallery, metric, k)] = v
                         chance[(direction, proto.gallery, metric, k)] = p.chance[(metric, k)]
                 continue
-            raw = retrieval.scan_metrics(p.queries, p.gallery, {"r": (p.relevance, set(p.kinds))}, ok,
-                                         chunk_size=chunk_size, progress=progress)
+            scans.setdefault((direction, id(p.queries), id(p.gallery)), []).append((proto, p))
+    for (direction, _, _), group in scans.items():
+        q, g = group[0][1].queries, group[0][1].gallery
+        size = len(g)
+        ok = [k for k in ks if k <= size]
+        raw = retrieval.scan_metrics(q, g, {proto.name: (p.relevance, set(p.kinds)) for proto, p in group}, ok,
+                                     chunk_size=chunk_size, progress=progress)
+        for proto, p in group:
             m = _relevant_counts(p, n, chunk_size)
-            for (_, metric, k), v in raw.items():
+            for (name_, metric, k), v in raw.items():
+                if name_ != proto.name:
+                    continue
                 if metric == "rank":
                     keys = {("mrr", 0): 1.0 / v, ("median_rank", 0): v}
                     keys.update({("recall", kk): np.where(np.isnan(v), np.nan, v <= kk) for kk in ok})

@@ -146,3 +146,22 @@ def test_every_protocol_documents_its_source():
     table = protocols.describe()
     assert set(table["protocol"]) == set(protocols.PROTOCOLS)
     assert table["follows"].str.len().gt(10).all() and table["definition"].str.len().gt(20).all()
+
+
+def test_shared_scans_equal_one_protocol_at_a_time():
+    rng = np.random.default_rng(3)
+    n, d = 30, 6
+    reports = pd.Series(rng.choice(["A.", "a", "B.", "C."], n))
+    norm = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    txt = norm(rng.standard_normal((n, d)))
+    ids = np.array([f"s{i}" for i in range(n)])
+    findings = (rng.random((n, 3)) < 0.4).astype(np.float32)
+    sp = PairedSplit(img=norm(txt + rng.standard_normal((n, d))), txt=txt, labels=rng.integers(0, 2, n),
+                     study_ids=ids, patient_ids=ids, image_ids=ids, report_groups=report_groups(reports)[0],
+                     findings=findings, table=pd.DataFrame({"report": reports}))
+    together = protocols.protocol_scores(sp, "m", None, ks=(1, 3))
+    for name in together.protocol_of.values():
+        alone = protocols.protocol_scores(sp, "m", [name], ks=(1, 3))
+        for key, v in alone.scores.values.items():
+            np.testing.assert_array_equal(v, together.scores.values[key], err_msg=f"{name} {key}")
+            np.testing.assert_array_equal(alone.chance[key], together.chance[key])
