@@ -129,3 +129,18 @@ def test_lora_tower_gets_a_gradient_at_the_bound_and_its_trainer_clamps(monkeypa
     cfg = lora.LoraTrainConfig(lora=lora.LoraSettings(r=4, alpha=8, dropout=0.0), epochs=2, lr=1e-2, batch_size=6)
     trained, _, _ = lora.train_lora("tiny-llama", texts, img, np.array([0, 1, 1, 1, 0, 1]), cfg, progress=False)
     assert float(trained.logit_scale.detach()) <= BOUND + 1e-6
+
+
+def test_adaptation_forward_passes_a_gradient_at_the_bound():
+    """Backbone adaptation: a pretrained CLIP's logit scale sits at log(100) (4.6051702 in float32, just above the
+    float64 bound), where ``clamp(max=log(100))`` gave it no gradient from the first step."""
+    from cxrlib.adapt import AdaptModel
+    from cxrlib.backbones import load_backbone
+
+    b = load_backbone("tiny")
+    with torch.no_grad():
+        b.model.logit_scale.fill_(BOUND)
+    net = AdaptModel(b.model, b.embed_dim, text_is_features=True)
+    out = net(torch.randn(2, 3, 64, 64), torch.nn.functional.normalize(torch.randn(2, b.embed_dim), dim=1))
+    out["logit_scale"].backward()
+    assert float(b.model.logit_scale.grad) == pytest.approx(100.0, rel=1e-4)
