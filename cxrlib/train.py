@@ -268,26 +268,33 @@ def train_projector(train: PairedSplit, val: PairedSplit, cfg: TrainConfig | Non
         t0 = time.perf_counter()
         model.train()
         perm = torch.randperm(len(train), generator=gen)[:n].to(data_device)
-        sums: dict[str, float] = {}
-        for step, chunk in enumerate(perm.reshape(-1, world).tensor_split(steps)):
+        chunks = perm.reshape(-1, world).tensor_split(steps)
+        # each step's terms stay on the device and are read once per epoch: no host sync per step
+        # (on a GPU the next step's kernels are queued while this one runs)
+        step_terms: list[dict[str, torch.Tensor]] = []
+        for chunk in chunks:
             idx = chunk[:, rank]
             bi, bt, by = (t[idx].to(device, non_blocking=True) for t in (img_t, txt_t, y_t))
             terms = loss_fn(net(bi, bt, classify=loss_fn.needs_logits), by)
-            if not torch.isfinite(terms["total"]):
-                vals = {t: float(v.detach()) for t, v in terms.items()}
-                raise FloatingPointError(
-                    f"non-finite loss at epoch {epoch}, step {step} (global step {global_step}): {vals}; batch of "
-                    f"{len(idx)} rows, study_ids {train.study_ids[idx.cpu().numpy()][:5].tolist()}; "
-                    f"lower lr ({cfg.lr}) or check the embeddings")
             opt.zero_grad(set_to_none=True)
             terms["total"].backward()
             opt.step()
             model.clamp_logit_scale_()
             sched.step()
-            global_step += 1
-            for t, v in terms.items():
-                sums[t] = sums.get(t, 0.0) + float(v.detach()) * len(idx)
-        means = {t: v / (n // world) for t, v in sums.items()}
+            step_terms.append({t: v.detach() for t, v in terms.items()})
+        stacked = {t: torch.stack([s[t] for s in step_terms]).double().cpu() for t in step_terms[0]}
+        bad = (~torch.isfinite(stacked["total"])).nonzero()
+        if len(bad):
+            step = int(bad[0])
+            idx = chunks[step][:, rank]
+            vals = {t: float(v[step]) for t, v in stacked.items()}
+            raise FloatingPointError(
+                f"non-finite loss at epoch {epoch}, step {step} (global step {global_step + step}): {vals}; batch of "
+                f"{len(idx)} rows, study_ids {train.study_ids[idx.cpu().numpy()][:5].tolist()}; "
+                f"lower lr ({cfg.lr}) or check the embeddings")
+        global_step += len(chunks)
+        sizes = torch.tensor([len(c) for c in chunks], dtype=torch.float64)
+        means = {t: float((v * sizes).sum()) / (n // world) for t, v in stacked.items()}
         if world > 1:  # log the mean over ranks, not rank 0's shard
             packed = torch.tensor(list(means.values()), dtype=torch.float64)
             torch.distributed.all_reduce(packed)
