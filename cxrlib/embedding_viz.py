@@ -439,10 +439,62 @@ def load_viz_data(dataset: str, backbone: str, projector_path: str | Path | None
     return data
 
 
+def _map_key(x: np.ndarray, method: str, settings: Mapping[str, Any]) -> str:
+    """What decides a map: the points' bytes, the method, every setting and the libraries' versions."""
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    h = hashlib.blake2b(digest_size=16)
+    x = np.ascontiguousarray(x)
+    h.update(f"{x.dtype}|{x.shape}|{method}|{json.dumps(dict(settings), sort_keys=True, default=str)}".encode())
+    for lib in ("openTSNE", "scikit-learn", "umap-learn", "numpy"):
+        try:
+            h.update(f"{lib}={version(lib)}".encode())
+        except PackageNotFoundError:
+            h.update(f"{lib}=absent".encode())
+    h.update(memoryview(x).cast("B"))
+    return h.hexdigest()
+
+
+def cached_project_2d(x: np.ndarray, method: str, cache_dir: str | Path | None, info: dict,
+                      **settings: Any) -> np.ndarray:
+    """:func:`project_2d`, read from ``cache_dir/<key>.npz`` when the same points and settings were mapped
+    before (a rerun after a loss weight changes maps only the projector's new embeddings). ``info["cached"]``
+    says which; the file is written atomically."""
+    if cache_dir is None:
+        out = project_2d(x, method, info=info, **settings)
+        info["cached"] = False
+        return out
+    path = Path(cache_dir) / f"{method}-{_map_key(x, method, settings)}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            info.clear()
+            info.update(json.loads(str(z["info"])))
+            info["cached"] = True
+            return z["xy"].astype(np.float32)
+    out = project_2d(x, method, info=info, **settings)
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, xy=out, info=json.dumps(info, default=str))
+    info["cached"] = False
+    return out
+
+
+def default_map_cache() -> Path:
+    """``data_dir()/cache/maps``: 2-D maps keyed by their inputs (:func:`cached_project_2d`)."""
+    from cxrlib import paths
+
+    return paths.data_dir() / "cache" / "maps"
+
+
 def project_views(data: VizData, methods: Iterable[str], seed: int = 0, perplexity: float = 30.0,
-                  n_neighbors: int = 15, **kwargs: Any) -> tuple[dict[tuple[str, str, str], np.ndarray], pd.DataFrame]:
+                  n_neighbors: int = 15, cache_dir: str | Path | None | bool = True,
+                  **kwargs: Any) -> tuple[dict[tuple[str, str, str], np.ndarray], pd.DataFrame]:
     """Every map: ``{(method, stage, space): xy}`` for spaces image, text and joint (images then reports),
-    plus a table of what each projection used (backend, effective perplexity / n_neighbors, fallbacks)."""
+    plus a table of what each projection used (backend, effective perplexity / n_neighbors, fallbacks, cached).
+
+    ``cache_dir`` (True: :func:`default_map_cache`; False/None: no cache) reuses a map of identical points
+    and settings, so the frozen backbone's maps are computed once, not on every projector change."""
+    cache = default_map_cache() if cache_dir is True else (cache_dir or None)
     jobs = [(m, st, sp) for m in methods for st in data.spaces for sp in SPACES]
     maps, log = {}, []
     for method, stage, space in tqdm(jobs, desc="2-D maps"):
@@ -454,8 +506,8 @@ def project_views(data: VizData, methods: Iterable[str], seed: int = 0, perplexi
         x = {"image": img, "text": txt}.get(space)
         x = np.concatenate([img, txt]) if x is None else x
         info: dict = {}
-        maps[(method, stage, space)] = project_2d(x, method, seed=seed, perplexity=perplexity,
-                                                  n_neighbors=n_neighbors, info=info, **kwargs)
+        maps[(method, stage, space)] = cached_project_2d(x, method, cache, info, seed=seed, perplexity=perplexity,
+                                                         n_neighbors=n_neighbors, **kwargs)
         log.append({"method": method, "stage": stage, "space": space, **info,
                     "fallbacks": "; ".join(info["fallbacks"])})
     return maps, pd.DataFrame(log)

@@ -101,6 +101,13 @@ def _all_parameters(params_file: Path) -> dict[str, Any]:
     return {**(notebook_parameters(notebook) if notebook.is_file() else {}), **given}
 
 
+def _determinism() -> dict[str, Any]:
+    """The pins the DAG ran under (cxrlib.determinism: threads, CPU kernels, MKL), from the environment."""
+    from cxrlib import determinism
+
+    return determinism.describe()
+
+
 def build_manifest(profile: str, inputs: list[Path], outputs: list[Path], out: str | None = None) -> dict[str, Any]:
     """``out``: the results/build folder name (``cxrlib.dag.out_key``: the profile, or ``<profile>-<dataset>``)."""
     bdir = paths.build_dir() / (out or profile)
@@ -112,6 +119,7 @@ def build_manifest(profile: str, inputs: list[Path], outputs: list[Path], out: s
         "git": git_state(paths.repo_root()),
         "versions": versions(),
         "hardware": hardware(),
+        "determinism": _determinism(),
         "parameters": params,
         "node_seconds": read_timings(bdir / "timings.jsonl"),
         "inputs": [fingerprint(p) for p in inputs],

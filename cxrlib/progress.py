@@ -3,8 +3,8 @@
 ``python -m cxrlib.progress run --node NAME -- <papermill arguments>`` runs papermill with the
 ``cxr-progress`` engine: papermill's own nbclient engine plus a reporter that shows the node, the
 code cell running (``cell 4/12``) and the newest progress bar inside it (the ``tqdm.auto`` bars of
-epochs, batches and images, which in a kernel are Jupyter widgets: the engine reads their widget
-messages), and the node's wall time when it ends. On a terminal one status line is rewritten in
+epochs, batches and images: Jupyter widgets in a kernel, whose widget messages the engine reads, or
+text bars on the kernel's stdout under make, ``CXR_PLAIN_PROGRESS=1``), and the node's wall time when it ends. On a terminal one status line is rewritten in
 place; in a log (not a TTY) a line is written at most every ``--interval`` seconds, so a long node
 writes a few dozen lines, not thousands.
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -107,6 +108,17 @@ class WidgetBars:
         return text or None
 
 
+_TQDM_FRAME = re.compile(r"\d+(?:/\d+)?(?:it)? \[\d")  # "12/50 [00:10<..." or "12it [00:10, ..."
+
+
+def tqdm_text_frame(text: str) -> str | None:
+    """The newest tqdm frame in a stream chunk (text bars redraw with ``\\r``), its bar glyphs dropped."""
+    for frame in reversed(re.split(r"[\r\n]", text)):
+        if _TQDM_FRAME.search(frame):
+            return " ".join(re.sub(r"\|[^|]*\|", " ", frame).replace("\u2007", " ").split())
+    return None
+
+
 def _client_class():
     from papermill.clientwrap import PapermillNotebookClient
 
@@ -126,6 +138,14 @@ def _client_class():
         def _on_cell_start(self, cell, cell_index):
             if cell_index in self._number:
                 self.reporter.cell_started(self._number[cell_index])
+
+        def process_message(self, msg, cell, cell_index):
+            out = super().process_message(msg, cell, cell_index)
+            if msg.get("msg_type") == "stream":  # text progress bars (tqdm.std in the kernel)
+                text = tqdm_text_frame(str(msg.get("content", {}).get("text", "")))
+                if text:
+                    self.reporter.bar_updated(text)
+            return out
 
         def handle_comm_msg(self, outs, msg, cell_index):
             super().handle_comm_msg(outs, msg, cell_index)

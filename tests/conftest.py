@@ -1,8 +1,10 @@
-"""Shared fixtures: CPU only, offline hubs, an isolated work folder, the ../shared data."""
+"""Shared fixtures: CPU only, offline hubs, an isolated work folder, the ../shared data, and one smoke DAG
+per test session (``smoke_dag``) that the notebook tests assert on instead of re-executing each notebook."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -42,3 +44,23 @@ def openi_shared() -> Path:
 def covid_shared() -> Path:
     """../shared/data/covid-cxr-sample: 130 real radiographs for image-reading tests."""
     return _shared("covid-cxr-sample")
+
+
+def run_make(args: list[str], workdir: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """``make <args>`` in the checkout with every generated folder under ``workdir``."""
+    env = {**os.environ, "CXR_WORKDIR": str(workdir), "HF_HUB_OFFLINE": "1"}
+    for var in ("CXR_DATA_DIR", "CXR_BUILD_DIR", "CXR_RESULTS_DIR", "CXR_FIGURES_DIR", "OPENI_ROOT", "MIMIC_ROOT"):
+        env.pop(var, None)
+    out = subprocess.run(["make", "--no-print-directory", *args], cwd=REPO, env=env, capture_output=True, text=True)
+    if check and out.returncode != 0:
+        raise AssertionError(f"make {' '.join(args)} failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def smoke_dag(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """``make smoke`` once per session (every notebook node in one DAG); tests read what each node wrote.
+
+    Tests using it must not change its folder, except through make itself (and restore what they change)."""
+    work = tmp_path_factory.mktemp("smoke")
+    return work, run_make(["smoke"], work)

@@ -213,35 +213,8 @@ def test_trimmed_text_encoding_equals_full_context():
     assert A.trim_padding(bk.tokenizer, bk.tokenizer(texts[:1])).shape[1] < bk.context_length
 
 
-@pytest.mark.slow
-def test_notebook_00_on_smoke_profile(workdir, tmp_path):
-    """Notebook 00 through papermill with the smoke profile's parameters; asserts on what it wrote."""
-    import os
-    import subprocess
-    import sys
-
-    from cxrlib import config, paths
-
-    table = _make_table(tmp_path, n_train=24, n_val=8)
-    path = paths.study_table_path("synthetic")
-    path.parent.mkdir(parents=True)
-    table.to_parquet(path)
-    params = config.resolve_params("smoke", "00_adapt_backbone", {"dataset": "synthetic", "backbone": "tiny"})
-    assert params["adapt_epochs"] >= 1 and "w_supcon" not in params  # projector weights never reach node 00
-    args = [a for k, v in params.items() for a in ("-p", k, str(v))]
-    out = subprocess.run([sys.executable, "-m", "papermill", "-k", "cxr-retrieval", "--no-progress-bar",
-                          "--cwd", str(paths.repo_root() / "notebooks"), "notebooks/00_adapt_backbone.ipynb",
-                          str(tmp_path / "out.ipynb"), *args], cwd=paths.repo_root(), capture_output=True, text=True,
-                         env={**os.environ, "CXR_WORKDIR": str(workdir)})
-    assert out.returncode == 0, out.stderr[-3000:]
-    ckpt = A.checkpoint_path("synthetic", "tiny")
-    run = A.read_run(ckpt)
-    hist = pd.read_csv(paths.results_dir("smoke") / "adapt_history.csv")
-    assert len(hist) == len(run.history) == params["adapt_epochs"] + 1
-    assert run.config["adapt"]["lr"] == params["adapt_lr"] and run.config["adapt"]["batch_size"] == 16
-    assert (paths.figures_dir("smoke") / "adapt_curves.png").is_file()
-    assert (paths.figures_dir("smoke") / "adapt_curves.pdf").is_file()
-    load_backbone("tiny", checkpoint=ckpt)
+# notebook 00 on the smoke profile: tests/test_pipeline.py::test_notebook_00_outputs asserts on the
+# session's one smoke DAG run (conftest smoke_dag) instead of a papermill run of its own
 
 
 @pytest.mark.slow

@@ -1,7 +1,9 @@
 """End to end: the whole DAG on the smoke profile through make + papermill, then staleness.
 
-One module-scoped run of `make smoke` in a temporary CXR_WORKDIR; the tests assert on the files
-each node wrote, and that changing one loss weight marks only the dependent nodes stale.
+The session's one run of `make smoke` (conftest ``smoke_dag``) in a temporary CXR_WORKDIR; the tests
+assert on the files each node wrote (notebooks 00 and 02 here too, instead of a papermill run each),
+on make's progress output and summary, and that changing one loss weight marks only the dependent
+nodes stale.
 """
 
 from __future__ import annotations
@@ -15,26 +17,18 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO
+from conftest import REPO, run_make
 
 pytestmark = pytest.mark.slow
 
 
 def _make(args: list[str], workdir: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CXR_WORKDIR": str(workdir), "HF_HUB_OFFLINE": "1"}
-    for var in ("CXR_DATA_DIR", "CXR_BUILD_DIR", "CXR_RESULTS_DIR", "CXR_FIGURES_DIR", "OPENI_ROOT", "MIMIC_ROOT"):
-        env.pop(var, None)
-    out = subprocess.run(["make", "--no-print-directory", *args], cwd=REPO, env=env, capture_output=True, text=True)
-    if check and out.returncode != 0:
-        raise AssertionError(f"make {' '.join(args)} failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
-    return out
+    return run_make(args, workdir, check)
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    work = tmp_path_factory.mktemp("smoke")
-    out = _make(["smoke"], work)
-    return work, out
+def smoke_run(smoke_dag):
+    return smoke_dag
 
 
 def test_smoke_dag_writes_every_output(smoke_run):
@@ -100,3 +94,56 @@ def test_paper_offline_preflight_names_make_demo(tmp_path):
     if out.returncode == 0:
         pytest.skip("this machine reaches NLM and the hub, so the offline stop cannot be shown here")
     assert "make demo" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_make_shows_progress_and_a_summary(smoke_run):
+    _, out = smoke_run
+    text = out.stdout + out.stderr
+    for node in ("01_data_prep", "00_adapt_backbone", "02_train", "03_retrieval_eval"):
+        assert re.search(rf"<< {node} done in \d+", text), f"no end line for {node}"
+        assert f"   [{node}] cell " in text
+    summary = text[text.index("== make smoke:"):]
+    assert re.search(r"== make smoke: \d+ node\(s\) ran", summary) and "02_train" in summary
+    assert "results: " in summary and "figures: " in summary
+    assert len(summary.splitlines()) <= 30  # one screen
+
+
+def test_notebook_00_outputs(smoke_run):
+    """Notebook 00 as the smoke DAG ran it (was a papermill run of its own in test_adapt.py)."""
+    from cxrlib import adapt as A
+    from cxrlib import config
+    from cxrlib.backbones import load_backbone
+
+    work, _ = smoke_run
+    params = config.resolve_params("smoke", "00_adapt_backbone", {"dataset": "synthetic", "backbone": "tiny"})
+    assert params["adapt_epochs"] >= 1 and "w_supcon" not in params  # projector weights never reach node 00
+    ckpt = work / "data" / "models" / "synthetic" / "tiny-adapted.pt"
+    run = A.read_run(ckpt)
+    hist = pd.read_csv(work / "results" / "smoke" / "adapt_history.csv")
+    assert len(hist) == len(run.history) == params["adapt_epochs"] + 1
+    assert run.config["adapt"]["lr"] == params["adapt_lr"] and run.config["adapt"]["batch_size"] == 16
+    assert (work / "figures" / "smoke" / "adapt_curves.png").is_file()
+    assert (work / "figures" / "smoke" / "adapt_curves.pdf").is_file()
+    load_backbone("tiny", checkpoint=ckpt)
+
+
+def test_notebook_02_outputs(smoke_run):
+    """Notebook 02 as the smoke DAG ran it: the run folder named by cxrlib.dag, its recipe, the curves."""
+    import nbformat
+
+    from cxrlib import dag
+
+    work, _ = smoke_run
+    plan = dag.plan("smoke", environ={})
+    run_dir = work / "results" / "smoke" / "models" / plan.run
+    assert {p.name for p in run_dir.iterdir()} >= {"projector.pt", "history.csv", "config.json", "metrics.json"}
+    cfg = json.loads((run_dir / "config.json").read_text())
+    want = plan.params["02_train"]
+    assert cfg["run"] == plan.run and all(cfg[k] == want[k] for k in ("epochs", "width", "batch_size"))
+    assert plan.run.startswith(f"bce{cfg['w_bce']:g}-supcon{cfg['w_supcon']:g}-clip{cfg['w_clip']:g}-")
+    assert cfg["dataset"] == "synthetic" and cfg["backbone"] == "tiny-adapted"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {"frozen_val_p5", "best_metric", "best_epoch"} <= set(metrics)
+    assert list((work / "figures" / "smoke").glob("loss_curves_*.png"))
+    executed = nbformat.read(work / "build" / "smoke" / "02_train.ipynb", as_version=4)
+    assert any("SMOKE TEST" in "".join(o.get("text", "")) for c in executed.cells for o in c.get("outputs", []))

@@ -59,6 +59,13 @@ def test_widget_bars_read_tqdm_messages():
     assert texts[-1] == "adapt offline: 24% 12/50 [00:10<00:31, 1.20it/s, loss=3.2]"
 
 
+def test_text_bar_frames():
+    chunk = "\rtrain:  10%|\u2588         | 5/50 [00:01<00:09,  4.9it/s]\rtrain:  20%|\u2588\u2588        | 10/50 [00:02<00:08,  4.9it/s]"
+    assert progress.tqdm_text_frame(chunk) == "train: 20% 10/50 [00:02<00:08, 4.9it/s]"
+    assert progress.tqdm_text_frame("encode: 300it [00:03, 99.1it/s]\n") == "encode: 300it [00:03, 99.1it/s]"
+    assert progress.tqdm_text_frame("kept epoch 8 of 10\n") is None
+
+
 def test_widgets_that_are_not_bars_are_ignored():
     bars = progress.WidgetBars()
     msgs = [("a", {"_model_name": "HTMLModel", "value": "x"}), ("b", {"_model_name": "ButtonModel"}),
