@@ -66,12 +66,13 @@ def default_grid(main: Weights | None = None) -> list[Weights]:
 
 
 def parse_grid(grid: str | Iterable[Sequence[float]], main: Weights) -> list[Weights]:
-    """``"default"`` or a list of weightings (one weight per term, TERMS order), validated by the schema."""
+    """``"default"`` or a list of weightings (one weight per term, TERMS order), validated by the schema;
+    the main run's weights are always a row (appended when the list lacks them)."""
     checked = settings.lookup(settings.ABLATION, "grid").validate(grid if isinstance(grid, str) else
                                                                   [list(w) for w in grid])
     if checked == "default":
         return default_grid(main)
-    return list(dict.fromkeys(tuple(w) for w in checked))
+    return list(dict.fromkeys([tuple(w) for w in checked] + [tuple(float(v) for v in main)]))
 
 
 def main_config(run_dir: str | Path, device: str = "cpu") -> TrainConfig:

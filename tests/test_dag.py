@@ -234,3 +234,8 @@ def test_ablation_reuses_its_grid_when_only_the_main_weights_change(tmp_path, sp
                               identity=identity, inputs={"table_sha256": "y"}, n_boot=10, main=run2)
     saved = json.loads((tmp_path / run2 / "config.json").read_text())
     assert saved["dropout"] == 0.3 and saved["clip_temperature"] == 0.05
+
+
+def test_an_explicit_grid_always_holds_the_main_weights():
+    assert ablation.parse_grid([[0, 0, 1]], (1.0, 0.5, 1.0)) == [(0.0, 0.0, 1.0), (1.0, 0.5, 1.0)]
+    assert ablation.parse_grid([[1, 0.5, 1]], (1.0, 0.5, 1.0)) == [(1.0, 0.5, 1.0)]
