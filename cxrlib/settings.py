@@ -202,8 +202,10 @@ def registered_names(module: str, register: str, arg: int = 0) -> tuple[str, ...
 
 
 def datasets() -> tuple[str, ...]:
-    """The registered data sets (``@register_dataset`` in :mod:`cxrlib.datasets.build`)."""
-    return registered_names("datasets.build", "register_dataset")
+    """The registered data sets a model is trained on (``@register_dataset`` in :mod:`cxrlib.datasets.build`),
+    less the peers' fixed evaluation sets (``cxrlib.evalsets.EVAL_SETS``: every row a test row; ``EVAL_SET``)."""
+    evaluation_only = set(module_names("evalsets", "EVAL_SETS"))
+    return tuple(n for n in registered_names("datasets.build", "register_dataset") if n not in evaluation_only)
 
 
 def backbone(v: Any) -> str:

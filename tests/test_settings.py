@@ -67,7 +67,11 @@ def test_module_names_are_read_from_source():
     assert settings.module_names("adapt", "PRECISIONS") == adapt.PRECISIONS
     from cxrlib.datasets.registry import registered_datasets
 
-    assert set(settings.datasets()) == set(registered_datasets())
+    from cxrlib.evalsets import EVAL_SETS
+
+    # training data sets = the registry less the peers' evaluation-only sets (EVAL_SET, not DATASET)
+    assert set(settings.datasets()) == set(registered_datasets()) - set(EVAL_SETS)
+    assert set(EVAL_SETS) <= set(registered_datasets())
 
 
 @pytest.mark.parametrize("profile", ["paper", "offline", "smoke"])
