@@ -8,7 +8,13 @@ import math
 import pytest
 import torch
 
-from cxrlib.projector import MAX_LOGIT_SCALE, build_projector, clamp_logit_scale_, load_projector, save_projector
+from cxrlib.projector import (
+    MAX_LOGIT_SCALE,
+    build_projector,
+    clamp_logit_scale_,
+    load_projector,
+    save_projector,
+)
 
 BOUND = math.log(MAX_LOGIT_SCALE)
 
