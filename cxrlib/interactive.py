@@ -129,6 +129,19 @@ class Resolved:
     results_dir: Path
     figures_dir: Path
 
+    @property
+    def label(self) -> str:
+        """The subtitle of every figure and table: the profile's label, then which run made them
+        (dataset, backbone, projector run), and ``interactive run`` when make's outputs are not the target."""
+        p = self.params
+        made = ", ".join(f"{k} {p[k]}" for k in ("dataset", "backbone") if p.get(k))
+        run = p.get("run") or (self.run if self.run != self.node else None)
+        made += f", run {run}" if run else ""
+        where = {"interactive": "INTERACTIVE run, not make's outputs",
+                 "publish": "run by hand, published"}.get(self.mode, "")
+        profile_label = config.load_profile(p["profile"])["label"] if p.get("profile") else ""
+        return " · ".join(x for x in (profile_label, made, where) if x)
+
     def table(self):
         import pandas as pd
 

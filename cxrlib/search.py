@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(out.drop(columns=["query"]).to_json(orient="records", indent=1))
+        print(json.dumps(json.loads(out.drop(columns=["query"]).to_json(orient="records")), indent=1))
     else:
         print(f"{args.model} ({args.profile}): top {args.k} of {len(retriever.gallery)} "
               f"{retriever.dataset} {args.split or 'test'} studies")
