@@ -279,8 +279,7 @@ def train_lora(spec: tt.TextTowerSpec | str, texts: list[str], image_emb: np.nda
     for epoch in range(cfg.epochs):
         model.train()
         t0, sums, n = time.perf_counter(), {}, 0
-        order = rng.permutation(len(texts))
-        batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        batches = tt.bucketed_batches([len(t) for t in texts], cfg.batch_size, rng)
         for rows in tqdm(batches, desc=f"LoRA epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False):
             if len(rows) < 2:
                 continue

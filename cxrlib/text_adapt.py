@@ -115,9 +115,10 @@ def adapt_text_tower(spec: tt.TextTowerSpec | str, reports: list[variants.Report
     opt = torch.optim.AdamW([p for p in tower.parameters() if p.requires_grad], lr=cfg.lr)
     history: list[dict[str, Any]] = []
 
-    def batches():
-        order = rng.permutation(len(reports))
-        return [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    lengths = [len(v[0]) for v in views]
+
+    def batches():  # similar report lengths share a batch (less padding)
+        return tt.bucketed_batches(lengths, cfg.batch_size, rng)
 
     for epoch in range(cfg.mntp_epochs):
         tower.train()

@@ -389,6 +389,17 @@ class TowerTokenizer:
         return out
 
 
+def bucketed_batches(lengths: Sequence[int], batch_size: int, rng, pool: int = 8) -> list[list[int]]:
+    """Training batches of similar lengths (less padding, same items): a seeded permutation cut into pools
+    of ``pool`` batches, each pool sorted by length and cut into batches, the batches shuffled."""
+    order = rng.permutation(len(lengths))
+    batches = []
+    for s in range(0, len(order), batch_size * pool):
+        chunk = sorted(order[s:s + batch_size * pool].tolist(), key=lambda i: lengths[i])
+        batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))] if batches else []
+
+
 # ---- the tower ---------------------------------------------------------------------------------
 
 class TextTower(nn.Module):

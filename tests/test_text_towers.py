@@ -327,3 +327,14 @@ def test_registered_as_backbones_text_only_and_dual(tmp_path):
     assert img.meta["backbone"] == txt.meta["backbone"] == "dual:tiny+tiny-llama" and txt.emb.shape == (1, 32)
     with pytest.raises(ValueError, match="unknown text tower"):
         load_backbone("text:gpt-17")
+
+
+def test_bucketed_batches_cover_every_item_once_and_group_lengths():
+    lengths = list(np.random.default_rng(0).integers(1, 200, 100))
+    batches = tt.bucketed_batches(lengths, 8, np.random.default_rng(1), pool=4)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(100)) and all(len(b) <= 8 for b in batches)
+    spread = np.mean([np.ptp([lengths[i] for i in b]) for b in batches])
+    random_spread = np.mean([np.ptp(lengths[s:s + 8]) for s in range(0, 100, 8)])
+    assert spread < random_spread / 2
+    assert batches == tt.bucketed_batches(lengths, 8, np.random.default_rng(1), pool=4)
