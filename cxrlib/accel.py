@@ -360,11 +360,15 @@ class DevicePreprocess:
 
 
 class EncodedImages(Dataset):
-    """Item ``i``: ``(i, bytes tensor, "jpeg")`` for a complete JPEG, else ``(i, preprocessed tensor, None)``
-    through ``load_image`` (the CPU path), or ``(i, None, reason)`` when that fails too."""
+    """Item ``i``: ``(i, bytes tensor, "jpeg")`` for a complete JPEG; else the file read on CPU by
+    ``load_image`` (8-bit grey; 16-bit windowed): ``(i, uint8 [1, H, W], "pixels")`` to be resized on the
+    device, or with ``resize_on_device=False`` ``(i, preprocessed tensor, None)``; ``(i, None, reason)``
+    when it cannot be read."""
 
-    def __init__(self, paths: Sequence[str], preprocess: Callable, load_image: Callable):
+    def __init__(self, paths: Sequence[str], preprocess: Callable, load_image: Callable,
+                 resize_on_device: bool = True):
         self.paths, self.preprocess, self.load_image = list(paths), preprocess, load_image
+        self.resize_on_device = resize_on_device
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -387,16 +391,29 @@ class EncodedImages(Dataset):
             data = b""
         if is_complete_jpeg(data):
             return i, torch.frombuffer(bytearray(data), dtype=torch.uint8), "jpeg"
+        if self.resize_on_device:  # decode only: the resize and normalisation run on the device
+            from cxrlib.images import ImageReadError
+
+            try:
+                img = self.load_image(self.paths[i], mode="L")
+            except ImageReadError as exc:
+                return i, None, exc.reason
+            except Exception as exc:  # noqa: BLE001 - one odd file is that file's skip
+                return i, None, f"read failed: {type(exc).__name__}: {exc}"
+            return i, torch.from_numpy(np.array(img, dtype=np.uint8))[None], "pixels"
         x, reason = self.cpu_item(i)
         return (i, None, reason) if x is None else (i, x, None)
 
 
 class EncodedBatch:
-    """A batch half as JPEG bytes (for the device decoder), half as CPU-preprocessed tensors."""
+    """A batch as JPEG bytes (for the device decoder), decoded grey pixels (to resize on the device) and
+    CPU-preprocessed tensors; each with its positions in the batch."""
 
     def __init__(self, jpeg_pos: list[int], jpegs: list[torch.Tensor], ready_pos: list[int],
-                 ready: torch.Tensor | None, n: int):
+                 ready: torch.Tensor | None, n: int, pixel_pos: Sequence[int] = (),
+                 pixels: Sequence[torch.Tensor] = ()):
         self.jpeg_pos, self.jpegs, self.ready_pos, self.ready, self.n = jpeg_pos, jpegs, ready_pos, ready, n
+        self.pixel_pos, self.pixels = list(pixel_pos), list(pixels)
 
     def pin_memory(self) -> EncodedBatch:
         """Called by the DataLoader's pinning thread: the ready tensors travel non-blocking."""
@@ -415,10 +432,10 @@ def collate_encoded(batch):
     idx = torch.tensor([i for i, _, _ in good], dtype=torch.long)
     if not good:
         return idx, None, bad
-    jpeg_pos = [p for p, (_, _, r) in enumerate(good) if r == "jpeg"]
-    ready_pos = [p for p, (_, _, r) in enumerate(good) if r != "jpeg"]
-    ready = torch.stack([good[p][1] for p in ready_pos]) if ready_pos else None
-    return idx, EncodedBatch(jpeg_pos, [good[p][1] for p in jpeg_pos], ready_pos, ready, len(good)), bad
+    pos = {kind: [p for p, (_, _, r) in enumerate(good) if r == kind] for kind in ("jpeg", "pixels", None)}
+    ready = torch.stack([good[p][1] for p in pos[None]]) if pos[None] else None
+    return idx, EncodedBatch(pos["jpeg"], [good[p][1] for p in pos["jpeg"]], pos[None], ready, len(good),
+                             pos["pixels"], [good[p][1] for p in pos["pixels"]]), bad
 
 
 def _decode(data: list[torch.Tensor], device: str) -> list[torch.Tensor]:
@@ -434,29 +451,31 @@ def decode_on_device(batch: EncodedBatch, indices: Sequence[int], pre: DevicePre
     """Decode and preprocess a batch on ``device``: ``(images [n_ok, 3, H, W], kept positions, [(index, reason)])``.
 
     ``indices[p]`` is the dataset index of position ``p``; ``cpu_fallback(index)`` is the CPU path
-    for a JPEG the device decoder rejects. Kept positions are in batch order.
+    for a JPEG the device decoder rejects. Kept positions are in batch order. ``decoded`` falls back
+    one file at a time when the batched call fails (a failed batched call has returned nothing).
     """
     images: dict[int, torch.Tensor] = {}
     failed: list[tuple[int, str]] = []
+    decoded: list[torch.Tensor | None] = []
     if batch.jpegs:
         try:
             decoded = _decode(batch.jpegs, device)
         except RuntimeError:  # one bad file fails the whole batched call: redo one by one
-            decoded = []
             for data in batch.jpegs:
                 try:
                     decoded.append(_decode([data], device)[0])
                 except RuntimeError:
                     decoded.append(None)
-        ok = [(pos, img) for pos, img in zip(batch.jpeg_pos, decoded) if img is not None]
-        if ok:
-            images.update(zip([p for p, _ in ok], pre.batch([img for _, img in ok])))
-        for pos in (p for p, img in zip(batch.jpeg_pos, decoded) if img is None):
-            x, reason = cpu_fallback(int(indices[pos]))
-            if x is None:
-                failed.append((int(indices[pos]), reason))
-            else:
-                images[pos] = x.to(device)
+    ok = [(pos, img) for pos, img in zip(batch.jpeg_pos, decoded) if img is not None]
+    ok += [(pos, px.to(device, non_blocking=True)) for pos, px in zip(batch.pixel_pos, batch.pixels)]
+    if ok:  # JPEGs decoded here and pixels decoded by the workers: resized together, by size
+        images.update(zip([p for p, _ in ok], pre.batch([img for _, img in ok])))
+    for pos in (p for p, img in zip(batch.jpeg_pos, decoded) if img is None):
+        x, reason = cpu_fallback(int(indices[pos]))
+        if x is None:
+            failed.append((int(indices[pos]), reason))
+        else:
+            images[pos] = x.to(device)
     if batch.ready is not None:
         ready = batch.ready.to(device, non_blocking=True)
         for j, pos in enumerate(batch.ready_pos):

@@ -400,3 +400,20 @@ def test_embed_throughput_benchmark_runs_and_says_cpu(tmp_path):
     assert res["extractor"]["jpeg_device_decode"]["decode"] == "device"
     assert res["extractor"]["jpeg_cpu_decode"]["decode"] == "cpu"
     assert res["device_vs_cpu_decode_min_cosine"] >= 0.995 and res["low_precision_vs_fp32_min_cosine"] > 0.999
+
+
+def test_encoded_images_route_each_file(tiny, tmp_path):
+    """Complete JPEGs travel as bytes, other files as decoded grey pixels (resized on the device), bad files
+    as a reason; with resize_on_device=False the other files are preprocessed on CPU."""
+    from cxrlib.images import load_cxr_image
+
+    table, bad = mixed_table(tmp_path / "img")
+    ds = accel.EncodedImages(table["image_path"].tolist(), tiny.preprocess, load_cxr_image)
+    kinds = {table["image_id"][i]: ds[i][2] for i in range(len(ds))}
+    assert {k for k, v in kinds.items() if v == "pixels"} == {"im04", "im05"}  # the 8- and 16-bit PNGs
+    assert kinds["im03"] not in ("jpeg", "pixels")  # truncated: not a complete JPEG, unreadable on CPU
+    assert kinds["im06"] == "jpeg"  # corrupt inside: left to the device decoder, then the CPU reader
+    px = ds[5][1]
+    assert px.dtype == torch.uint8 and px.shape == (1, 220, 200) and int(px.max()) == 255  # 16-bit windowed
+    cpu = accel.EncodedImages(table["image_path"].tolist(), tiny.preprocess, load_cxr_image, resize_on_device=False)
+    assert cpu[4][2] is None and cpu[4][1].shape == (3, 64, 64)
