@@ -15,9 +15,10 @@ What runs where, and why:
 - ``DevicePreprocess`` / ``EncodedImages`` / ``decode_on_device``: JPEGs are read as bytes in the
   workers and decoded in batches by ``torchvision.io.decode_jpeg(..., device=...)``, then resized,
   centre-cropped and normalised on the device exactly as the backbone's own transform does on
-  CPU; PNG, 16-bit and any file that is not a complete JPEG take the CPU path in the workers. A
-  JPEG that fails to decode on the device is retried alone, then through the CPU reader; only a
-  file that fails there too is a counted skip naming it. The same code runs with ``device="cpu"``,
+  CPU; PNG, 16-bit and any file that is not a complete JPEG are decoded by the CPU reader in the
+  workers (16-bit windowed to 8 bits) and resized on the device with the JPEGs. A JPEG that fails
+  to decode on the device is retried alone, then through the CPU reader; only a file that fails
+  there too is a counted skip naming it. The same code runs with ``device="cpu"``,
   which is how the tests check it against the CPU path.
 
 Precision (``auto`` -> bf16 / fp16 / fp32) and device resolution are :mod:`cxrlib.runtime`'s; this
