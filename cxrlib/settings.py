@@ -444,7 +444,7 @@ def make_help() -> list[tuple[str, str]]:
     for var, ss in sorted(make_vars().items()):
         s = ss[0]
         default = "" if s.default is None or s.name in ("dataset", "backbone") else f" (default {s.default})"
-        nodes = "" if s.nodes == ALL else f" [{', '.join(n.split('_')[0] for n in s.nodes)}]"
+        nodes = "" if s.nodes in (ALL, ()) else f" [{', '.join(n.split('_')[0] for n in s.nodes)}]"
         out.append((var, f"{s.help}{default}{nodes}"))
     return out
 
@@ -455,4 +455,4 @@ if __name__ == "__main__":
     if sys.argv[1:] != ["make-help"]:
         sys.exit("usage: python -m cxrlib.settings make-help")
     for var, text_ in make_help():
-        print(f"  {var:12s} {text_}")
+        print(f"  {var:12s} {text_}" if len(var) <= 12 else f"  {var}\n  {'':12s} {text_}")
