@@ -22,7 +22,8 @@ merges by id (dropping any duplicate id, as one would drop ``DistributedSampler`
 chunking here pads nothing). Across nodes ``out_dir`` must be on a shared file system.
 
 GPU. On CUDA (see :mod:`cxrlib.accel`) JPEGs are decoded in batches on the GPU and resized and
-normalised there (``decode="auto"``; PNG and 16-bit files stay on CPU workers), workers and
+normalised there (``decode="auto"``; PNG and 16-bit files are decoded by CPU workers and resized
+on the GPU), workers and
 prefetch are sized from the cores, memory is pinned and copies are non-blocking, ``cudnn.benchmark``
 is on for convolutional towers, ``compile=True`` wraps the image forward in ``torch.compile``, and
 ``batch_size="auto"`` probes for the largest batch that fits. A batch that runs out of memory is
