@@ -17,11 +17,15 @@ no_gpu() {
     echo "{\"benchmark\": \"gpu_check\", \"gpu\": null, \"message\": \"no GPU on this machine ($1): nothing checked\"}"
     exit 0
 }
-command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 || no_gpu "nvidia-smi finds none"
+if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi -L >/dev/null 2>&1 || no_gpu "nvidia-smi lists none"
+fi
 
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
 elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
 else PY=python3; fi
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null \
+    || no_gpu "torch finds no usable CUDA GPU, or is not installed"
 
 if compgen -G ".whl/*.whl" >/dev/null; then
     site=${TMPDIR:-/tmp}/cxr-gpu-site
@@ -29,7 +33,4 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-
-"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null \
-    || no_gpu "torch.cuda.is_available() is False"
 exec "$PY" benchmarks/gpu_check.py "$@"
