@@ -37,9 +37,14 @@ PINNED_ENV = {
 }
 
 
+#: not numerics but speed: OpenMP threads that sleep instead of spinning at each barrier. Same results;
+#: on a CPU shared with other work, spinning threads fight for the cores (benchmarks/cpu_pins.py).
+SPEED_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def env(threads: int = THREADS) -> dict[str, str]:
     """Every variable a deterministic run sets before torch starts."""
-    return {**PINNED_ENV, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    return {**PINNED_ENV, **SPEED_ENV, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
 def apply(threads: int | None = THREADS, seed: int | None = None) -> None:
