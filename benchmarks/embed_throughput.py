@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
         del x
 
         ext = {}
-        runs = [("png", pngs, "auto", False),  # what users get: on CUDA, decode on CPU workers, resize on the GPU ("jpeg_cpu_decode", jpgs, "cpu", False),
+        # png: what users get (on CUDA: decoded by CPU workers, resized on the GPU)
+        runs = [("png", pngs, "auto", False), ("jpeg_cpu_decode", jpgs, "cpu", False),
                 ("jpeg_device_decode", jpgs, "device", False)]
         if args.compile:
             runs.append(("jpeg_device_decode_compile", jpgs, "device", True))
