@@ -30,6 +30,8 @@ from pytorch_metric_learning.losses import SupConLoss
 from pytorch_metric_learning.reducers import MeanReducer
 from torch import nn
 
+from cxrlib import settings
+
 BCE_ON = ("image", "text", "both")
 #: the loss terms and their default weights (term -> weight): the one list every ``w_<term>`` setting,
 #: ``W_<TERM>`` make variable and ablation weighting is derived from (:mod:`cxrlib.settings` reads this
@@ -124,12 +126,7 @@ class MultiTaskLoss(nn.Module):
                  supcon_temperature: float = 0.1, pos_weight: float | None = None, bce_on: str = "both",
                  rank: int | None = None, world_size: int | None = None):
         super().__init__()
-        weights = {"w_bce": w_bce, "w_supcon": w_supcon, "w_clip": w_clip}
-        for k, v in weights.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
-                raise ValueError(f"{k} must be a number >= 0, got {v!r}")
-        if sum(weights.values()) == 0:
-            raise ValueError("all loss weights are 0: nothing to train (set w_bce, w_supcon or w_clip > 0)")
+        settings.validate(settings.TRAIN, {"w_bce": w_bce, "w_supcon": w_supcon, "w_clip": w_clip})  # the one validator
         if bce_on not in BCE_ON:
             raise ValueError(f"bce_on must be one of {BCE_ON}, got {bce_on!r}")
         r, ws = _world()
