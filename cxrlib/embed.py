@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from cxrlib import accel, runtime
+from cxrlib import accel, runtime, settings
 from cxrlib.backbones import Backbone, load_backbone
 from cxrlib.embstore import Embeddings, load_embeddings, save_embeddings
 from cxrlib.images import ImageReadError, load_cxr_image
@@ -551,11 +551,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--name", default=None, help="name recorded as the embeddings' backbone")
     ap.add_argument("--modalities", default="image,text")
-    ap.add_argument("--batch-size", type=_int_or_auto, default=64, help="an int, or auto (largest that fits)")
-    ap.add_argument("--num-workers", type=_int_or_auto, default=2, help="an int, or auto (from the cores)")
-    ap.add_argument("--decode", default="auto", choices=["auto", "cpu", "device"], help="where JPEGs are decoded")
+    default = {k: settings.lookup("embed", k).default for k in ("batch_size", "num_workers", "decode", "precision")}
+    ap.add_argument("--batch-size", type=_int_or_auto, default=default["batch_size"], help="an int, or auto (largest that fits)")
+    ap.add_argument("--num-workers", type=_int_or_auto, default=default["num_workers"], help="an int, or auto (from the cores)")
+    ap.add_argument("--decode", default=default["decode"], choices=["auto", "cpu", "device"], help="where JPEGs are decoded")
     ap.add_argument("--compile", action="store_true", help="torch.compile the image forward")
-    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    ap.add_argument("--precision", default=default["precision"], choices=["auto", "fp32", "bf16", "fp16"])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--chunk-size", type=int, default=None)
     ap.add_argument("--no-progress", action="store_true")
