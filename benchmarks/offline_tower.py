@@ -67,7 +67,8 @@ def run(table: pd.DataFrame, spec: str, seed: int) -> dict:
     bb = backbones.backbone_from_config("offline", cfg, load_text_base=True)
     if weights == "imagenet":
         efficientnet.load_lite0_weights(bb.model.visual.trunk)
-    node = config.load_profile("offline")["nodes"]["00_adapt_backbone"]
+    notebook = backbones.paths.repo_root() / "notebooks" / "00_adapt_backbone.ipynb"
+    node = {**config.notebook_parameters(notebook), **config.resolve_params("offline", "00_adapt_backbone", {})}
     acfg = A.AdaptConfig(backbone="offline", dataset="openi_synth", seed=seed, epochs=int(epochs), lr=float(lr),
                          batch_size=node["adapt_batch_size"], w_clip=node["adapt_w_clip"],
                          w_supcon=node["adapt_w_supcon"], w_bce=node["adapt_w_bce"], cache_images=True,
