@@ -417,3 +417,25 @@ def test_encoded_images_route_each_file(tiny, tmp_path):
     assert px.dtype == torch.uint8 and px.shape == (1, 220, 200) and int(px.max()) == 255  # 16-bit windowed
     cpu = accel.EncodedImages(table["image_path"].tolist(), tiny.preprocess, load_cxr_image, resize_on_device=False)
     assert cpu[4][2] is None and cpu[4][1].shape == (3, 64, 64)
+
+
+def test_compile_flag_wraps_the_image_forward(tiny, tmp_path, monkeypatch):
+    """compile=True runs the image forward through torch.compile (eager backend here: the wiring, not
+    inductor), leaves the model itself untouched, and embeds the same as without."""
+    from tests.test_embed import make_table
+
+    real, wrapped = torch.compile, []
+
+    def eager_compile(fn, **kw):
+        wrapped.append(getattr(fn, "__name__", fn))
+        return real(fn, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    table = make_table(tmp_path / "img", n=6)
+    kw = dict(batch_size=4, num_workers=0, precision="fp32", device="cpu", progress=False)
+    ref = extract_embeddings(table, tiny, tmp_path / "ref", **kw)
+    got = extract_embeddings(table, tiny, tmp_path / "compiled", compile=True, **kw)
+    assert wrapped == ["encode_image"] and tiny.model.encode_image.__func__.__name__ == "encode_image"
+    for m in ("image", "text"):
+        np.testing.assert_allclose(load_embeddings(ref[m]).emb, load_embeddings(got[m]).emb, atol=1e-5)
+    assert json.loads(got.stamp.read_text())["compile"] is True
