@@ -321,7 +321,7 @@ class TowerTokenizer:
 
     def _instruction_ids(self, instruction: str) -> list[int]:
         if instruction not in self._instruction_cache:
-            ids = self.tokenizer(instruction, add_special_tokens=False)["input_ids"] if instruction else []
+            ids = self.tokenizer(instruction, add_special_tokens=False, verbose=False)["input_ids"] if instruction else []
             room = self.max_length - len(self.prefix) - len(self.suffix) - len(ids)
             if room < 1:
                 raise ValueError(f"text tower {self.name!r}: instruction {instruction!r} takes {len(ids)} tokens "
@@ -340,7 +340,8 @@ class TowerTokenizer:
         """``(ids, pool_mask)`` of one text, truncation counted."""
         instruction, content = self.split(text)
         instr = self._instruction_ids(instruction)
-        ids = self.tokenizer(content, add_special_tokens=False)["input_ids"]
+        # the whole content first (its length is what truncation counts); verbose=False: no "longer than" warning
+        ids = self.tokenizer(content, add_special_tokens=False, verbose=False)["input_ids"]
         room = self.max_length - len(self.prefix) - len(self.suffix) - len(instr)
         self.stats["texts"] += 1
         if len(ids) > room:
