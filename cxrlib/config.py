@@ -134,8 +134,14 @@ def restated_defaults(profile: str) -> list[str]:
         out += [f"nodes.{node}.{k}" for k, v in (section or {}).items() if k in declared and declared[k] == v]
     from cxrlib import dag
 
+    def declared(node: str) -> dict[str, Any]:
+        try:
+            return declared_parameters(node)
+        except ConfigError:  # a script node with no schema settings declares nothing
+            return {}
+
     for k, v in cfg["common"].items():
-        takers = [declared_parameters(n)[k] for n in dag.NODES if k in declared_parameters(n)]
+        takers = [declared(n)[k] for n in dag.NODES if k in declared(n)]
         if takers and all(d == v for d in takers):
             out.append(f"common.{k}")
     return out
