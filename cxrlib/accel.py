@@ -27,6 +27,7 @@ module holds what only the GPU path needs.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -326,7 +327,7 @@ class DevicePreprocess:
         """[n, C, H, W] uint8 (C = 1 or 3, one size) -> [n, 1, *size] float grey levels 0..255, resized and cropped."""
         x = imgs.float()
         if x.shape[1] == 3:  # colour JPEG -> the grey the CPU reader makes (ITU-R 601-2 luma)
-            w = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
+            w = _constant((0.299, 0.587, 0.114), x.device)
             x = (x * w).sum(1, keepdim=True).round_()
         oh, ow = self.resized_shape(x.shape[-2], x.shape[-1])
         if (oh, ow) != tuple(x.shape[-2:]):
@@ -338,9 +339,7 @@ class DevicePreprocess:
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """[n, 1, H, W] grey levels -> [n, 3, H, W] normalised with the backbone's mean and std."""
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return (x.expand(-1, 3, -1, -1) / 255.0 - mean) / std
+        return (x.expand(-1, 3, -1, -1) / 255.0 - _constant(tuple(self.mean), x.device)) / _constant(tuple(self.std), x.device)
 
     def batch(self, imgs: Sequence[torch.Tensor]) -> torch.Tensor:
         """Decoded images of any sizes -> [n, 3, *size] in input order; same-size images are resized together
@@ -348,16 +347,24 @@ class DevicePreprocess:
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, img in enumerate(imgs):
             by_shape.setdefault(tuple(img.shape), []).append(i)
-        out = torch.empty((len(imgs), 1, *self.size), device=imgs[0].device if imgs else "cpu")
+        out: list[torch.Tensor | None] = [None] * len(imgs)
         for members in by_shape.values():
             for s in range(0, len(members), RESIZE_GROUP):
                 group = members[s:s + RESIZE_GROUP]
-                out[group] = self.levels(torch.stack([imgs[i] for i in group]))
-        return self.normalise(out)
+                for i, y in zip(group, self.levels(torch.stack([imgs[i] for i in group]))):
+                    out[i] = y
+        # stacked in order (no index tensor to copy to the device, so no host sync)
+        return self.normalise(torch.stack(out))
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         """[C, H, W] uint8 (C = 1 or 3) -> [3, *size] float32 normalised, on ``img``'s device."""
         return self.normalise(self.levels(img[None]))[0]
+
+
+@functools.lru_cache(maxsize=32)
+def _constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """A [1, C, 1, 1] constant on ``device``, made once (a fresh host-to-device copy per batch would sync)."""
+    return torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)
 
 
 class EncodedImages(Dataset):
@@ -417,9 +424,10 @@ class EncodedBatch:
         self.pixel_pos, self.pixels = list(pixel_pos), list(pixels)
 
     def pin_memory(self) -> EncodedBatch:
-        """Called by the DataLoader's pinning thread: the ready tensors travel non-blocking."""
+        """Called by the DataLoader's pinning thread: pixels and ready tensors then travel non-blocking."""
         if self.ready is not None:
             self.ready = self.ready.pin_memory()
+        self.pixels = [p.pin_memory() for p in self.pixels]
         return self
 
     def __len__(self) -> int:

@@ -243,13 +243,16 @@ def trim_padding(tokenizer: Any, tokens: torch.Tensor) -> torch.Tensor:
     return tokens[:, : int(used.max()) + 1] if len(used) else tokens[:, :1]
 
 
-def _encode(model, modality: str, x, tokenizer, device: str, precision: str) -> np.ndarray:
+def _encode(model, modality: str, x, tokenizer, device: str, precision: str, to_numpy: bool = True):
+    """L2-normalised float32 features of one batch: a numpy array, or with ``to_numpy=False`` a tensor
+    left on the device (no host sync: the extraction loop reads a chunk's features once)."""
     with torch.inference_mode(), autocast(device, precision):
         if modality == "image":
             out = model.encode_image(x.to(device, non_blocking=True))
         else:  # texts arrive length-sorted within a chunk, so trimming padding saves most of the work
             out = model.encode_text(trim_padding(tokenizer, tokenizer(x)).to(device))
-    return F.normalize(out.float(), dim=-1).cpu().numpy()
+        out = F.normalize(out.float(), dim=-1)
+    return out.cpu().numpy() if to_numpy else out
 
 
 def _valid_chunks(shard_dir: Path, ids: list[str], chunk_size: int) -> set[int]:
@@ -299,13 +302,15 @@ def _run_chunks(modality: str, values: list[str], ids: list[str], chunks: list[i
                 idx, bad = idx[kept], bad + failed
             if x is not None and len(idx):
                 a["emb"].append(accel.run_in_batches(
-                    lambda part: _encode(model, modality, part, backbone.tokenizer, device, precision), x, limiter))
+                    lambda part: _encode(model, modality, part, backbone.tokenizer, device, precision, to_numpy=False),
+                    x, limiter))
                 a["ids"].extend(ids[i] for i in idx.tolist())
             a["bad"].extend((ids[i], r) for i, r in bad)
             bar.update(len(idx) + len(bad))
             left[c] -= 1
             if left[c] == 0:
-                emb = np.concatenate(a["emb"]) if a["emb"] else np.zeros((0, backbone.embed_dim), np.float32)
+                with torch.inference_mode():  # the chunk's one device-to-host copy
+                    emb = torch.cat(a["emb"]).cpu().numpy() if a["emb"] else np.zeros((0, backbone.embed_dim), np.float32)
                 _write_shard(_shard_path(shard_dir, c), a["ids"], emb, a["bad"])
                 del acc[c]
 
