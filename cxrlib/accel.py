@@ -467,6 +467,10 @@ def decode_on_device(batch: EncodedBatch, indices: Sequence[int], pre: DevicePre
     failed: list[tuple[int, str]] = []
     decoded: list[torch.Tensor | None] = []
     if batch.jpegs:
+        if is_cuda(device):
+            # nvjpeg writes on its own stream into memory from this stream's cache, which may still be read
+            # by the previous batch's queued kernels: let them finish first (the one host sync per batch)
+            torch.cuda.current_stream(torch.device(device)).synchronize()
         try:
             decoded = _decode(batch.jpegs, device)
         except RuntimeError:  # one bad file fails the whole batched call: redo one by one

@@ -228,3 +228,24 @@ def test_grad_scaler_fp16_unscales_and_skips_overflowing_steps():
     start = scaler.get_scale()
     w, scaler = _sgd_step("fp16", loss_factor=float("inf"))  # overflow: the step is skipped, the scale lowered
     assert torch.equal(w, torch.ones(4)) and scaler.get_scale() < start
+
+
+def test_device_decode_waits_for_queued_work_before_nvjpeg(monkeypatch):
+    """nvjpeg writes on its own stream: the current stream is synchronised before each GPU decode."""
+    events = []
+
+    class FakeStream:
+        def synchronize(self):
+            events.append("sync")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(accel, "_decode", lambda data, device: events.append("decode") or
+                        [torch.zeros(1, 8, 8, dtype=torch.uint8) for _ in data])
+    pre = accel.DevicePreprocess(size=(4, 4), mean=(0.5,) * 3, std=(0.5,) * 3)
+    batch = accel.EncodedBatch([0], [torch.zeros(10, dtype=torch.uint8)], [], None, 1)
+    monkeypatch.setattr(accel.DevicePreprocess, "batch", lambda self, imgs: torch.zeros(len(imgs), 3, 4, 4))
+    accel.decode_on_device(batch, [0], pre, "cuda", lambda i: (None, "x"))
+    assert events == ["sync", "decode"]
+    events.clear()
+    accel.decode_on_device(batch, [0], pre, "cpu", lambda i: (None, "x"))
+    assert events == ["decode"]
