@@ -113,7 +113,7 @@ dag: $(RESULTS)/run_manifest.json
 	@$(PY) -m cxrlib.progress summary --log $(B)/timings.jsonl --since $(DAG_START) --results $(RESULTS) \
 	  --figures $(FIGURES) --title "make $(PROFILE)"
 
-dag-embed: $(EMB_DONE)
+dag-embed: $(EMB_DONE) $(EVAL_EMB_DONE)
 	@echo "embeddings of $(PROFILE): $(EMB_DONE)"
 
 # a profile with `deterministic: true` (the offline demo) pins threads, CPU kernels and MKL for every node
@@ -147,9 +147,25 @@ $(EMB_ROOT)/%/done.json:
 	  $$($(PY) -m cxrlib.config flags $(B)/params/embed.yaml)
 	@mkdir -p $(B)/params/built && cp -p $(B)/params/embed.yaml $(B)/params/built/
 
+# a peer's evaluation set (EVAL_SET; cxrlib.dag node `evalset`, before notebook 03): its study table from
+# notebook 01's data parameters, then one embedding set per backbone key as above; params in $(EVAL_PARAMS)
+ifneq ($(EVAL_DS),)
+$(EVAL_TABLE):
+	@echo ">> $(PROFILE): evalset $(EVAL_DS)"
+	@$(PY) -m cxrlib.manifest timed --log $(B)/timings.jsonl --node evalset-$(EVAL_DS) -- \
+	  $(PY) -m cxrlib.evalsets $(EVAL_DS) --params $(EVAL_PARAMS)/table.yaml
+	@mkdir -p $(EVAL_PARAMS)/built && cp -p $(EVAL_PARAMS)/table.yaml $(EVAL_PARAMS)/built/
+
+$(EVAL_EMB_ROOT)/%/done.json:
+	@echo ">> $(PROFILE): embed $(EVAL_DS) $*"
+	@$(PY) -m cxrlib.manifest timed --log $(B)/timings.jsonl --node embed-$(EVAL_DS)-$* -- \
+	  $(PY) -m cxrlib.embed --table $(EVAL_TABLE) --out-dir $(@D) $$($(PY) -m cxrlib.config flags $(EVAL_PARAMS)/$*.yaml)
+	@mkdir -p $(EVAL_PARAMS)/built && cp -p $(EVAL_PARAMS)/$*.yaml $(EVAL_PARAMS)/built/
+endif
+
 $(RESULTS)/run_manifest.json: $(STAMPS) $(EMB_DONE) $(MANIFEST_SRC)
 	@$(PY) -m cxrlib.manifest write --profile $(PROFILE) --out $(OUT) --inputs $(TABLE) $(EMB_DONE) \
-	  --outputs $(RESULTS) $(FIGURES)
+	  $(EVAL_TABLE) $(EVAL_EMB_DONE) --outputs $(RESULTS) $(FIGURES) $(EVAL_RESULTS) $(EVAL_FIGURES)
 endif
 
 .PHONY: check-demo

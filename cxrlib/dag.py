@@ -20,6 +20,9 @@ Output folders: results, figures and build stamps of a profile on its own datase
 Embedding keys: each backbone of the profile's ``backbones`` list is embedded frozen under its own name;
 when the profile adapts (``adapt: true``) the training backbone is adapted in notebook 00 and embedded
 again under ``<backbone>-adapted``, the set the projector trains on.
+With ``EVAL_SET`` (notebook 03's ``eval_set``, a peer's evaluation set) node ``evalset`` builds that set's
+study table and embeds it with every key before notebook 03; what each is built from is written to
+``build/evalsets/<set>/`` (:meth:`Plan.eval_set_params`), shared like the set's table and embeddings.
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ class Node:
     ``embed:all`` (every set); ``backbone``: ``train`` (the set the projector trains on) or ``base`` (the
     profile's backbone before adaptation); ``only_if_adapt``: the node exists only when the profile adapts;
     ``module``: a script node run as ``python -m <module>`` (no notebook); ``switch``: a boolean setting
-    (a profile's top-level key, or its make variable) without which the node is off."""
+    (a profile's top-level key, or its make variable) without which the node is off; ``only_if_eval_set``:
+    the node exists only when notebook 03 evaluates on a peer's evaluation set (``eval_set``, ``EVAL_SET``)."""
 
     name: str
     needs: tuple[str, ...] = ()
@@ -64,6 +68,7 @@ class Node:
     only_if_adapt: bool = False
     module: str | None = None
     switch: str | None = None
+    only_if_eval_set: bool = False
 
     @property
     def notebook(self) -> Path | None:
@@ -84,7 +89,9 @@ register(Node("01_data_prep"))
 register(Node("00_adapt_backbone", needs=("01_data_prep",), backbone="base", only_if_adapt=True))
 register(Node("embed", needs=("01_data_prep",), module="cxrlib.embed"))
 register(Node("02_train", needs=("embed:train",)))
-register(Node("03_retrieval_eval", needs=("02_train", "embed:all")))
+# a peer's evaluation set (EVAL_SET, cxrlib.evalsets): its study table, then its embedding set per backbone key
+register(Node("evalset", needs=("01_data_prep",), module="cxrlib.evalsets", only_if_eval_set=True))
+register(Node("03_retrieval_eval", needs=("02_train", "embed:all", "embed:evalset")))
 register(Node("04_embedding_viz", needs=("02_train", "embed:train")))
 register(Node("05_loss_ablation", needs=("02_train", "embed:train")))
 # text towers (Ko et al.): on in the offline demo (`text_encoders: true`), off in the paper's main path;
@@ -287,10 +294,38 @@ class Plan:
     run: str
     params: dict[str, dict[str, Any]]
     nodes: list[Node]
+    eval_set: str | None = None
 
     @property
     def build(self) -> Path:
         return paths.build_dir() / self.out
+
+    @property
+    def eval_build(self) -> Path:
+        """``build/evalsets/<set>/``: the evaluation set's params files, shared like its table and embeddings
+        (every profile and data set reads the same ``data/processed/<set>.parquet`` and embedding folders)."""
+        return paths.build_dir() / "evalsets" / str(self.eval_set)
+
+    def extract_args(self, key: str) -> dict[str, Any]:
+        """The extractor's backbone arguments for embedding set ``key`` (an adapted one: checkpoint and name)."""
+        if self.adapt and key == self.train_key:
+            return {"backbone": self.backbone, "checkpoint": str(adapted_checkpoint(self.dataset, self.backbone)),
+                    "name": embedding_key(key)}
+        return {"backbone": key}
+
+    def eval_set_params(self) -> dict[str, dict[str, Any]]:
+        """What the evaluation set is built from: ``table`` (notebook 01's resolved parameters but the data
+        set's own name; ``python -m cxrlib.evalsets --params`` takes those the set's builder reads) and, per
+        embedding key, the extraction settings and backbone arguments (an adapted checkpoint is the training
+        data set's: another ``DATASET`` changes it). Empty without an evaluation set. (cxrlib.evalsets is not
+        imported here: every node's prerequisites hold this module's import closure.)"""
+        if not self.eval_set:
+            return {}
+        data = {**config.declared_parameters("01_data_prep"), **self.params["01_data_prep"]}
+        out = {"table": {k: v for k, v in data.items() if k not in ("dataset", "profile")}}
+        for k in self.embed_keys:
+            out[embedding_key(k)] = {**self.params["embed"], "checkpoint": None, "name": None, **self.extract_args(k)}
+        return out
 
     def vars(self) -> dict[str, str]:
         """The make variables (``DS``, ``BK``, ``TRAIN_KEY``, ``RUN``, ``B``, ``RESULTS`` ...)."""
@@ -323,18 +358,22 @@ def plan(profile: str, assignments: Iterable[str] = (), environ: dict[str, str] 
     nodes = active_nodes(cfg, pick)
     params: dict[str, dict[str, Any]] = {}
     for node in nodes:
+        if node.only_if_eval_set:  # its parameters: Plan.eval_set_params
+            continue
         declared = config.declared_parameters(node.name)
         given = node_overrides(node.name, assigned, declared)
         given.update({k: v for k, v in (("dataset", ds), ("backbone", bk if node.backbone == "base" else key))
                       if k in declared})
         params[node.name] = config.resolve_params(profile, node.name, given)
     run = run_id(params[TRAIN_NODE])
-    for node in nodes:
-        if "run" in config.declared_parameters(node.name):
-            params[node.name]["run"] = run
+    for name in params:
+        if "run" in config.declared_parameters(name):
+            params[name]["run"] = run
     check_devices(params)
+    eval_set = params.get(settings.EVAL, {}).get("eval_set")
+    nodes = [n for n in nodes if eval_set or not n.only_if_eval_set]
     return Plan(profile, out_key(profile, ds), ds, bk, adapt, key, frozen + ([key] if adapt else []), run,
-                params, nodes)
+                params, nodes, eval_set)
 
 
 def check_devices(params: dict[str, dict[str, Any]]) -> None:
@@ -361,10 +400,18 @@ def makevars(profile: str, dataset: str | None = None, backbone: str | None = No
 def make_text(p: Plan) -> str:
     """Make assignments and one prerequisite line per node (see the module docstring)."""
     emb_done = {k: f"$(EMB_ROOT)/{embedding_key(k)}/done.json" for k in p.embed_keys}
+    eval_done = {k: f"$(EVAL_EMB_ROOT)/{embedding_key(k)}/done.json" for k in p.embed_keys if p.eval_set}
     stamp = {n.name: f"$(B)/{n.name}.ipynb" for n in p.nodes if not n.module}
     lines = [f"{k} := {v}" for k, v in {**p.vars(), "STAMPS": " ".join(stamp.values()),
                                           "EMB_DONE": " ".join(emb_done.values()),
                                           "TRAIN_EMB": emb_done[p.train_key]}.items()]
+    if p.eval_set:  # the evaluation set's table and embeddings (recipes in the Makefile)
+        lines += [f"EVAL_DS := {p.eval_set}", f"EVAL_TABLE := {paths.study_table_path(p.eval_set)}",
+                  f"EVAL_EMB_ROOT := {paths.embeddings_dir() / p.eval_set}", f"EVAL_PARAMS := {p.eval_build}",
+                  f"EVAL_EMB_DONE := {' '.join(eval_done.values())}",
+                  # where notebook 03 writes an evaluation set's tables and figures
+                  f"EVAL_RESULTS := {paths.results_dir(f'{p.out}-{p.eval_set}')}",
+                  f"EVAL_FIGURES := {paths.figures_dir(f'{p.out}-{p.eval_set}')}"]
 
     def upstream(node: Node) -> list[str]:
         deps = []
@@ -373,17 +420,24 @@ def make_text(p: Plan) -> str:
                 deps.append(emb_done[p.train_key])
             elif need == "embed:all":
                 deps.extend(emb_done.values())
+            elif need == "embed:evalset":
+                deps.extend(eval_done.values())
             elif need in stamp:
                 deps.append(stamp[need])
         return deps
 
     for node in p.nodes:
         src = " ".join(node_sources(node))
-        if node.module:  # the embedding sets: one pattern rule in the Makefile, prerequisites and arguments here
+        if node.only_if_eval_set:  # the table from its params; each embedding set as the data set's, from the table
+            lines.append(f"$(EVAL_TABLE): $(EVAL_PARAMS)/table.yaml {' '.join(upstream(node))} {src}")
+            embed_src = " ".join(node_sources(NODES["embed"]))
+            for k, done in eval_done.items():
+                extra = " $(B)/00_adapt_backbone.ipynb" if p.adapt and k == p.train_key else ""
+                lines.append(f"{done}: $(EVAL_TABLE) $(EVAL_PARAMS)/{embedding_key(k)}.yaml{extra} {embed_src}")
+        elif node.module:  # the embedding sets: one pattern rule in the Makefile, prerequisites and arguments here
             for k in p.embed_keys:
                 adapted = p.adapt and k == p.train_key
-                args = (f"--backbone {p.backbone} --checkpoint {adapted_checkpoint(p.dataset, p.backbone)} "
-                        f"--name {embedding_key(k)}" if adapted else f"--backbone {k}")
+                args = " ".join(f"--{a} {v}" for a, v in p.extract_args(k).items())
                 lines.append(f"EMBED_ARGS_{embedding_key(k)} := {args}")
                 extra = " $(B)/00_adapt_backbone.ipynb" if adapted else ""
                 lines.append(f"{emb_done[k]}: $(B)/params/{node.name}.yaml {' '.join(upstream(node))}{extra} {src}")
@@ -399,6 +453,7 @@ def write_make_text(profile: str, assignments: Iterable[str] = ()) -> Path:
     try:
         p = plan(profile, assignments)
         config.write_params_files(p.build / "params", p.params)
+        config.write_params_files(p.eval_build, p.eval_set_params())
         nbclean.write_source_keys(p.build / "src", [n.notebook for n in p.nodes if n.notebook])
         target, text = p.build / "dag.mk", make_text(p)
     except (config.ConfigError, settings.SettingError) as exc:

@@ -5,7 +5,8 @@ An evaluation set is a registered data set whose every row is ``split = "test"``
 :mod:`cxrlib.datasets.openi_cxrclip`). Models are trained on their own data set (``DATASET``) and
 evaluated on the set by notebook 03 with ``eval_set=<name>``, which reads the table
 ``paths.study_table_path(<name>)`` and the embeddings ``paths.embeddings_dir()/<name>/<backbone>/``
-written here.
+written here. ``make paper EVAL_SET=<name>`` does both before notebook 03 (node ``evalset`` of
+:mod:`cxrlib.dag`, passing notebook 01's parameters with ``--params``); by hand:
 
     python -m cxrlib.evalsets mimic_5x200 --backbones clip biomedclip
     python -m cxrlib.evalsets openi_cxrclip --backbones offline-adapted \\
@@ -17,6 +18,8 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+
+import yaml
 
 from cxrlib import paths
 
@@ -40,9 +43,23 @@ def require_built(name: str, backbones) -> None:
     missing += [f"{b} embeddings" for b in dict.fromkeys(backbones)
                 if not (paths.embeddings_dir() / name / embedding_key(b) / "image.npz").is_file()]
     if missing:
-        raise FileNotFoundError(f"evaluation set {name!r} lacks {', '.join(missing)}: run `python -m cxrlib.evalsets "
+        raise FileNotFoundError(f"evaluation set {name!r} lacks {', '.join(missing)}: `make paper EVAL_SET={name}` "
+                                f"builds and embeds it before notebook 03; by hand, `python -m cxrlib.evalsets "
                                 f"{name} --backbones {' '.join(dict.fromkeys(backbones))}` (add --mimic-root / "
                                 f"--openi-root for your copy, --checkpoint NAME=PATH for an adapted backbone)")
+
+
+def table_params(name: str, data_params: dict) -> dict:
+    """The notebook-01 parameters in ``data_params`` that evaluation set ``name``'s table is built from:
+    those :func:`cxrlib.datasets.build.notebook_params` takes (not ``dataset``, nor the notebook's own such
+    as ``n_examples``). make passes all of notebook 01's parameters (``--params``, see ``cxrlib.dag``)."""
+    import inspect
+
+    from cxrlib.datasets.build import notebook_params
+
+    check_eval_set(name)
+    taken = set(inspect.signature(notebook_params).parameters) - {"dataset"}
+    return {k: v for k, v in data_params.items() if k in taken}
 
 
 def build_table(name: str, **params) -> Path:
@@ -89,10 +106,15 @@ def main(argv: list[str] | None = None) -> None:
                     help="adapted backbone checkpoint (repeatable)")
     ap.add_argument("--mimic-root", default=None)
     ap.add_argument("--openi-root", default=None)
+    ap.add_argument("--params", default=None, help="YAML of notebook 01's parameters (make passes them); those "
+                                                   "the set's builder takes are used (table_params), "
+                                                   "--mimic-root/--openi-root override them")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
     checkpoints = dict(c.split("=", 1) for c in args.checkpoint)
-    path = build_table(args.name, mimic_root=args.mimic_root, openi_root=args.openi_root)
+    params = table_params(args.name, yaml.safe_load(Path(args.params).read_text()) or {}) if args.params else {}
+    params.update({k: v for k, v in (("mimic_root", args.mimic_root), ("openi_root", args.openi_root)) if v})
+    path = build_table(args.name, **params)
     print(f"{args.name}: study table {path}")
     for b in args.backbones:
         print(f"{args.name}: {b} -> {embed(args.name, b, checkpoints.get(b), device=args.device)}")
