@@ -61,11 +61,12 @@ def test_unknown_eval_set_stops_make_with_one_line(tmp_path):
 @pytest.mark.slow
 def test_make_with_eval_set_end_to_end(smoke_dag, tmp_path):
     """A copy of the session's smoke DAG (mtimes kept) + a fake Open-I copy: one make command builds the set,
-    embeds it, reruns notebook 03 on it and nothing else; a second one runs nothing."""
+    embeds it, reruns notebook 03 on it and nothing else; a second one runs nothing. The fake copy sits in
+    the default place (data/raw/openi): OPENI_ROOT is a parameter of notebook 01 and would rerun it all."""
     work = tmp_path / "work"
     shutil.copytree(smoke_dag[0], work, symlinks=True)
-    openi = make_fake_openi_nlm(tmp_path / "openi", n_studies=24)
-    args = ["dag", "PROFILE=smoke", "EVAL_SET=openi_cxrclip", f"OPENI_ROOT={openi}"]
+    make_fake_openi_nlm(work / "data" / "raw" / "openi", n_studies=24)
+    args = ["dag", "PROFILE=smoke", "EVAL_SET=openi_cxrclip"]
     ran = re.findall(r">> smoke: (.+)", run_make(args, work).stdout)
     assert ran == ["evalset openi_cxrclip", "embed openi_cxrclip tiny", "embed openi_cxrclip tiny-adapted",
                    "03_retrieval_eval"], ran
