@@ -340,7 +340,7 @@ def _build() -> list[Setting]:
           "or a list", nodes=(EVAL,), make_var="PROTOCOLS", **E),
         S("eval_set", None, optional(choice(lambda: module_names("evalsets", "EVAL_SETS"))),
           "a peer's evaluation set instead of the data set's own split: mimic_5x200 | openi_cxrclip "
-          "(built by python -m cxrlib.evalsets)", nodes=(EVAL,), make_var="EVAL_SET", **E),
+          "(built and embedded by make before 03)", nodes=(EVAL,), make_var="EVAL_SET", **E),
         S("grid", "default", grid, "loss-weight grid: default or a list of weightings", nodes=(ABLATION,), **E),
         # a DAG switch (no node takes it as a parameter): cxrlib.dag.Node(switch="text_encoders")
         S("text_encoders", False, boolean, "run notebook 06 (text towers: style robustness, error discrimination); "
