@@ -31,7 +31,7 @@ EXTRA_KEYS = tuple(f"metadata.language_info.{k}" for k in
                    ("codemirror_mode", "file_extension", "mimetype", "nbconvert_exporter", "pygments_lexer",
                     "version")) + ("metadata.widgets", "cell.metadata.jupyter", "cell.metadata.trusted")
 HOOK = "cxrlib.nbclean.strip_on_save"
-SETTING_NAME = "cxr-retrieval.json"
+SETTING_FILE = "jupyter_server_config.json"  # (files in jupyter_server_config.d/ are not read for this)
 
 
 def strip(nb: Any) -> Any:
@@ -102,11 +102,14 @@ def install_git(repo: Path | None = None, python: str | None = None) -> None:
 
 
 def install_jupyter(config_dir: Path | None = None) -> Path:
-    """Write the server setting that makes :func:`strip_on_save` the save hook (default: this
-    environment's ``etc/jupyter``, which every ``jupyter lab`` started from it reads)."""
+    """Set :func:`strip_on_save` as the save hook in ``<config_dir>/jupyter_server_config.json`` (default:
+    this environment's ``etc/jupyter``, which every ``jupyter lab`` started from it reads), keeping the
+    file's other settings."""
     config_dir = Path(config_dir or Path(sys.prefix) / "etc" / "jupyter")
-    path = config_dir / "jupyter_server_config.d" / SETTING_NAME
-    write_text_if_changed(path, json.dumps({"ContentsManager": {"pre_save_hook": HOOK}}, indent=2) + "\n")
+    path = config_dir / SETTING_FILE
+    cfg = json.loads(path.read_text()) if path.is_file() else {}
+    cfg.setdefault("ContentsManager", {})["pre_save_hook"] = HOOK
+    write_text_if_changed(path, json.dumps(cfg, indent=2) + "\n")
     return path
 
 

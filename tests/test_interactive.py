@@ -211,6 +211,15 @@ def test_git_filter_hides_outputs_not_code(tmp_path):
     assert "02_train.ipynb" in status()
 
 
-def test_install_jupyter_writes_the_save_hook_setting(tmp_path):
+def test_install_jupyter_sets_the_save_hook_that_the_server_reads(tmp_path):
+    (tmp_path / "jupyter_server_config.json").write_text(json.dumps({"ServerApp": {"port": 9999}}))
     path = nbclean.install_jupyter(tmp_path)
-    assert json.loads(path.read_text()) == {"ContentsManager": {"pre_save_hook": nbclean.HOOK}}
+    assert json.loads(path.read_text()) == {"ServerApp": {"port": 9999},
+                                            "ContentsManager": {"pre_save_hook": nbclean.HOOK}}
+    code = ("from jupyter_server.serverapp import ServerApp; app = ServerApp(); "
+            "app.initialize(argv=['--allow-root', '--port=0'], find_extensions=False, new_httpserver=False); "
+            "print(app.contents_manager.pre_save_hook.__module__, app.contents_manager.pre_save_hook.__name__)")
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path), "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt"),
+           "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().endswith("cxrlib.nbclean strip_on_save"), out.stderr[-1500:]
