@@ -62,7 +62,8 @@ export OPENI_ROOT MIMIC_ROOT CXR_WORKDIR
 # every variable set on the command line, passed to cxrlib.dag for validation
 CLI_VARS = $(foreach v,$(sort $(.VARIABLES)),$(if $(filter command line,$(origin $(v))),'$(v)=$($(v))'))
 DAG_CHECK = $(PY) -m cxrlib.dag check --profile $(PROFILE) $(CLI_VARS)
-PREFLIGHT = $(PY) -m cxrlib.preflight --profile $(PROFILE) --dataset "$(DATASET)" --backbones "$(BACKBONE)"
+PREFLIGHT = $(PY) -m cxrlib.preflight --profile $(PROFILE) --dataset "$(DATASET)" --backbones "$(BACKBONE)" \
+  --eval-set "$(EVAL_SET)"
 # one build of a profile at a time (cxrlib.lock): held for the whole build; a second one waits, `make -n` says so
 LOCKED = $(PY) -m cxrlib.lock run --profile $(PROFILE) --
 

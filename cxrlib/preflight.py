@@ -141,7 +141,9 @@ def check_dataset(dataset: str, network: Callable[[str], bool]) -> None:
 
 
 def run(profile: str, dataset: str | None = None, backbones: list[str] | None = None,
-        network: Callable[[str], bool] | None = None) -> None:
+        network: Callable[[str], bool] | None = None, eval_set: str | None = None) -> None:
+    """``eval_set``: a peer's evaluation set (``EVAL_SET``) checked like a data set (its local copy is there),
+    before training rather than when the DAG reaches it."""
     from cxrlib import settings
 
     cfg = config.load_profile(profile)
@@ -150,6 +152,8 @@ def run(profile: str, dataset: str | None = None, backbones: list[str] | None = 
     names = list(dict.fromkeys((backbones or []) + list(cfg.get("backbones", [])) + [common["backbone"]]))
     network = network or Network(allowed=bool(cfg.get("network", True)))
     check_dataset(dataset, network)
+    if eval_set:
+        check_dataset(eval_set, network)
     for name in names:
         check_backbone(name, network)
 
@@ -159,9 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", required=True)
     ap.add_argument("--dataset", default=None)
     ap.add_argument("--backbones", default="", help="comma-separated extra backbones")
+    ap.add_argument("--eval-set", default=None, help="a peer's evaluation set (EVAL_SET)")
     args = ap.parse_args(argv)
     try:
-        run(args.profile, args.dataset or None, [b for b in args.backbones.split(",") if b])
+        run(args.profile, args.dataset or None, [b for b in args.backbones.split(",") if b],
+            eval_set=args.eval_set or None)
     except (PreflightError, config.ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

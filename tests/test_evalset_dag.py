@@ -86,3 +86,11 @@ def test_table_params_keep_what_the_set_is_built_from():
     assert got == {"openi_root": "/x", "verify_images": False}
     with pytest.raises(ValueError, match="unknown evaluation set"):
         evalsets.table_params("chexpert_5x200", {})
+
+
+def test_preflight_checks_the_eval_sets_copy_before_anything_runs(workdir, capsys):
+    from cxrlib import preflight
+
+    assert preflight.main(["--profile", "smoke", "--eval-set", "mimic_5x200"]) == 2
+    assert "MIMIC_ROOT" in capsys.readouterr().err
+    assert preflight.main(["--profile", "smoke", "--eval-set", ""]) == 0
