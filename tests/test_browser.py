@@ -68,6 +68,7 @@ def lab(tmp_path_factory):
     _copy_repo(repo)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CXR_", "JUPYTER", "MAKE", "MFLAGS"))}
     env.update(PYTHONPATH=str(repo), HF_HUB_OFFLINE="1", JUPYTER_CONFIG_DIR=str(tmp / "jcfg"),
+               CXR_PROFILE="smoke",  # the explorer takes its profile from here; 02's is typed into its cell
                JUPYTER_RUNTIME_DIR=str(tmp / "jrt"), IPYTHONDIR=str(tmp / "ipy"), CUDA_VISIBLE_DEVICES="")
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.org"]
     for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "copy"]):
@@ -82,7 +83,8 @@ def lab(tmp_path_factory):
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     port = _free_port()
     server = subprocess.Popen([py, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-                               f"--ServerApp.token={TOKEN}", "--LabApp.expose_app_in_browser=True",
+                               f"--IdentityProvider.token={TOKEN}", "--LabApp.expose_app_in_browser=True",
+                               "--allow-root", "--ServerApp.open_browser=False",
                                f"--ServerApp.root_dir={repo}", "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
                               cwd=repo, env=env, stdout=open(tmp / "lab.log", "w"), stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -116,13 +118,18 @@ STATE_JS = """() => {
     if (o.output_type === 'stream' && o.name === 'stderr') stderr.push(String(o.text).slice(0, 300));
   }
   const kernel = w.sessionContext.session && w.sessionContext.session.kernel;
-  return {counts: cells.map(c => c.model.executionCount), errors, stderr,
+  const text = cells.map(c => c.model.outputs.toJSON().map(o => String(o.text || '')).join('')).join('');
+  const node = w.node;
+  return {counts: cells.map(c => c.model.executionCount), errors, stderr, text,
+          images: node.querySelectorAll('.jp-OutputArea-output img').length,
+          tables: node.querySelectorAll('table.cxr-results').length,
+          thumbs: node.querySelectorAll('table.cxr-results img').length,
           status: kernel ? kernel.status : 'none', first: cells[0].model.sharedModel.getSource().split('\\n')[0]};
 }"""
 
 
 def _open(page, base: str, path: str) -> None:
-    page.goto(f"{base}/lab/tree/{path}?token={TOKEN}")
+    page.goto(f"{base}/lab/tree/{path}?reset&token={TOKEN}")  # reset: no tabs restored from an earlier session
     page.wait_for_function("""() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
         return w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel
                && w.sessionContext.session.kernel.status === 'idle' && w.content.widgets.length > 0; }""",
@@ -131,11 +138,14 @@ def _open(page, base: str, path: str) -> None:
 
 def _set_profile(page, profile: str) -> None:
     """Type the first line of the parameters cell in its editor, as a user would."""
-    editor = page.locator(".jp-Notebook .jp-CodeCell .cm-content").first
+    widget = page.evaluate("() => window.jupyterapp.shell.currentWidget.id")
+    editor = page.locator(f"[id='{widget}'] .jp-CodeCell .cm-content").first
     editor.click()
     page.keyboard.press("Control+Home")
     page.keyboard.press("Shift+End")
     page.keyboard.type(f'profile = "{profile}')
+    if page.evaluate(STATE_JS)["first"] == f'profile = "{profile}':  # the editor did not close the quote itself
+        page.keyboard.type('"')
     page.keyboard.press("Escape")
     first = page.evaluate(STATE_JS)["first"]
     assert first == f'profile = "{profile}"', f"the parameters cell's first line reads {first!r}"
@@ -167,25 +177,30 @@ def test_notebooks_run_in_jupyterlab_and_leave_no_trace(lab):
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1500, "height": 1100})
-            # 02: train interactively on the smoke profile
+            # 02: `profile = "smoke"` typed into its parameters cell, Run All; the edit is undone before saving
             _open(page, lab["base"], "notebooks/02_train.ipynb")
+            committed = page.evaluate(STATE_JS)["first"]
             _set_profile(page, "smoke")
             state = _run_all(page)
             page.screenshot(path=str(shots / "02_train.png"), full_page=True)
             assert not state["errors"], state["errors"]
             assert not [s for s in state["stderr"] if "Traceback" in s or "Warning" in s], state["stderr"]
-            assert page.locator(".jp-OutputArea-output img").count() >= 1, "no figure rendered"
-            assert "interactive" in page.locator(".jp-Notebook").inner_text()
+            assert state["images"] >= 1, "no figure rendered"
+            assert "interactive run" in state["text"], "the run did not say it is interactive"
+            _set_profile(page, re.match(r'profile = "(.*)"', committed).group(1))
             _save(page)
-            # the explorer: its widget shows the two models' result tables
+            # the explorer, opened and run as it is (its profile from CXR_PROFILE): two models' result tables
             _open(page, lab["base"], "notebooks/07_explore.ipynb")
-            _set_profile(page, "smoke")
             state = _run_all(page)
-            page.wait_for_selector("table.cxr-results", timeout=60_000)
-            page.screenshot(path=str(shots / "07_explore.png"), full_page=True)
             assert not state["errors"], state["errors"]
-            assert page.locator("table.cxr-results").count() == 2
-            assert page.locator("table.cxr-results img").count() >= 2, "no thumbnails"
+            page.wait_for_function("() => window.jupyterapp.shell.currentWidget.node"
+                                   ".querySelectorAll('table.cxr-results').length >= 2", timeout=60_000)
+            page.evaluate("() => window.jupyterapp.shell.currentWidget.content.activeCellIndex = "
+                          "window.jupyterapp.shell.currentWidget.content.widgets.length - 1")
+            page.screenshot(path=str(shots / "07_explore.png"), full_page=True)
+            state = page.evaluate(STATE_JS)
+            assert state["tables"] == 2, f"{state['tables']} result tables (one per model expected)"
+            assert state["thumbs"] >= 2, "no thumbnails"
             _save(page)
         finally:
             browser.close()
