@@ -246,12 +246,13 @@ def trim_padding(tokenizer: Any, tokens: torch.Tensor) -> torch.Tensor:
 def _encode(model, modality: str, x, tokenizer, device: str, precision: str, to_numpy: bool = True):
     """L2-normalised float32 features of one batch: a numpy array, or with ``to_numpy=False`` a tensor
     left on the device (no host sync: the extraction loop reads a chunk's features once)."""
-    with torch.inference_mode(), autocast(device, precision):
-        if modality == "image":
-            out = model.encode_image(x.to(device, non_blocking=True))
-        else:  # texts arrive length-sorted within a chunk, so trimming padding saves most of the work
-            out = model.encode_text(trim_padding(tokenizer, tokenizer(x)).to(device))
-        out = F.normalize(out.float(), dim=-1)
+    with torch.inference_mode():
+        with autocast(device, precision):
+            if modality == "image":
+                out = model.encode_image(x.to(device, non_blocking=True))
+            else:  # texts arrive length-sorted within a chunk, so trimming padding saves most of the work
+                out = model.encode_text(trim_padding(tokenizer, tokenizer(x)).to(device))
+        out = F.normalize(out.float(), dim=-1)  # in float32, outside autocast
     return out.cpu().numpy() if to_numpy else out
 
 

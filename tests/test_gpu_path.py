@@ -24,6 +24,13 @@ from cxrlib.embstore import load_embeddings
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _leave_global_rng_as_found():
+    """These tests leave torch's global RNG as they found it (later modules' fixtures draw from it)."""
+    with torch.random.fork_rng(devices=[]):
+        yield
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return load_backbone("tiny")
@@ -439,3 +446,17 @@ def test_compile_flag_wraps_the_image_forward(tiny, tmp_path, monkeypatch):
     for m in ("image", "text"):
         np.testing.assert_allclose(load_embeddings(ref[m]).emb, load_embeddings(got[m]).emb, atol=1e-5)
     assert json.loads(got.stamp.read_text())["compile"] is True
+
+
+def test_features_are_normalised_in_float32_outside_autocast(tiny):
+    """Low-precision autocast covers the forward only: the L2 normalisation runs in float32 (a bf16 norm
+    moved near-tied rankings when it ran inside autocast)."""
+    x = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            raw = tiny.model.encode_image(x)
+        ref = torch.nn.functional.normalize(raw.float(), dim=-1).numpy()
+    got = embed._encode(tiny.model, "image", x, None, "cpu", "bf16")
+    dev = embed._encode(tiny.model, "image", x, None, "cpu", "bf16", to_numpy=False)
+    np.testing.assert_allclose(got, ref, atol=1e-6, rtol=0)
+    assert dev.dtype == torch.float32 and np.allclose(dev.numpy(), got)
