@@ -448,9 +448,9 @@ def test_compile_flag_wraps_the_image_forward(tiny, tmp_path, monkeypatch):
     assert json.loads(got.stamp.read_text())["compile"] is True
 
 
-def test_features_are_normalised_in_float32_outside_autocast(tiny):
-    """Low-precision autocast covers the forward only: the L2 normalisation runs in float32 (a bf16 norm
-    moved near-tied rankings when it ran inside autocast)."""
+def test_encode_returns_float32_unit_features_in_both_forms(tiny):
+    """_encode at bf16: the autocast forward's features L2-normalised in float32, as numpy (default) or
+    as a tensor left on the device (the extraction loop's form)."""
     x = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         with torch.autocast("cpu", dtype=torch.bfloat16):
