@@ -182,6 +182,8 @@ def test_notebooks_run_in_jupyterlab_and_leave_no_trace(lab):
             committed = page.evaluate(STATE_JS)["first"]
             _set_profile(page, "smoke")
             state = _run_all(page)
+            page.evaluate("() => { const imgs = window.jupyterapp.shell.currentWidget.node"
+                          ".querySelectorAll('.jp-OutputArea-output img'); if (imgs.length) imgs[0].scrollIntoView(); }")
             page.screenshot(path=str(shots / "02_train.png"), full_page=True)
             assert not state["errors"], state["errors"]
             assert not [s for s in state["stderr"] if "Traceback" in s or "Warning" in s], state["stderr"]
@@ -195,8 +197,8 @@ def test_notebooks_run_in_jupyterlab_and_leave_no_trace(lab):
             assert not state["errors"], state["errors"]
             page.wait_for_function("() => window.jupyterapp.shell.currentWidget.node"
                                    ".querySelectorAll('table.cxr-results').length >= 2", timeout=60_000)
-            page.evaluate("() => window.jupyterapp.shell.currentWidget.content.activeCellIndex = "
-                          "window.jupyterapp.shell.currentWidget.content.widgets.length - 1")
+            page.evaluate("() => document.querySelector(\"[id='\" + window.jupyterapp.shell.currentWidget.id + "
+                          "\"'] table.cxr-results\").scrollIntoView()")
             page.screenshot(path=str(shots / "07_explore.png"), full_page=True)
             state = page.evaluate(STATE_JS)
             assert state["tables"] == 2, f"{state['tables']} result tables (one per model expected)"
