@@ -66,7 +66,6 @@ def test_module_names_are_read_from_source():
     assert settings.module_names("losses", "BCE_ON") == losses.BCE_ON
     assert settings.module_names("adapt", "PRECISIONS") == adapt.PRECISIONS
     from cxrlib.datasets.registry import registered_datasets
-
     from cxrlib.evalsets import EVAL_SETS
 
     # training data sets = the registry less the peers' evaluation-only sets (EVAL_SET, not DATASET)
