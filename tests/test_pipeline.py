@@ -102,7 +102,8 @@ def test_make_shows_progress_and_a_summary(smoke_run):
     for node in ("01_data_prep", "00_adapt_backbone", "02_train", "03_retrieval_eval"):
         assert re.search(rf"<< {node} done in \d+", text), f"no end line for {node}"
         assert f"   [{node}] cell " in text
-    summary = text[text.index("== make smoke:"):]
+    # the summary is the end of stdout (node progress goes to stderr, so it is not part of the screen)
+    summary = out.stdout[out.stdout.index("== make smoke:"):]
     assert re.search(r"== make smoke: \d+ node\(s\) ran", summary) and "02_train" in summary
     assert "results: " in summary and "figures: " in summary
     assert len(summary.splitlines()) <= 30  # one screen
