@@ -319,7 +319,9 @@ def _write_fixture(n: int, dataset: str = "toy", backbone: str = "open_clip:a:b"
     d = paths.embeddings_dir() / dataset / "".join(c if c.isalnum() or c in "-_." else "_" for c in backbone)
     save_embeddings(d / "image.npz", Embeddings(table["image_id"], emb, {"backbone": backbone}))
     save_embeddings(d / "text.npz", Embeddings(table["study_id"][::-1], emb[::-1], {"backbone": backbone}))
-    ckpt = save_projector(paths.results_dir("smoke") / "models" / run / "projector.pt",
+    from cxrlib import dag
+
+    ckpt = save_projector(paths.results_dir(dag.out_key("smoke", dataset)) / "models" / run / "projector.pt",
                           build_projector("residual_mlp", 6, 6, width=8), {"seed": 0})
     return table, ckpt
 
@@ -394,12 +396,13 @@ def test_notebook_04_runs_on_fixture(workdir):
     nb = REPO / "notebooks" / "04_embedding_viz.ipynb"
     out = workdir / "04.out.ipynb"
     env = {**os.environ, "CXR_WORKDIR": str(workdir), "HF_HUB_OFFLINE": "1"}
-    params = ["-p", "profile", "smoke", "-p", "dataset", "fixture", "-p", "backbone", "tiny", "-p", "w_supcon", "0.5",
-              "-y", "methods: [tsne]", "-p", "perplexity", "30", "-p", "sample_size", "0", "-p", "k", "3"]
+    # "fixture" is no registered data set: the run is given, as make passes it (dag names it from the recipe)
+    params = ["-p", "profile", "smoke", "-p", "dataset", "fixture", "-p", "backbone", "tiny",
+              "-p", "run", "bce1-supcon0.5-clip1", "-y", "methods: [tsne]", "-p", "perplexity", "30", "-p", "sample_size", "0", "-p", "k", "3"]
     run = subprocess.run([sys.executable, "-m", "papermill", "-k", "cxr-retrieval", "--cwd", str(nb.parent),
                           str(nb), str(out), *params], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
-    res, fig = workdir / "results" / "smoke", workdir / "figures" / "smoke"
+    res, fig = workdir / "results" / "smoke-fixture", workdir / "figures" / "smoke-fixture"
     frame = pd.read_csv(res / "embedding_metrics.csv")
     assert set(frame["stage"]) == {"before", "after"} and (frame["n"] == 20).all()
     payload = json.loads((res / "embedding_metrics.json").read_text())

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from conftest import REPO
 
 from cxrlib import paths
@@ -168,6 +169,8 @@ def write_fixture_dataset(dataset: str = "fixture", backbone: str = "tiny", n_tr
         emb = np.concatenate([getattr(s["train"], arr), getattr(s["val"], arr)])
         save_embeddings(out / f"{modality}.npz", Embeddings(table[key], emb, {
             "backbone": backbone, "fingerprint": "test", "modality": modality, "dim": dim}))
+    # the extractor's stamp (a projector run records the cache keys it was trained on)
+    (out / "done.json").write_text(json.dumps({"modalities": {m: {"key": f"test-{m}"} for m in ("image", "text")}}))
 
 
 def test_load_splits_checks_backbone_and_labels(workdir):
@@ -193,17 +196,25 @@ def test_notebook_02_runs_on_fixture(workdir):
     nb = REPO / "notebooks" / "02_train.ipynb"
     out = workdir / "02_train.out.ipynb"
     env = {**os.environ, "CXR_WORKDIR": str(workdir), "HF_HUB_OFFLINE": "1"}
-    params = ["-p", "profile", "smoke", "-p", "dataset", "fixture", "-p", "backbone", "tiny", "-p", "epochs", "3",
-              "-p", "batch_size", "32", "-p", "width", "32", "-p", "w_supcon", "0.5"]
+    # "fixture" is no registered data set: the smoke parameters resolved first, the fixture's name set afterwards
+    from cxrlib import config as cfg_mod
+
+    resolved = {**cfg_mod.resolve_params("smoke", "02_train", {"backbone": "tiny", "epochs": 3, "batch_size": 32,
+                                                                 "width": 32, "w_supcon": 0.5}), "dataset": "fixture"}
+    params_file = workdir / "params.yaml"
+    params_file.write_text(yaml.safe_dump(resolved))
+    params = ["-f", str(params_file)]
     run = subprocess.run([sys.executable, "-m", "papermill", "-k", "cxr-retrieval", "--cwd", str(nb.parent),
                           str(nb), str(out), *params], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
-    run_dir = workdir / "results" / "smoke" / "models" / "bce1-supcon0.5-clip1"
+    runs = list((workdir / "results" / "smoke-fixture" / "models").glob("bce1-supcon0.5-clip1-*"))
+    assert len(runs) == 1, runs
+    run_dir = runs[0]
     assert {p.name for p in run_dir.iterdir()} >= {"projector.pt", "history.csv", "config.json", "metrics.json"}
     config = json.loads((run_dir / "config.json").read_text())
     assert config["w_supcon"] == 0.5 and config["backbone"] == "tiny" and config["dataset"] == "fixture"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert {"frozen_val_p5", "best_metric", "best_epoch"} <= set(metrics)
-    assert (workdir / "figures" / "smoke" / "loss_curves_bce1-supcon0.5-clip1.png").is_file()
+    assert (workdir / "figures" / "smoke-fixture" / f"loss_curves_{run_dir.name}.png").is_file()
     executed = nbformat.read(out, as_version=4)
     assert any("SMOKE TEST" in "".join(o.get("text", "")) for c in executed.cells for o in c.get("outputs", []))
