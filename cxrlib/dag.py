@@ -165,7 +165,7 @@ def inputs_fingerprint(dataset: str, backbone: str) -> dict[str, Any]:
     table = paths.study_table_path(dataset)
     stamp = paths.embeddings_dir() / dataset / embedding_key(backbone) / "done.json"
     if not table.is_file() or not stamp.is_file():
-        raise FileNotFoundError(f"no study table {table} or embedding stamp {stamp}: run make paper first")
+        raise FileNotFoundError(f"no study table {table} or embedding stamp {stamp}: build them with `make embed PROFILE=<profile>` (offline: `make demo`)")
     digest = hashlib.sha256(table.read_bytes()).hexdigest()
     mods = json.loads(stamp.read_text()).get("modalities", {})
     return {"table_sha256": digest, "embeddings": {m: e.get("key") for m, e in sorted(mods.items())}}

@@ -64,3 +64,14 @@ def smoke_dag(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     Tests using it must not change its folder, except through make itself (and restore what they change)."""
     work = tmp_path_factory.mktemp("smoke")
     return work, run_make(["smoke"], work)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models on one torch thread: two threads on a loaded 2-core machine are many times slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -10,13 +10,7 @@ import torch
 from cxrlib import lora
 from cxrlib import text_towers as tt
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: two threads on a loaded 2-core machine are many times slower
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 TEXTS = ["No acute cardiopulmonary abnormality.", "Small left pleural effusion.", "Mild cardiomegaly.",

@@ -16,12 +16,7 @@ REPORTS = [R("There is a small left pleural effusion. No pneumothorax.", "Small 
            R("PA and lateral views. There is a 1.2 cm nodule in the left upper lobe.", "Left upper lobe nodule.")]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _cfg(**kw):
