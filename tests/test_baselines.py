@@ -14,6 +14,12 @@ def test_published_file_schema_and_sources():
     assert list(df.columns[:len(baselines.COLUMNS)]) == list(baselines.COLUMNS)
     assert df["source"].str.contains("arXiv:").all() and df["location"].str.len().gt(5).all()
     assert df["verified"].str.len().gt(5).all()
+    # every row states the outcome of its check: "checked <date>: <where> reads <value>" or "not checked: <why>"
+    outcome = df["verified"].str.match(r"(checked \d{4}-\d{2}-\d{2}|not checked): \S")
+    assert outcome.all(), df.loc[~outcome, ["model", "metric", "k", "verified"]]
+    checked = df[df["verified"].str.startswith("checked")]
+    cites_value = [f"reads {v}" in t for v, t in zip(checked["value"].astype(str), checked["verified"])]
+    assert all(cites_value), checked.loc[[not c for c in cites_value], ["model", "metric", "k", "value"]]
     # at least the two settings the issue names
     assert {("mimic_5x200", "label_match_class"), ("mimic_test", "strict")} <= set(zip(df["eval_set"], df["protocol"]))
     assert df["proportion"].between(0, 1).all()
@@ -25,6 +31,7 @@ def test_a_row_without_source_or_with_a_wrong_metric_is_an_error(tmp_path):
     bad.loc[0, "source"] = ""
     bad.loc[1, "metric"] = "recall"  # not a metric of label_match_class
     bad.loc[2, "protocol"] = "recall_any"
+    bad.loc[3, "verified"] = " "
     path = tmp_path / "b.csv"
     bad.to_csv(path, index=False)
     with pytest.raises(ValueError) as err:
@@ -32,6 +39,7 @@ def test_a_row_without_source_or_with_a_wrong_metric_is_an_error(tmp_path):
     msg = str(err.value)
     assert "row 2" in msg and "empty source" in msg and "not one of protocol label_match_class" in msg
     assert "unknown protocol 'recall_any'" in msg
+    assert "row 5" in msg and "empty verified" in msg
 
 
 def _results(protocol, metric, eval_dir="image_to_text"):
@@ -58,7 +66,7 @@ def test_beside_ours_only_where_eval_set_and_protocol_match():
 def test_published_value_rendered_from_the_file():
     df = baselines.load_published()
     t = baselines.beside_ours(_results("strict", "recall"), "mimic_test", df)[("strict", "image_to_text")]
-    row = df[(df["model"] == "MedProbCLIP") & (df["k"] == 10)]
+    row = df[(df["model"] == "MedProbCLIP") & (df["k"] == 10) & (df["direction"] == "image_to_text")]
     assert t.loc[t["Model"] == "MedProbCLIP", "R@10"].item() == f"{float(row['value'].item()):.1f}"
     assert not np.isnan(row["proportion"].item())
 
