@@ -303,3 +303,27 @@ def test_anonymisation_replacement_is_taken_verbatim():
     from cxrlib.datasets.table import clean_text
 
     assert clean_text("seen on 4XXXX.", r"\1[id]") == r"seen on \1[id]."
+
+
+def test_report_left_without_image_by_sharing_is_not_called_imageless(tmp_path):
+    reports = pd.DataFrame({"study_id": ["CXR1", "CXR2", "CXR3"], "findings": "", "impression": "",
+                            "image_ids": [["CXR1_a", "CXR1_b"], ["CXR1_a"], []]})
+    skips = SkipLog()
+    studies, images = nlm_candidates(reports, tmp_path, pd.Series(dtype=object), skips)
+    log = skips.table().set_index("item")
+    assert log.loc["CXR1_a", "reason"] == "image_in_several_reports"
+    assert log.loc["CXR2", "reason"] == "only_shared_images" and "another report" in log.loc["CXR2", "detail"]
+    assert list(studies["study_id"]) == ["CXR1", "CXR3"] and list(images["image_id"]) == ["CXR1_b"]
+
+    specs = fake_openi_studies(10)
+    root = make_fake_openi_nlm(tmp_path / "n", studies=specs)
+    from cxrlib.datasets.fixtures import report_xml
+
+    s = specs[4]  # report 5 lists only report 2's frontal image
+    (root / "ecgen-radiology" / "5.xml").write_text(report_xml(5, s["mesh"], s["findings"], s["impression"],
+                                                               [f"CXR{specs[1]['images'][0][0]}"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t, skips = build_study_table("openi", root=root)
+    assert skips.loc[skips["item"] == "CXR5", "reason"].tolist() == ["only_shared_images"]
+    assert "CXR5" not in set(t["study_id"]) and "no_image" not in set(skips["reason"])

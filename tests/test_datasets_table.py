@@ -132,6 +132,27 @@ def test_assemble_bad_inputs_are_counted(tmp_path):
     assert log.loc[log["reason"] == "missing_image", "item"].item() == "I2_0"
 
 
+def test_assemble_says_why_a_study_has_no_image(tmp_path):
+    studies, images = _candidates(tmp_path)
+    images.loc[images["image_id"] == "I1_0", "view"] = "oblique"          # S1: lateral + unknown view
+    images = images[images["image_id"] != "I2_0"]                         # S2: lateral only
+    images.loc[images["study_id"] == "S3", "view"] = "oblique"            # S3: unknown views only
+    images = images[images["study_id"] != "S4"]                           # S4: no image listed
+    for view, reasons in (("frontal", {"S1": "no_frontal_image", "S2": "no_frontal_image",
+                                       "S3": "no_known_view_image", "S4": "no_image"}),
+                          (None, {"S3": "no_known_view_image", "S4": "no_image"})):
+        skips = SkipLog()
+        assemble(studies, images, skips, source="t", view=view, verify_images=False)
+        log = skips.table()
+        log = log[log["item"].str.startswith("S")].set_index("item")
+        assert log["reason"].to_dict() == reasons
+        assert "lists no image" in log.loc["S4", "detail"]
+        assert "unknown_view" in log.loc["S3", "detail"] and "lists no image" not in log.loc["S3", "detail"]
+        if view:
+            assert "another view" in log.loc["S2", "detail"] and "unknown" not in log.loc["S2", "detail"]
+            assert "unknown view" in log.loc["S1", "detail"]
+
+
 def test_assemble_duplicate_ids_raise(tmp_path):
     studies, images = _candidates(tmp_path, 4)
     with pytest.raises(ValueError, match="duplicate study ids.*S1"):

@@ -219,7 +219,9 @@ def nlm_candidates(reports: pd.DataFrame, png_dir: Path, views: pd.Series, skips
     """Studies and images (``png_dir/<image_id>.png``, view from ``views``) of parsed NLM reports.
 
     An image listed by more than one report cannot be paired with one of them: it is skipped
-    (``image_in_several_reports``, naming the reports); an id a report repeats counts once.
+    (``image_in_several_reports``, naming the reports); an id a report repeats counts once. A report
+    left with no image by this is skipped too (``only_shared_images``), so that ``no_image`` keeps
+    meaning that a report lists none.
     """
     skips = skips if skips is not None else SkipLog()
     studies = reports.drop(columns=["image_ids"]).assign(patient_id=reports["study_id"])
@@ -229,7 +231,13 @@ def nlm_candidates(reports: pd.DataFrame, png_dir: Path, views: pd.Series, skips
     shared = owners[owners.map(len) > 1]
     for image_id, study_ids in shared.items():
         skips.add(image_id, "image_in_several_reports", "listed by reports " + ", ".join(study_ids))
+    lost = set(images["study_id"])
     images = images[~images["image_id"].isin(shared.index)].reset_index(drop=True)
+    lost -= set(images["study_id"])
+    for study_id in sorted(lost):
+        skips.add(study_id, "only_shared_images", "every image the report lists is also listed by another report "
+                  "(each skipped as image_in_several_reports)")
+    studies = studies[~studies["study_id"].isin(lost)].reset_index(drop=True)
     images["image_path"] = [str(png_dir / f"{i}.png") for i in images["image_id"]]
     images["view"] = images["image_id"].map(views)
     return studies, images

@@ -230,15 +230,29 @@ def assemble(studies: pd.DataFrame, images: pd.DataFrame, skips: SkipLog, *, sou
     unknown = images["view"].isna() | ~images["view"].isin(VIEWS)
     skips.extend(images.loc[unknown, "image_id"], "unknown_view",
                  "view not frontal/lateral: " + ", ".join(map(str, images.loc[unknown, "view"].unique()[:5])))
+    had_unknown = set(images.loc[unknown, "study_id"])
     images = images[~unknown]
+    known_view = set(images["study_id"])
     if view is not None:
         other = images["view"] != view
         skips.extend(images.loc[other, "image_id"], f"not_{view}")
         images = images[~other]
-    no_img = ~studies["study_id"].isin(images["study_id"])
-    listed = studies["study_id"].isin(all_images)
-    skips.extend(studies.loc[no_img & ~listed, "study_id"], "no_image", "the report lists no image")
-    skips.extend(studies.loc[no_img & listed, "study_id"], "no_image" if view is None else f"no_{view}_image")
+    # a study left without an image says which of the steps above took its images
+    sid = studies["study_id"]
+    no_img = ~sid.isin(images["study_id"])
+    listed = sid.isin(all_images)
+    skips.extend(sid[no_img & ~listed], "no_image", f"the {source} source lists no image for this study")
+    only_unknown = no_img & listed & ~sid.isin(known_view)
+    skips.extend(sid[only_unknown], "no_known_view_image",
+                 "every image listed for it has a view other than frontal/lateral (each skipped as unknown_view)")
+    if view is not None:
+        wrong_view = no_img & listed & ~only_unknown
+        also_unknown = sid.isin(had_unknown)
+        skips.extend(sid[wrong_view & ~also_unknown], f"no_{view}_image",
+                     f"no {view} image: every image listed for it is of another view (each skipped as not_{view})")
+        skips.extend(sid[wrong_view & also_unknown], f"no_{view}_image",
+                     f"no {view} image: the images listed for it are of another view (not_{view}) or of an "
+                     f"unknown view (unknown_view)")
     studies = studies[~no_img]
 
     if max_studies is not None and len(studies) > max_studies:
