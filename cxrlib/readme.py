@@ -4,6 +4,9 @@
 ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` markers:
 
 * ``make-help``: the output of ``make help``;
+* ``choices``: the "Choices the paper leaves open" table; its prose (:data:`CHOICES`) names no default,
+  the parameter column renders each default from :mod:`cxrlib.settings` (or, for a node-local
+  parameter, the notebook's ``parameters`` cell), so no default is restated by hand;
 * ``demo-results``: the headline tables of ``results/<profile>/`` (retrieval summary, paired tests,
   ablation, embedding metrics) and links to key figures, which are copied (PNG) into ``docs/demo/``
   because ``figures/`` is git-ignored. The block names the command, commit and date of the run.
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cxrlib import paths, report
+from cxrlib import config, paths, report, settings
 from cxrlib.io import atomic_path
 
 KEY_FIGURES = ("retrieval_label_precision_raw_at_k", "retrieval_recall_merged_at_k",
@@ -35,6 +38,84 @@ def replace_block(text: str, name: str, body: str) -> str:
     if not pattern.search(text):
         raise ValueError(f"README has no <!-- {name}:start --> ... <!-- {name}:end --> block")
     return pattern.sub(lambda m: m.group(1) + body.rstrip("\n") + "\n" + m.group(2), text)
+
+
+#: the README table "Choices the paper leaves open": (detail, the choice in words, node, parameters); a row
+#: without parameters names the module that fixes the choice instead of a node. The words never state a
+#: default: the last column renders each parameter's (:func:`parameter_default`).
+CHOICES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    ("dataset", "Open-I, one image per study of the chosen view (MIMIC-CXR-JPG optional)", settings.DATA,
+     ("dataset", "view", "one_image_per_study")),
+    ("normal vs abnormal", "Open-I: MeSH major term `normal`; studies indexed \"No Indexing\" follow `no_indexing`. "
+     "MIMIC: the rule `mimic_normal_rule` on the CheXpert (or NegBio) table, uncertain (-1) values as "
+     "`mimic_uncertain` says", settings.DATA,
+     ("no_indexing", "mimic_normal_rule", "mimic_uncertain", "mimic_labeler")),
+    ("finding labels", "the CheXpert labels, from MeSH by a documented rule table (Open-I) or the CheXpert/NegBio "
+     "tables (MIMIC)", "`cxrlib/datasets/labels.py` (`MESH_RULES`)", ()),
+    ("report text", "the sections `text_sections` names, falling back to whichever is non-empty (`longest` takes "
+     "the longer section by characters, not CXR-CLIP's lexicographic `max`); Open-I's `XXXX` token as `anon` says",
+     settings.DATA, ("text_sections", "anon")),
+    ("splits", "seeded, patient-level, stratified by label (MIMIC: the official split unless `mimic_split` says "
+     "otherwise). Open-I has no patient ids, so a study is its own patient", settings.DATA,
+     ("val_frac", "test_frac", "mimic_split", "seed")),
+    ("duplicate reports", "counted and grouped (`report_group`); exact-pair metrics on the raw gallery and on the "
+     "merged one (one item per report group: its re-normalised mean embedding)",
+     "`cxrlib/retrieval.py`, `cxrlib/protocols.py`", ()),
+    ("backbone", "BiomedCLIP frozen; general baseline OpenAI CLIP ViT-B/16 (same image tower and input size, "
+     "same embedding width; only the pretraining data and text tower differ; `cxrlib/backbones.py`)",
+     settings.TRAIN, ("backbone",)),
+    ("projector", "per modality a head of kind `kind` (`residual_mlp`: `x + W2·act(W1·x)`, output layer "
+     "zero-initialised so training starts at the backbone's own space); one classifier on the projected "
+     "embeddings of the modalities `bce_on` names", settings.TRAIN,
+     ("kind", "width", "depth", "dropout", "activation", "out_dim", "classifier_hidden", "bce_on")),
+    ("loss", "the weighted sum of the terms registered in `cxrlib.losses`: CLIP (temperature learnable unless "
+     "`learn_temperature` is false, logit scale clamped at `projector.MAX_LOGIT_SCALE`), cross-modal SupCon "
+     "(image anchors vs text references and the reverse, all same-label items positive), BCE", settings.TRAIN,
+     (*(f"{settings.WEIGHT_PREFIX[settings.TRAIN]}{t}" for t in settings.loss_terms()), "clip_temperature",
+      "learn_temperature", "supcon_temperature", "pos_weight")),
+    ("optimisation", "AdamW (weight decay on weight matrices only), linear warm-up then cosine decay, early "
+     "stopping on validation label-match P@`eval_k` (both directions averaged)", settings.TRAIN,
+     ("lr", "weight_decay", "warmup_epochs", "epochs", "batch_size", "patience", "min_delta", "eval_k")),
+    ("metrics", "every protocol of `cxrlib.protocols` side by side: exact-pair R@K, MRR, median rank; label-match "
+     "P@K, Hit@K, mAP, overall and per class; finding-overlap P@K, Hit@K, mAP; graded nDCG@K", settings.EVAL,
+     ("ks", "protocols")),
+    ("uncertainty", "percentile bootstrap CIs resampling patients; paired bootstrap CI of the difference and a "
+     "patient-level sign-flip permutation p-value", settings.EVAL, ("n_boot", "n_perm")),
+    ("embedding maps", "t-SNE (PCA first; openTSNE above a size threshold) and UMAP (cosine), seeded; silhouette, "
+     "k-NN label accuracy and modality-centroid gap in the original space", settings.VIZ,
+     ("methods", "pca_dims", "perplexity", "n_neighbors", "min_dist", "sample_size", "k")),
+    ("backbone adaptation", "off in the paper profile (`adapt: false` in `configs/paper.yaml`: the paper freezes "
+     "the backbone); the offline profile adapts its untrained image tower (`configs/offline.yaml`)", settings.ADAPT,
+     (*(f"{settings.WEIGHT_PREFIX[settings.ADAPT]}{t}" for t in settings.loss_terms()), "adapt_epochs",
+      "adapt_lr", "adapt_batch_size", "lock_text")),
+)
+
+
+def parameter_default(node: str, name: str) -> object:
+    """The default of ``node``'s parameter ``name``: its :mod:`cxrlib.settings` entry, else (a node-local
+    parameter) the literal in the notebook's ``parameters`` cell; an unknown name is an error naming it."""
+    s = settings.lookup(node, name)
+    if s is not None:
+        return s.default
+    local = config.notebook_parameters(paths.repo_root() / "notebooks" / f"{node}.ipynb")
+    if name not in local:
+        raise ValueError(f"README choices: {name!r} is neither a setting nor a parameter of {node}")
+    return local[name]
+
+
+def format_default(value: object) -> str:
+    """A default as the README shows it: ``[1, 5, 10]``, ``0.001``, ``None``, ``findings+impression``."""
+    return str(value)
+
+
+def choices_block() -> str:
+    """The "Choices the paper leaves open" table, every default rendered from where it is defined."""
+    lines = ["| detail | choice | set by (default) |", "|---|---|---|"]
+    for detail, words, node, names in CHOICES:
+        where = (f"`{node}`: " + ", ".join(f"`{n}` = `{format_default(parameter_default(node, n))}`" for n in names)
+                 if names else node)
+        lines.append(f"| {detail} | {words} | {where} |")
+    return "\n".join(lines) + "\n"
 
 
 def make_help() -> str:
@@ -112,6 +193,7 @@ def demo_block(profile: str, docs_dir: Path) -> str:
 def update(readme: Path, profile: str = "offline", with_results: bool = True) -> None:
     text = readme.read_text()
     text = replace_block(text, "make-help", make_help())
+    text = replace_block(text, "choices", choices_block())
     if with_results:
         text = replace_block(text, "demo-results", demo_block(profile, paths.repo_root() / "docs" / "demo"))
         from cxrlib import check_demo
@@ -124,7 +206,8 @@ def update(readme: Path, profile: str = "offline", with_results: bool = True) ->
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cxrlib.readme")
     ap.add_argument("--profile", default="offline")
-    ap.add_argument("--help-only", action="store_true", help="refresh only the make-help block")
+    ap.add_argument("--help-only", action="store_true",
+                    help="refresh only the blocks that need no finished run (make help, the choices table)")
     args = ap.parse_args(argv)
     try:
         update(paths.repo_root() / "README.md", args.profile, with_results=not args.help_only)
