@@ -6,8 +6,10 @@ its own: a data set is checked by its registry entry's ``check`` (``OPENI_ROOT``
 the network to download), and a backbone by its entry's repositories: for every Hugging Face repo a
 load reads (BiomedCLIP's own and BiomedBERT's, which holds its text config and tokenizer), the files
 it reads there must be in the local folder that replaces the repo (``<NAME>_DIR``, ``BIOMEDBERT_DIR``),
-or all be in the Hugging Face cache, or the hub must be reachable. A profile that needs the network
-on a machine without it names ``make demo``. It downloads and computes nothing.
+or all be in the Hugging Face cache, or the hub must be reachable. A name of a registered family
+(``<prefix><rest>``, e.g. a local folder) is checked by that family's spec, which reads what the load
+would read first (a folder's config and weights file) and loads nothing. A profile that needs the
+network on a machine without it names ``make demo``. It downloads and computes nothing.
 """
 
 from __future__ import annotations
@@ -78,15 +80,13 @@ def check_backbone(name: str, network: Callable[[str], bool]) -> None:
     backbones.validate_backbone_name(name)  # raises ValueError listing the valid names
     base = backbones.base_name(name)  # an adapted copy needs its base (notebook 00 writes the checkpoint)
     entry = backbones.backbone_entry(base)
-    if entry is None:
-        if base.startswith("local-dir:"):
-            folder = Path(base.split(":", 1)[1]).expanduser()
-            if not folder.is_dir():
-                raise PreflightError(f"backbone {base}: folder {folder} does not exist")
-            missing = backbones.LOCAL_DIR_FILES.missing_in(folder)
-            if missing:
-                raise PreflightError(f"backbone {base}: {folder} lacks {missing}")
-        return  # open_clip:<model>:<pretrained>: open_clip resolves the tag itself
+    if entry is None:  # a family name (<prefix><rest>): its registered spec checks what it reads, loading nothing
+        try:
+            backbones.build_spec(base)
+        except (FileNotFoundError, ValueError) as exc:
+            msg = str(exc)
+            raise PreflightError(msg if base in msg else f"backbone {base!r}: {msg}") from None
+        return
     if not entry.repos:  # a packaged config, unless <NAME>_DIR replaces it
         folder = entry.local_dir()
         if folder is not None:

@@ -151,3 +151,47 @@ def test_datasets_are_checked_by_their_registry_entry(workdir, monkeypatch):
     paths.study_table_path("toy").parent.mkdir(parents=True, exist_ok=True)
     paths.study_table_path("toy").write_bytes(b"")
     preflight.check_dataset("toy", OFFLINE)
+
+
+def test_preflight_holds_no_backbone_or_dataset_name():
+    """Names come from the registries: no string literal in preflight.py (docstrings aside) is a registered
+    backbone, a backbone family prefix or a data set."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(preflight))
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body
+            and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    literals = {n.value for n in ast.walk(tree)
+                if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs}
+    names = set(backbones.registered_backbones()) | set(registry.registered_datasets())
+    prefixes = set(backbones._FAMILIES)
+    assert names and prefixes
+    hand_typed = {s for s in literals if s in names or any(s.startswith(p) or p.startswith(s) and s for p in prefixes)}
+    assert not hand_typed, f"preflight.py types registry names by hand: {hand_typed}"
+
+
+def test_family_names_are_checked_by_their_registered_spec(hf_cache, tmp_path, monkeypatch):
+    folder = tmp_path / "oc"
+    folder.mkdir()
+    with pytest.raises(PreflightError, match="no weights"):
+        preflight.check_backbone(f"local-dir:{folder}", OFFLINE)
+    (folder / "open_clip_model.safetensors").write_bytes(b"x")
+    with pytest.raises(PreflightError, match=r"backbone 'local-dir:.*open_clip_config.json"):
+        preflight.check_backbone(f"local-dir:{folder}", OFFLINE)
+    (folder / "open_clip_config.json").write_text('{"model_cfg": {}}')
+    preflight.check_backbone(f"local-dir:{folder}", OFFLINE)
+    preflight.check_backbone("open_clip:ViT-B-32:openai", OFFLINE)  # open_clip resolves the tag itself
+    # a family registered later is checked through its spec, preflight knowing nothing of it
+    monkeypatch.setattr(backbones, "_FAMILIES", dict(backbones._FAMILIES))
+
+    @backbones.register_family("fake:", "fake:<x>", bool)
+    def _fake(rest):
+        if rest != "ok":
+            raise FileNotFoundError(f"backbone fake:{rest}: its weights are not here")
+        return {}
+
+    preflight.check_backbone("fake:ok", OFFLINE)
+    with pytest.raises(PreflightError, match="backbone fake:gone: its weights are not here"):
+        preflight.check_backbone("fake:gone", OFFLINE)
