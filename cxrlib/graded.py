@@ -15,8 +15,10 @@ the gain of a retrieved item is the overlap of its finding labels with the query
 * ``label_f1@k``: mean over the top k of the F1 between the two label sets
   (``2|A & B| / (|A| + |B|)``, two empty sets = 1).
 
-Heavier report metrics (F1-CheXbert, RadGraph F1, BERTScore) need model weights this package does not
-ship; they are not computed here.
+Heavier report metrics (BERTScore, F1-CheXbert, RadGraph F1) compare report texts with a model whose
+weights this package does not ship: :mod:`cxrlib.report_metrics` computes them where the weights are
+present locally, and the ``graded`` protocol (:mod:`cxrlib.protocols`) reports them beside nDCG and
+label-F1, or records each one as a skipped metric with the missing file as its reason.
 """
 
 from __future__ import annotations

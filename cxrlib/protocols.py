@@ -13,7 +13,9 @@ Protocols (``PROTOCOLS``; :func:`get_protocol` lists them on a wrong name):
 * ``label_match`` - relevant = same normal/abnormal label (the paper's task);
 * ``label_match_class`` - relevant = same one-hot class (BenchX MIMIC-5x200);
 * ``finding_overlap`` - relevant = shares a positive finding (this package's own);
-* ``graded`` - nDCG@K and label-F1@K with finding-overlap gains (:mod:`cxrlib.graded`).
+* ``graded`` - nDCG@K and label-F1@K with finding-overlap gains (:mod:`cxrlib.graded`), and the heavier
+  report metrics of :mod:`cxrlib.report_metrics` (BERTScore, F1-CheXbert, RadGraph F1) where their
+  weights are present locally; each one absent is a skipped metric with its reason.
 
 Each protocol fills a ``gallery`` value of :data:`cxrlib.retrieval.COLUMNS` (``raw``, ``merged``,
 ``duplicates``) and metric names such that ``(gallery, metric)`` names the protocol; the tidy table
@@ -31,7 +33,7 @@ import pandas as pd
 import torch
 from scipy import stats as sps
 
-from cxrlib import graded, retrieval
+from cxrlib import graded, report_metrics, retrieval
 from cxrlib.pairs import PairedSplit
 
 #: the column of a study table holding a one-hot class (written by the MIMIC-5x200 builder)
@@ -47,7 +49,8 @@ class Pass:
 
     ``relevance(start, stop)`` returns the [rows, gallery] relevance of queries ``start:stop``;
     ``kinds`` are :func:`cxrlib.retrieval.scan_metrics` kinds; ``prefix`` names top-k metrics
-    (``"label"`` -> ``label_precision``). ``values``/``chance`` are filled directly by graded protocols.
+    (``"label"`` -> ``label_precision``). ``values``/``chance`` are filled directly by graded protocols,
+    ``skipped_metrics`` (metric -> reason) names metrics of the pass that cannot run here.
     """
 
     queries: np.ndarray
@@ -57,6 +60,7 @@ class Pass:
     prefix: str = ""
     values: dict = field(default_factory=dict)
     chance: dict = field(default_factory=dict)
+    skipped_metrics: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -232,11 +236,24 @@ def _requires_label_sets(split: PairedSplit) -> str | None:
                    requires=_requires_label_sets)
 def graded_protocol(split: PairedSplit, direction: str, ks, chunk_size: int) -> Pass:
     """nDCG@K with Jaccard gains and label-F1@K of the finding label sets (see :mod:`cxrlib.graded`);
-    the same label sets on both sides, so both directions share the gains."""
+    the same label sets on both sides, so both directions share the gains. Where their weights are
+    present, also the mean over the top K of each heavier report metric (:mod:`cxrlib.report_metrics`)
+    between the query study's report and each retrieved study's report; the others are skipped metrics."""
     q, g = _pair(split, direction)
     sets, known = graded.label_sets(split.findings)
-    return Pass(q, g, values=graded.graded_scores(q, g, sets, known, sets, known, ks, chunk_size),
-                chance=graded.graded_chance(sets, known, sets, known, ks))
+    p = Pass(q, g, values=graded.graded_scores(q, g, sets, known, sets, known, ks, chunk_size),
+             chance=graded.graded_chance(sets, known, sets, known, ks))
+    for name, where in report_metrics.availability().items():
+        columns = report_metrics.get_report_metric(name).metrics
+        if "report" not in split.table:
+            where = report_metrics.Skipped("the split's table has no 'report' column")
+        if isinstance(where, report_metrics.Skipped):
+            p.skipped_metrics.update({m: where.reason for m in columns})
+            continue
+        values, chance = report_metrics.ranking_scores(name, q, g, split.table["report"].to_numpy(), ks, chunk_size)
+        p.values.update(values)
+        p.chance.update(chance)
+    return p
 
 
 # --- chance levels -------------------------------------------------------------------------------
@@ -293,6 +310,8 @@ class ProtocolScores:
     chance: dict
     protocol_of: dict[tuple[str, str], str]
     skipped_protocols: dict[str, str]
+    #: (protocol, metric) -> reason: a metric of a protocol that ran but that cannot run here (no weights)
+    skipped_metrics: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 def protocol_scores(split: PairedSplit, model_name: str, protocols=None, ks=(1, 5, 10), chunk_size: int = 4096,
@@ -304,7 +323,7 @@ def protocol_scores(split: PairedSplit, model_name: str, protocols=None, ks=(1, 
     """
     chosen = resolve_protocols(protocols)
     ks = sorted({int(k) for k in ks})
-    values, sizes, skipped, chance, protocol_of, skipped_protocols = {}, {}, {}, {}, {}, {}
+    values, sizes, skipped, chance, protocol_of, skipped_protocols, skipped_metrics = {}, {}, {}, {}, {}, {}, {}
     n = len(split)
     scans: dict[tuple, list] = {}  # passes over the same queries and gallery share one scan (scores once)
     for proto in chosen:
@@ -325,7 +344,9 @@ def protocol_scores(split: PairedSplit, model_name: str, protocols=None, ks=(1, 
                         skipped[(direction, proto.gallery, metric, k)] = (f"k={k} exceeds the {proto.name} "
                                                                           f"gallery size ({size})")
             if p.relevance is None:  # graded: values computed by the protocol itself
+                skipped_metrics.update({(proto.name, m): r for m, r in p.skipped_metrics.items()})
                 for (metric, k), v in p.values.items():
+                    protocol_of[(proto.gallery, metric)] = proto.name
                     if k in ok:
                         values[(direction, proto.gallery, metric, k)] = v
                         chance[(direction, proto.gallery, metric, k)] = p.chance[(metric, k)]
@@ -353,12 +374,13 @@ def protocol_scores(split: PairedSplit, model_name: str, protocols=None, ks=(1, 
                     chance[key] = chance_values(m, size, name, kk)
     qs = retrieval.QueryScores(model_name, values, sizes, skipped, np.asarray(split.labels),
                                np.asarray(split.patient_ids), np.asarray(split.study_ids))
-    return ProtocolScores(qs, chance, protocol_of, skipped_protocols)
+    return ProtocolScores(qs, chance, protocol_of, skipped_protocols, skipped_metrics)
 
 
 def summarise(ps: ProtocolScores, n_boot: int = 1000, seed: int = 0, confidence: float = 0.95) -> pd.DataFrame:
     """Tidy table (:data:`COLUMNS`): :func:`cxrlib.retrieval.summarise` with ``protocol`` and ``chance``,
-    plus one NaN row per (direction, metric) of each skipped protocol whose note gives the reason."""
+    plus one NaN row per (direction, metric) of each skipped protocol (and of each skipped metric of a
+    protocol that ran) whose note gives the reason."""
     df = retrieval.summarise(ps.scores, n_boot=n_boot, seed=seed, confidence=confidence)
     df.insert(2, "protocol", [ps.protocol_of.get((g, m), "") for g, m in zip(df["gallery"], df["metric"])])
     masks = retrieval._class_masks(ps.scores.labels)
@@ -386,6 +408,12 @@ def summarise(ps: ProtocolScores, n_boot: int = 1000, seed: int = 0, confidence:
                                  query_class="all", metric=metric, k=pd.NA, value=np.nan, ci_low=np.nan,
                                  ci_high=np.nan, chance=np.nan, n=0, n_excluded=0, n_patients=0, gallery_size=0,
                                  note=f"protocol skipped: {reason}"))
+    for (name, metric), reason in ps.skipped_metrics.items():
+        for direction in retrieval.DIRECTIONS:
+            rows.append(dict(model=ps.scores.model, direction=direction, protocol=name,
+                             gallery=PROTOCOLS[name].gallery, query_class="all", metric=metric, k=pd.NA,
+                             value=np.nan, ci_low=np.nan, ci_high=np.nan, chance=np.nan, n=0, n_excluded=0,
+                             n_patients=0, gallery_size=0, note=f"metric skipped: {reason}"))
     if rows:
         df = pd.concat([df, pd.DataFrame(rows, columns=COLUMNS)], ignore_index=True)
     df = df[COLUMNS]

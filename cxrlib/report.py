@@ -26,6 +26,8 @@ METRIC_LABELS = {
     "finding_precision": "P@{k}", "finding_hit": "Hit@{k}", "finding_map": "mAP",
     "class_precision": "P@{k}", "class_hit": "Hit@{k}", "class_map": "mAP",
     "ndcg": "nDCG@{k}", "label_f1": "label-F1@{k}",
+    "bertscore": "BERTScore@{k}", "chexbert_f1": "F1-CheXbert-14@{k}", "chexbert_f1_5": "F1-CheXbert-5@{k}",
+    "radgraph_f1": "RadGraph-F1@{k}",
 }
 #: metrics shown as they are (not in percent)
 RAW_METRICS = {"median_rank"}
@@ -64,6 +66,8 @@ SECTIONS = (
             ("finding_precision", "finding_hit", "finding_map")),
     Section("graded", "Graded relevance (graded: nDCG with Jaccard gains of finding labels; label-F1)",
             ("ndcg", "label_f1")),
+    Section("graded", "Report similarity of the retrieved reports (graded: cxrlib.report_metrics, where their "
+            "weights are present)", ("bertscore", "chexbert_f1", "chexbert_f1_5", "radgraph_f1")),
 )
 
 #: (gallery, metric) -> protocol, for results written before the ``protocol`` column existed
