@@ -22,7 +22,8 @@ def _rows(block: str) -> list[list[str]]:
 
 
 def test_readme_choices_block_is_the_rendered_one():
-    assert _block() == readme.choices_block(), "README's choices table is stale: run make readme"
+    assert _block() == readme.choices_block(), ("README's choices table is stale: run `.venv/bin/python -m "
+                                                 "cxrlib.readme --help-only` (or make readme)")
 
 
 def test_every_rendered_default_is_the_settings_or_notebook_default():
