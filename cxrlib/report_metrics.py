@@ -152,12 +152,14 @@ class PairScorer:
 
 @dataclass(frozen=True)
 class ReportMetric:
-    """A registered report metric: its result columns, what weights it needs and where it looks,
-    the paper or code it follows, ``locate() -> location | Skipped`` and ``load(location) -> PairScorer``."""
+    """A registered report metric: its result columns, what weights it needs and where it looks, the
+    environment variables it reads, the paper or code it follows, ``locate() -> location | Skipped`` and
+    ``load(location) -> PairScorer``."""
 
     name: str
     metrics: tuple[str, ...]
     needs: str
+    env: tuple[str, ...]
     follows: str
     locate: Callable[[], object]
     load: Callable[[object], PairScorer]
@@ -166,11 +168,11 @@ class ReportMetric:
 REPORT_METRICS: dict[str, ReportMetric] = {}
 
 
-def register_report_metric(name: str, metrics: tuple[str, ...], needs: str, follows: str,
+def register_report_metric(name: str, metrics: tuple[str, ...], needs: str, env: tuple[str, ...], follows: str,
                            locate: Callable[[], object]):
     """Decorator: register ``load`` (location -> :class:`PairScorer`) under ``name``."""
     def wrap(load):
-        REPORT_METRICS[name] = ReportMetric(name, metrics, needs, follows, locate, load)
+        REPORT_METRICS[name] = ReportMetric(name, metrics, needs, env, follows, locate, load)
         return load
     return wrap
 
@@ -188,16 +190,19 @@ def availability() -> dict[str, object]:
 
 
 @functools.lru_cache(maxsize=8)
-def _scorer(name: str, location: str) -> PairScorer:
+def _scorer(name: str, location: str, env: tuple[tuple[str, str], ...]) -> PairScorer:
     return get_report_metric(name).load(location)
 
 
 def scorer(name: str) -> PairScorer:
-    """The loaded scorer of metric ``name`` (cached per location); a :class:`Skipped` metric is an error."""
-    loc = get_report_metric(name).locate()
+    """The loaded scorer of metric ``name`` (cached per location and the values of its variables);
+    a :class:`Skipped` metric is a FileNotFoundError giving the reason."""
+    metric = get_report_metric(name)
+    loc = metric.locate()
     if isinstance(loc, Skipped):
         raise FileNotFoundError(f"report metric {name!r} cannot run: {loc.reason}")
-    return _scorer(name, str(loc) if not isinstance(loc, tuple) else json.dumps([str(x) for x in loc]))
+    location = str(loc) if not isinstance(loc, tuple) else json.dumps([str(x) for x in loc])
+    return _scorer(name, location, tuple((v, _env(v)) for v in metric.env))
 
 
 # --- scoring a ranking --------------------------------------------------------------------------
@@ -392,7 +397,7 @@ class BertScorer(PairScorer):
 
 @register_report_metric("bertscore", ("bertscore",),
                         "BERTSCORE_MODEL (a transformers folder or a hub id in the Hugging Face cache), "
-                        "BERTSCORE_LAYER (default: bert_score's table)",
+                        "BERTSCORE_LAYER (default: bert_score's table)", ("BERTSCORE_MODEL", "BERTSCORE_LAYER"),
                         "BERTScore (Zhang et al., ICLR 2020; the bert_score package's greedy_cos_idf, idf off)",
                         _bertscore_locate)
 def _load_bertscore(location) -> PairScorer:
@@ -544,6 +549,9 @@ def _chexbert_locate():
         return Skipped("CHEXBERT_PATH is not set: F1-CheXbert needs CheXbert's checkpoint chexbert.pth "
                        "(stanfordmlgroup/CheXbert) as a local file")
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise InvalidWeights(f"F1-CheXbert: CHEXBERT_PATH={path} is a folder; expected the checkpoint file "
+                             f"chexbert.pth")
     if not p.is_file():
         return Skipped(f"F1-CheXbert: CHEXBERT_PATH={path}: file {p} not found")
     bert = _env("CHEXBERT_BERT") or "bert-base-uncased"
@@ -553,7 +561,7 @@ def _chexbert_locate():
 
 @register_report_metric("chexbert_f1", CheXbertScorer.metrics,
                         "CHEXBERT_PATH (chexbert.pth) and CHEXBERT_BERT (bert-base-uncased tokenizer and "
-                        "config: a folder or the Hugging Face cache)",
+                        "config: a folder or the Hugging Face cache)", ("CHEXBERT_PATH", "CHEXBERT_BERT"),
                         "F1-CheXbert (Smit et al. 2020 labeler; 14-label and Miura et al. 2021's 5-label F1)",
                         _chexbert_locate)
 def _load_chexbert(location) -> PairScorer:
@@ -629,7 +637,7 @@ class RadGraphScorer(PairScorer):
 @register_report_metric("radgraph_f1", RadGraphScorer.metrics,
                         "the radgraph package; RADGRAPH_DIR/<RADGRAPH_MODEL>/ (config.json, weights.th, "
                         "vocabulary/; default the package's cache, model 'radgraph') and its transformer in "
-                        "the Hugging Face cache",
+                        "the Hugging Face cache", ("RADGRAPH_DIR", "RADGRAPH_MODEL"),
                         "RadGraph F1 (Jain et al. 2021 RadGraph; the radgraph package's F1RadGraph, "
                         f"reward level {RADGRAPH_REWARD!r})",
                         _radgraph_locate)
@@ -642,6 +650,7 @@ def describe() -> pd.DataFrame:
     rows = []
     for name, m in REPORT_METRICS.items():
         loc = m.locate()
-        rows.append({"metric": name, "columns": ", ".join(m.metrics), "needs": m.needs, "follows": m.follows,
+        rows.append({"metric": name, "columns": ", ".join(m.metrics), "needs": m.needs,
+                     "variables": ", ".join(m.env), "follows": m.follows,
                      "status": loc.reason if isinstance(loc, Skipped) else "runs"})
     return pd.DataFrame(rows)

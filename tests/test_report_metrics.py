@@ -15,7 +15,7 @@ from cxrlib import protocols, report, report_metrics
 from cxrlib.datasets.table import report_groups
 from cxrlib.pairs import PairedSplit
 
-ENV = ("BERTSCORE_MODEL", "BERTSCORE_LAYER", "CHEXBERT_PATH", "CHEXBERT_BERT", "RADGRAPH_DIR", "RADGRAPH_MODEL")
+ENV = tuple(v for m in report_metrics.REPORT_METRICS.values() for v in m.env)
 WORDS = ("[PAD] [UNK] [CLS] [SEP] [MASK] no acute cardiopulmonary abnormality the heart is normal size lungs are "
          "clear mild edema small left right pleural effusion . , stable").split()
 REPORTS = ["No acute cardiopulmonary abnormality.", "The heart is normal size. Lungs are clear.",
@@ -132,7 +132,7 @@ def test_chexbert_loader_maps_every_key(tmp_path):
     assert len(heads) == 14 and all(h.out_features == 4 for h in heads[:13]) and heads[13].out_features == 2
 
 
-def test_chexbert_bad_checkpoints_name_file_and_key(tmp_path):
+def test_chexbert_bad_checkpoints_name_file_and_key(tmp_path, monkeypatch):
     from transformers import BertConfig
 
     path, bert, _ = _chexbert(tmp_path, drop="linear_heads.13.weight")
@@ -144,6 +144,16 @@ def test_chexbert_bad_checkpoints_name_file_and_key(tmp_path):
     junk.write_bytes(b"\x00not a checkpoint")
     with pytest.raises(report_metrics.InvalidWeights, match="junk.pth: not a readable torch checkpoint"):
         report_metrics.load_chexbert(junk, cfg)
+    monkeypatch.setenv("CHEXBERT_PATH", str(tmp_path))
+    with pytest.raises(report_metrics.InvalidWeights, match="is a folder"):
+        report_metrics.get_report_metric("chexbert_f1").locate()
+    monkeypatch.setenv("CHEXBERT_PATH", str(tmp_path / "absent.pth"))
+    assert "absent.pth not found" in report_metrics.get_report_metric("chexbert_f1").locate().reason
+    monkeypatch.delenv("CHEXBERT_PATH")
+    assert "CHEXBERT_PATH is not set" in report_metrics.get_report_metric("chexbert_f1").locate().reason
+    monkeypatch.setenv("CHEXBERT_PATH", str(path))
+    monkeypatch.setenv("CHEXBERT_BERT", "nobody-xyz/absent-bert")
+    assert "config.json of 'nobody-xyz/absent-bert'" in report_metrics.get_report_metric("chexbert_f1").locate().reason
     plain = tmp_path / "plain.pth"
     torch.save({"state_dict": {}}, plain)
     with pytest.raises(report_metrics.InvalidWeights, match="plain.pth: no 'model_state_dict'"):
