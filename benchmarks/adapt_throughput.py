@@ -56,7 +56,7 @@ def step_rate(backbone, batch_size: int, precision: str, steps: int, size: int) 
     model = backbone.model
     A.set_trainable(model, lock_text=True)
     net = A.AdaptModel(model, backbone.embed_dim, text_is_features=True).train()
-    loss_fn = MultiTaskLoss(w_bce=0, w_supcon=0, w_clip=1)
+    loss_fn = MultiTaskLoss({"bce": 0, "supcon": 0, "clip": 1})
     opt = torch.optim.AdamW(A.param_groups(net, 0.05), lr=1e-4)
     x = torch.randn(batch_size, 3, size, size)
     txt = torch.nn.functional.normalize(torch.randn(batch_size, backbone.embed_dim), dim=-1)

@@ -26,7 +26,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from cxrlib import adapt as A  # noqa: E402
-from cxrlib import backbones, config, efficientnet  # noqa: E402
+from cxrlib import backbones, config, efficientnet, settings  # noqa: E402
 from cxrlib.retrieval import label_precision_at_k  # noqa: E402
 
 NORMALISATION = {"random": ((0.5,) * 3, (0.25,) * 3), "imagenet": (efficientnet.MEAN, efficientnet.STD)}
@@ -70,8 +70,8 @@ def run(table: pd.DataFrame, spec: str, seed: int) -> dict:
     notebook = backbones.paths.repo_root() / "notebooks" / "00_adapt_backbone.ipynb"
     node = {**config.notebook_parameters(notebook), **config.resolve_params("offline", "00_adapt_backbone", {})}
     acfg = A.AdaptConfig(backbone="offline", dataset="openi_synth", seed=seed, epochs=int(epochs), lr=float(lr),
-                         batch_size=node["adapt_batch_size"], w_clip=node["adapt_w_clip"],
-                         w_supcon=node["adapt_w_supcon"], w_bce=node["adapt_w_bce"], cache_images=True,
+                         batch_size=node["adapt_batch_size"], cache_images=True,
+                         weights=settings.weights_from(node, settings.WEIGHT_PREFIX[settings.ADAPT]),
                          num_workers=0, patience=node["patience"])
     before = val_metrics(bb, table)
     t0 = time.perf_counter()

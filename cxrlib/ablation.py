@@ -40,13 +40,10 @@ def terms() -> list[str]:
     return list(settings.loss_terms())
 
 
-#: display names of the loss terms (a term without one shows its key)
-TERM_LABELS = {"bce": "BCE", "supcon": "SupCon", "clip": "CLIP"}
-
-
 def weights_name(w: Weights) -> str:
-    """``BCE 1 + SupCon 0.5 + CLIP 1``, omitting zero terms."""
-    return " + ".join(f"{TERM_LABELS.get(t, t)} {v:g}" for t, v in zip(terms(), w) if v > 0)
+    """``BCE 1 + SupCon 0.5 + CLIP 1`` (each term's label from its ``register_term`` line), omitting zero terms."""
+    info = settings.loss_term_info()
+    return " + ".join(f"{info[t]['label']} {v:g}" for t, v in zip(terms(), w) if v > 0)
 
 
 def weights_of(cfg: TrainConfig | dict) -> Weights:
@@ -81,8 +78,8 @@ def main_config(run_dir: str | Path, device: str = "cpu") -> TrainConfig:
     if not path.is_file():
         raise FileNotFoundError(f"no main run at {run_dir} (config.json missing); run notebook 02 first (make paper)")
     saved = json.loads(path.read_text())
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig.from_dict({**{k: v for k, v in saved.items() if k in fields}, "device": device})
+    keys = TrainConfig.keys()
+    return TrainConfig.from_dict({**{k: v for k, v in saved.items() if k in keys}, "device": device})
 
 
 def _cached_run(folder: Path, inputs: dict) -> dict | None:
@@ -113,7 +110,7 @@ def run_ablation(train: PairedSplit, val: PairedSplit, test: PairedSplit, grid: 
     frozen = retrieval.summarise(retrieval.query_scores(test, FROZEN, ks), n_boot=n_boot, seed=seed)
     frames.append(frozen.assign(**dict.fromkeys(cols, np.nan)))
     for w in tqdm(grid, desc="ablation"):
-        cfg = dataclasses.replace(base, **dict(zip(cols, w)), seed=seed)
+        cfg = dataclasses.replace(base, weights=dict(zip(terms(), w)), seed=seed)
         run = dag.run_id({**cfg.to_dict(), **(identity or {})}) if models_dir is not None else None
         folder = Path(models_dir) / run if run else None
         saved = _cached_run(folder, inputs) if folder is not None else None

@@ -79,9 +79,12 @@ class AugmentConfig:
     hflip: bool = False
 
 
-#: notebook 00's settings (cxrlib.settings, group "adapt"), by AdaptConfig field name
+#: notebook 00's settings (cxrlib.settings, group "adapt"), by AdaptConfig field name; the loss weights
+#: ``adapt_w_<term>`` form the one field ``weights`` (term -> weight)
 _ADAPT_SETTINGS = settings.defaults("adapt")
-_ADAPT = {k.removeprefix("adapt_"): v for k, v in _ADAPT_SETTINGS.items() if k != "num_workers"}
+_W_PREFIX = settings.WEIGHT_PREFIX[settings.ADAPT]
+_WEIGHTS = settings.weights_from(_ADAPT_SETTINGS, _W_PREFIX)
+_ADAPT = {k.removeprefix("adapt_"): v for k, v in _ADAPT_SETTINGS.items() if not k.startswith(_W_PREFIX)}
 
 
 @dataclass
@@ -99,11 +102,11 @@ class AdaptConfig:
     warmup_frac: float = 0.1
     lock_text: bool = _ADAPT["lock_text"]
     image_size: int | None = _ADAPT["image_size"]
-    w_clip: float = _ADAPT["w_clip"]
-    w_supcon: float = _ADAPT["w_supcon"]
-    w_bce: float = _ADAPT["w_bce"]
+    #: loss term -> weight (cxrlib.losses.MultiTaskLoss; a term left out keeps its ``adapt_w_<term>`` default)
+    weights: dict[str, float] = field(default_factory=lambda: dict(_WEIGHTS))
     supcon_temperature: float = 0.1
-    num_workers: int = 0
+    #: DataLoader workers reading images: an int, or "auto" (from the cores, resolved where the loaders are built)
+    num_workers: int | str = _ADAPT["num_workers"]
     #: decode + resize every image once and keep it in memory (uint8; augmentation on tensors)
     cache_images: bool = _ADAPT["cache_images"]
     max_steps: int | None = _ADAPT["max_steps"]
@@ -119,13 +122,17 @@ class AdaptConfig:
         if isinstance(self.augment, dict):
             self.augment = AugmentConfig(**self.augment)
         self.recall_ks = tuple(int(k) for k in self.recall_ks)
+        unknown = sorted(set(self.weights) - set(_WEIGHTS))
+        if unknown:
+            raise ValueError(f"unknown loss terms {unknown} in AdaptConfig.weights; the terms are {', '.join(_WEIGHTS)}")
+        self.weights = {**_WEIGHTS, **self.weights}
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad setting (the schema's validator for the notebook's settings)."""
         names = {n: f"adapt_{n}" if f"adapt_{n}" in _ADAPT_SETTINGS else n for n in _ADAPT}
-        settings.validate(settings.ADAPT, {names[n]: getattr(self, n) for n in _ADAPT})
-        checks = {"num_workers": isinstance(self.num_workers, int) and self.num_workers >= 0,
-                  "warmup_frac": 0 <= self.warmup_frac < 1, "seed": isinstance(self.seed, int) and self.seed >= 0}
+        settings.validate(settings.ADAPT, {**{names[n]: getattr(self, n) for n in _ADAPT},
+                                           **settings.flat_weights(self.weights, _W_PREFIX)})
+        checks = {"warmup_frac": 0 <= self.warmup_frac < 1, "seed": isinstance(self.seed, int) and self.seed >= 0}
         for k, ok in checks.items():
             if not ok:
                 raise ValueError(f"{k} out of range: {getattr(self, k)!r}")
@@ -134,6 +141,10 @@ class AdaptConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def workers(self) -> int:
+        """``num_workers`` as a count (``"auto"``: :func:`cxrlib.accel.default_num_workers`)."""
+        return accel.default_num_workers() if self.num_workers == "auto" else int(self.num_workers)
 
 
 def checkpoint_path(dataset: str, backbone: str) -> Path:
@@ -389,9 +400,10 @@ def _loader(dataset: Dataset, batch_size: int, shuffle: bool, cfg: AdaptConfig, 
     if world > 1 and shuffle:
         sampler = torch.utils.data.distributed.DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
     g = torch.Generator().manual_seed(seed)
+    workers = cfg.workers()
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      num_workers=cfg.num_workers, collate_fn=collate_skipping, drop_last=drop_last,
-                      worker_init_fn=_seed_worker, generator=g, persistent_workers=cfg.num_workers > 0,
+                      num_workers=workers, collate_fn=collate_skipping, drop_last=drop_last,
+                      worker_init_fn=_seed_worker, generator=g, persistent_workers=workers > 0,
                       pin_memory=False)
 
 
@@ -508,9 +520,11 @@ def _build_net(model: nn.Module, embed_dim: int, cfg: AdaptConfig, device: str,
     net = AdaptModel(model, embed_dim, text_is_features=cfg.lock_text).to(device)
     clamp_logit_scale_(model.logit_scale)  # the loss reads exp(logit_scale) unclamped
     # parameters no active term uses stay frozen (DDP requires every trainable parameter to get a gradient)
-    if cfg.w_clip == 0:
+    from cxrlib import losses
+
+    if not losses.needs(cfg.weights, "needs_logit_scale"):
         model.logit_scale.requires_grad_(False)
-    net.classifier.requires_grad_(cfg.w_bce > 0)
+    net.classifier.requires_grad_(losses.needs(cfg.weights, "needs_logits"))
     model.train()
     if cfg.lock_text:  # a locked text tower is never run; keep its dropout/norm statistics fixed anyway
         for name, m in model.named_children():
@@ -549,9 +563,7 @@ def _losses(cfg: AdaptConfig) -> tuple[nn.Module, nn.Module]:
     """The training loss (gathers across ranks) and the validation loss (every rank scores all val rows alone)."""
     from cxrlib.losses import MultiTaskLoss
 
-    kw = dict(w_bce=cfg.w_bce, w_supcon=cfg.w_supcon, w_clip=cfg.w_clip, supcon_temperature=cfg.supcon_temperature,
-              bce_on="both")
-    return MultiTaskLoss(**kw), MultiTaskLoss(**kw, rank=0, world_size=1)
+    return MultiTaskLoss.from_config(cfg), MultiTaskLoss.from_config(cfg, rank=0, world_size=1)
 
 
 def _optimiser(net: nn.Module, cfg: AdaptConfig, total_steps: int):

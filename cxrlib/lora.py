@@ -3,8 +3,8 @@
 Ko et al.'s dual tower (``lukeingawesome/llm2clip4cxr``): the LLM text tower frozen with LoRA (r 16,
 alpha 32, dropout 0.1 on q/k/v/o), a projection LayerNorm -> Linear to the image dimension; only the
 adapters and the projection train. Here the image side is the frozen image tower's cached embeddings,
-and the loss is the package's :class:`cxrlib.losses.MultiTaskLoss` (BCE + SupCon + CLIP, or CLIP alone
-with ``w_bce = w_supcon = 0``).
+and the loss is the package's :class:`cxrlib.losses.MultiTaskLoss` (``weights``: term -> weight, defaults
+the ``lora_w_<term>`` settings; e.g. the contrastive image-report term alone with the others at 0).
 
 Checkpoint (:func:`save_lora`): only what trains (the adapters, the pooling's own weights where it has
 any, the projection, the logit scale and the classifier) plus the full config (text tower spec, LoRA
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from cxrlib import settings
 from cxrlib import text_towers as tt
 from cxrlib.io import atomic_path
 from cxrlib.projector import clamp_logit_scale_
@@ -240,18 +241,27 @@ class LoraTrainConfig:
     epochs: int = 2
     lr: float = 2e-4
     batch_size: int = 32
-    w_bce: float = 1.0
-    w_supcon: float = 1.0
-    w_clip: float = 1.0
+    #: loss term -> weight (cxrlib.losses.MultiTaskLoss); defaults: the ``lora_w_<term>`` settings
+    weights: dict[str, float] = field(default_factory=lambda: _weights_default())
     supcon_temperature: float = 0.1
     weight_decay: float = 0.0
     seed: int = 0
     device: str = "cpu"
 
+    def __post_init__(self):
+        self.weights = {**_weights_default(), **self.weights}
+        settings.check_weights(self.weights, settings.WEIGHT_PREFIX[settings.TEXT])
+
     def to_dict(self) -> dict[str, Any]:
+        """Every setting, the weights flat as ``w_<term>`` (the recipe a checkpoint records)."""
         d = asdict(self)
         d["lora"] = self.lora.to_dict()
-        return d
+        return {**{k: v for k, v in d.items() if k != "weights"}, **settings.flat_weights(self.weights)}
+
+
+def _weights_default() -> dict[str, float]:
+    prefix = settings.WEIGHT_PREFIX[settings.TEXT]
+    return {k.removeprefix(prefix): v for k, v in settings.defaults("lora").items() if k.startswith(prefix)}
 
 
 def train_lora(spec: tt.TextTowerSpec | str, texts: list[str], image_emb: np.ndarray, labels: np.ndarray,
@@ -269,7 +279,7 @@ def train_lora(spec: tt.TextTowerSpec | str, texts: list[str], image_emb: np.nda
     tower, tokenizer = tt.build_text_tower(spec, "cpu")
     add_lora(tower, cfg.lora)
     model = ProjectedTower(tower, int(image_emb.shape[1])).to(cfg.device)
-    loss_fn = MultiTaskLoss(cfg.w_bce, cfg.w_supcon, cfg.w_clip, cfg.supcon_temperature, world_size=1, rank=0)
+    loss_fn = MultiTaskLoss.from_config(cfg, world_size=1, rank=0)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     img = torch.as_tensor(image_emb, dtype=torch.float32)

@@ -15,6 +15,7 @@ matplotlib.use("Agg") if matplotlib.get_backend().lower() in {"", "agg"} else No
 import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from cxrlib import settings  # noqa: E402
 from cxrlib.io import atomic_path  # noqa: E402
 
 #: label colours, used for normal/abnormal everywhere
@@ -79,8 +80,9 @@ def plot_adaptation_curves(history, best_epoch: int | None = None) -> plt.Figure
     apply_style()
     fig, (ax_loss, ax_rec) = plt.subplots(1, 2, figsize=(10, 3.8))
     trained = history[history["epoch"] > 0]
-    terms = [t for t in ("clip", "supcon", "bce") if f"val_{t}" in history]
-    shown = {"total": "0.2"} | ({t: LOSS_TERM_COLORS[t] for t in terms} if len(terms) > 1 else {})
+    colors = loss_term_colors()
+    terms = [t for t in colors if t != "total" and f"val_{t}" in history]
+    shown = {"total": colors["total"]} | ({t: colors[t] for t in terms} if len(terms) > 1 else {})
     for term, color in shown.items():
         for prefix, style, data in (("train", "-", trained), ("val", "--", history)):
             col = f"{prefix}_{'loss' if term == 'total' else term}"
@@ -187,8 +189,14 @@ def plot_example_grid(table, n: int = 8, seed: int = 0, ncols: int = 4, chars: i
 
 # --- 02 training ------------------------------------------------------------------------------
 
-#: colours of the loss terms in training curves
-LOSS_TERM_COLORS = {"total": "0.2", "clip": "#55A868", "supcon": "#8172B3", "bce": "#C44E52"}
+#: colours of the loss terms in training curves, given to the terms of cxrlib.losses in registration order
+LOSS_TERM_PALETTE = ("#C44E52", "#8172B3", "#55A868", "#CCB974", "#64B5CD", "#DD8452")
+
+
+def loss_term_colors() -> dict[str, str]:
+    """``{"total": grey, <term>: colour, ...}`` for every loss term (:func:`cxrlib.settings.loss_terms` order)."""
+    terms = list(settings.loss_terms())
+    return {"total": "0.2"} | {t: LOSS_TERM_PALETTE[i % len(LOSS_TERM_PALETTE)] for i, t in enumerate(terms)}
 
 
 def plot_loss_curves(history, best_epoch: int | None = None, metric: str | None = None) -> plt.Figure:
@@ -197,7 +205,7 @@ def plot_loss_curves(history, best_epoch: int | None = None, metric: str | None 
     apply_style()
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.8))
     trained = history[history["epoch"] > 0]
-    for term, color in LOSS_TERM_COLORS.items():
+    for term, color in loss_term_colors().items():
         for prefix, style in (("train", "-"), ("val", "--")):
             col = f"{prefix}_{term}"
             if col in history and history[col].notna().any():

@@ -12,8 +12,11 @@ Groups: ``common`` (every node that declares it), ``recipe`` (the projector run:
 ``02_train`` (the projector's) is another setting than ``batch_size`` of ``embed`` (the extractor's), so
 ``BATCH_SIZE`` changes only the projector.
 
-Loss weights are derived from :data:`cxrlib.losses.TERMS` (term name -> default weight): one ``w_<term>``
-recipe setting and ``W_<TERM>`` make variable per term, one ``adapt_w_<term>`` per term. The choice lists
+Loss weights are derived from the terms registered in :mod:`cxrlib.losses` (``@register_term(name,
+default=, label=, help=)``; :data:`cxrlib.losses.TERMS` is term -> default weight): one ``w_<term>`` recipe
+setting and ``W_<TERM>`` make variable per term, one ``adapt_w_<term>`` (notebook 00) and ``lora_w_<term>``
+(notebook 06) per term (:data:`WEIGHT_PREFIX`); :func:`weights_from` collects a notebook's weights into the
+mapping the library takes, :func:`check_weights` is their one validator. The choice lists
 of torch-importing modules (projector kinds, activations, loss terms, datasets) are read from those
 modules' source with :mod:`ast`, so ``make`` validates without importing torch.
 
@@ -38,6 +41,9 @@ _PKG = Path(__file__).resolve().parent
 ALL = ("*",)
 TRAIN, ADAPT, EMBED, EVAL, VIZ, ABLATION, DATA = ("02_train", "00_adapt_backbone", "embed", "03_retrieval_eval",
                                                   "04_embedding_viz", "05_loss_ablation", "01_data_prep")
+TEXT = "06_text_encoder"
+#: node -> the prefix of its loss-weight settings (one ``<prefix><term>`` per term of cxrlib.losses)
+WEIGHT_PREFIX = {TRAIN: "w_", ADAPT: "adapt_w_", TEXT: "lora_w_"}
 
 
 class SettingError(ValueError):
@@ -60,14 +66,39 @@ def module_names(module: str, name: str) -> tuple[str, ...]:
 
 
 @cache
-def loss_terms() -> dict[str, float]:
-    """:data:`cxrlib.losses.TERMS` (term -> default weight), read from the source."""
+def loss_term_info() -> dict[str, dict[str, Any]]:
+    """Every ``@register_term(name, default=, label=, help=)`` of :mod:`cxrlib.losses`, read from the source in
+    registration order: ``{name: {"default", "label", "help"}}``."""
     tree = ast.parse((_PKG / "losses.py").read_text())
+    out: dict[str, dict[str, Any]] = {}
     for node in tree.body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
-        if any(isinstance(t, ast.Name) and t.id == "TERMS" for t in targets):
-            return {str(k): float(v) for k, v in ast.literal_eval(node.value).items()}
-    raise LookupError("cxrlib/losses.py has no literal TERMS = {term: default weight}")
+        for d in getattr(node, "decorator_list", []):
+            if isinstance(d, ast.Call) and getattr(d.func, "id", getattr(d.func, "attr", None)) == "register_term":
+                name, kw = ast.literal_eval(d.args[0]), {k.arg: ast.literal_eval(k.value) for k in d.keywords}
+                out[name] = {"default": float(kw["default"]), "label": kw.get("label", name),
+                             "help": kw.get("help", f"the {name} loss term")}
+    if not out:
+        raise LookupError("cxrlib/losses.py has no @register_term(name, default=..., label=..., help=...)")
+    return out
+
+
+def loss_terms() -> dict[str, float]:
+    """:data:`cxrlib.losses.TERMS` (term -> default weight, registration order), read from the source."""
+    return {t: i["default"] for t, i in loss_term_info().items()}
+
+
+def weights_from(namespace: dict[str, Any], prefix: str = "w_") -> dict[str, float]:
+    """``{term: namespace[<prefix><term>]}`` for every loss term (e.g. a notebook's ``adapt_w_<term>``
+    parameters); a term without its parameter is an error naming it."""
+    missing = [prefix + t for t in loss_terms() if prefix + t not in namespace]
+    if missing:
+        raise SettingError(f"no parameter {', '.join(missing)} (one weight per loss term of cxrlib.losses)")
+    return {t: namespace[prefix + t] for t in loss_terms()}
+
+
+def flat_weights(weights: dict[str, float], prefix: str = "w_") -> dict[str, float]:
+    """``{<prefix><term>: weight}``: a weights mapping as the flat settings that make and papermill set."""
+    return {f"{prefix}{t}": w for t, w in weights.items()}
 
 
 # ---- validators: value -> (coerced value); raise SettingError(reason) -------------------------------
@@ -243,8 +274,7 @@ class Setting:
 
 
 def _weight_help(term: str) -> str:
-    return {"bce": "the normal/abnormal BCE term", "supcon": "the supervised contrastive term",
-            "clip": "the CLIP (image-report InfoNCE) term"}.get(term, f"the {term} loss term")
+    return loss_term_info()[term]["help"]
 
 
 def _build() -> list[Setting]:
@@ -277,8 +307,8 @@ def _build() -> list[Setting]:
         S("activation", "gelu", choice(lambda: module_names("projector", "ACTIVATIONS")), "head activation", **R),
         S("classifier_hidden", 0, integer(0), "hidden units of the classifier head (0: linear)", **R),
     ]
-    out += [S(f"w_{t}", d, w, f"weight of {_weight_help(t)} (>= 0)", make_var=f"W_{t.upper()}", **R)
-            for t, d in loss_terms().items()]
+    out += [S(f"{WEIGHT_PREFIX[TRAIN]}{t}", d, w, f"weight of {_weight_help(t)} (>= 0)",
+              make_var=f"W_{t.upper()}", **R) for t, d in loss_terms().items()]
     out += [
         S("clip_temperature", 0.07, number(0.01, 1.0), "initial CLIP temperature (>= 1/projector.MAX_LOGIT_SCALE)",
           **R),
@@ -299,8 +329,8 @@ def _build() -> list[Setting]:
         S("eval_k", 5, integer(1), "K of the validation label-match precision that picks the best epoch", **R),
     ]
     A = dict(nodes=(ADAPT,), group="adapt")
-    adapt_w = {"clip": 1.0}  # a pretrained tower is only nudged along the image-report pairs
-    out += [S(f"adapt_w_{t}", adapt_w.get(t, 0.0), w, f"adaptation weight of {_weight_help(t)}", **A)
+    adapt_w = {"clip": 1.0}  # a pretrained tower is only nudged along the image-report pairs: other terms 0
+    out += [S(f"{WEIGHT_PREFIX[ADAPT]}{t}", adapt_w.get(t, 0.0), w, f"adaptation weight of {_weight_help(t)}", **A)
             for t in loss_terms()]
     out += [
         S("adapt_epochs", 5, integer(1), "adaptation epochs", **A),
@@ -328,6 +358,8 @@ def _build() -> list[Setting]:
         S("decode", "auto", choice(["auto", "cpu", "device"]), "where JPEGs are decoded", **X),
         S("compile", False, boolean, "torch.compile the image forward", **X),
     ]
+    out += [S(f"{WEIGHT_PREFIX[TEXT]}{t}", d, w, f"LoRA text-tower weight of {_weight_help(t)}",
+              nodes=(TEXT,), group="lora") for t, d in loss_terms().items()]
     E = dict(group="eval")
     out += [
         S("split", "test", choice(["train", "val", "test"]), "split evaluated", nodes=(EVAL, VIZ, ABLATION), **E),
@@ -399,11 +431,22 @@ def validate(node: str, params: dict[str, Any], source: str = "") -> dict[str, A
         s = lookup(node, k)
         if s is not None:
             out[k] = s.validate(v, source)
-    for prefix in ("w_", "adapt_w_"):
-        ws = [f"{prefix}{t}" for t in loss_terms()]
-        if all(k in out for k in ws) and sum(out[k] for k in ws) == 0:
-            raise SettingError(f"all {'adaptation ' if prefix != 'w_' else ''}loss weights are 0{f' ({source})' if source else ''}: "
-                               f"nothing to train (set {', '.join(k.upper() if prefix == 'w_' else k for k in ws)} > 0)")
+    prefix = WEIGHT_PREFIX.get(node)
+    if prefix and all(prefix + t in out for t in loss_terms()):
+        check_weights({t: out[prefix + t] for t in loss_terms()}, prefix, source)
+    return out
+
+
+def check_weights(weights: dict[str, Any], prefix: str = "w_", source: str = "") -> dict[str, float]:
+    """Loss weights (term -> weight) checked as the settings ``<prefix><term>`` (each a number >= 0, not all
+    0): the one weight validator (settings, make variables, MultiTaskLoss, the configs of every trainer)."""
+    where = f" ({source})" if source else ""
+    out = {t: Setting(prefix + t, None, number(0.0), "").validate(v, source) for t, v in weights.items()}
+    if out and sum(out.values()) == 0:
+        names = [prefix + t for t in out]
+        what = {"w_": "", "adapt_w_": "adaptation ", "lora_w_": "LoRA "}.get(prefix, f"{prefix}* ")
+        raise SettingError(f"all {what}loss weights are 0{where}: nothing to train "
+                           f"(set {', '.join(n.upper() if prefix == 'w_' else n for n in names)} > 0)")
     return out
 
 

@@ -16,7 +16,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from cxrlib import accel, settings
+from cxrlib import accel, losses, settings
 from cxrlib.io import atomic_path, write_json
 from cxrlib.losses import MultiTaskLoss, _world
 from cxrlib.pairs import PairedSplit, load_paired
@@ -35,29 +35,39 @@ from cxrlib.runtime import param_groups, warmup_cosine  # noqa: F401  (warmup_co
 
 #: the projector recipe's defaults: one source, :mod:`cxrlib.settings`
 _RECIPE = settings.defaults("recipe")
+#: the recipe's loss-weight settings ``w_<term>``: their prefix, and the default weights by term
+_PREFIX = settings.WEIGHT_PREFIX[settings.TRAIN]
+_WEIGHTS = settings.weights_from(_RECIPE, _PREFIX)
 
 
 @dataclass
 class TrainConfig:
-    """Every setting of a projector run. The paper publishes none of these; the defaults are ours.
+    """Every setting of a projector run. The paper publishes none of these; the defaults are ours, each defined
+    once in :mod:`cxrlib.settings` (group ``recipe``) and rendered here.
 
     Chosen defaults and why (README "Choices the paper leaves open" links here):
 
-    - Projector ``kind="residual_mlp"``: per modality ``x + Linear(width->out)(GELU(Linear(in->width)(x)))``
-      (``depth=1`` hidden layer, ``width=512``, ``dropout=0.1``, ``activation="gelu"``), output layer
-      zero-initialised so training starts from the frozen backbone's own space and can only move away
-      from it where the loss says so; ``out_dim=None`` keeps the backbone's dimension (512 for
-      BiomedCLIP and CLIP ViT-B/16). Classifier: one linear layer on the normalised projected embedding,
-      shared by both modalities (``classifier_hidden=0``), fed by ``bce_on="both"``.
-    - Loss weights ``w_bce = w_supcon = w_clip = 1`` (equal; the paper names the three terms only).
-    - CLIP temperature: initial ``clip_temperature=0.07`` (CLIP's), learnable (``learn_temperature``),
-      logit scale clamped at 100 as in open_clip. SupCon ``supcon_temperature=0.1`` (SupCon paper's
-      range 0.07-0.1). BCE unweighted (``pos_weight=None``; "balanced" = n_normal / n_abnormal).
-    - Optimiser AdamW, ``lr=1e-3``, ``weight_decay=1e-4`` on weight matrices only (not biases or the
-      logit scale); ``warmup_epochs=2`` linear warm-up then cosine decay to 0 over ``epochs=50``;
-      ``batch_size=256`` (the epoch's permutation split into near-equal batches, none dropped).
-    - Early stopping: validation label-match Precision@``eval_k=5``, averaged over both directions,
-      ``patience=10`` epochs without an improvement > ``min_delta=0``.
+    - Projector ``kind={kind!r}``: per modality ``x + Linear(width->out)(act(Linear(in->width)(x)))``
+      (``depth={depth}`` hidden layer(s), ``width={width}``, ``dropout={dropout}``, ``activation={activation!r}``),
+      output layer zero-initialised so training starts from the frozen backbone's own space and can only move
+      away from it where the loss says so; ``out_dim={out_dim}`` (None keeps the backbone's dimension).
+      Classifier: ``classifier_hidden={classifier_hidden}`` hidden units (0: one linear layer) on the normalised
+      projected embedding, shared by both modalities, fed by ``bce_on={bce_on!r}``.
+    - Loss ``weights``: one per term of :mod:`cxrlib.losses` (term -> weight; the flat settings ``w_<term>``):
+      {weights}; the paper names the terms, not their weights.
+    - CLIP temperature: initial ``clip_temperature={clip_temperature}`` (CLIP's), learnable
+      (``learn_temperature={learn_temperature}``), logit scale clamped as in open_clip. SupCon
+      ``supcon_temperature={supcon_temperature}`` (the SupCon paper's range). BCE ``pos_weight={pos_weight}``
+      (None: unweighted; "balanced" = n_normal / n_abnormal).
+    - Optimiser AdamW, ``lr={lr:g}``, ``weight_decay={weight_decay:g}`` on weight matrices only (not biases or
+      the logit scale); ``warmup_epochs={warmup_epochs:g}`` of linear warm-up then cosine decay to 0 over
+      ``epochs={epochs}``; ``batch_size={batch_size}`` (the epoch's permutation split into near-equal batches,
+      none dropped).
+    - Early stopping: validation label-match Precision@``eval_k={eval_k}``, averaged over both directions,
+      ``patience={patience}`` epochs without an improvement > ``min_delta={min_delta:g}``.
+
+    :meth:`to_dict` / :meth:`from_dict` speak the flat recipe (``w_<term>`` keys, as make, papermill,
+    ``config.json`` and :func:`cxrlib.dag.run_id` do); the object holds the weights as one mapping.
     """
 
     kind: str = _RECIPE["kind"]
@@ -67,9 +77,8 @@ class TrainConfig:
     dropout: float = _RECIPE["dropout"]
     activation: str = _RECIPE["activation"]
     classifier_hidden: int = _RECIPE["classifier_hidden"]
-    w_bce: float = _RECIPE["w_bce"]
-    w_supcon: float = _RECIPE["w_supcon"]
-    w_clip: float = _RECIPE["w_clip"]
+    #: loss term -> weight (a term left out keeps its default, the ``w_<term>`` setting)
+    weights: dict[str, float] = field(default_factory=lambda: dict(_WEIGHTS))
     clip_temperature: float = _RECIPE["clip_temperature"]
     learn_temperature: bool = _RECIPE["learn_temperature"]
     supcon_temperature: float = _RECIPE["supcon_temperature"]
@@ -86,21 +95,44 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
 
+    def __post_init__(self):
+        unknown = sorted(set(self.weights) - set(losses.TERMS))
+        if unknown:
+            raise ValueError(f"unknown loss terms {unknown} in TrainConfig.weights; the terms are {', '.join(losses.TERMS)}")
+        self.weights = {**losses.TERMS, **_WEIGHTS, **self.weights}
+
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad setting (before any training starts): the schema's one validator."""
         settings.validate_recipe(self.to_dict())
+        losses.resolve_weights(self.weights)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The flat recipe: every field, the weights as ``w_<term>`` in their place."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out.update(settings.flat_weights(v, _PREFIX) if f.name == "weights" else {f.name: copy.deepcopy(v)})
+        return out
+
+    @classmethod
+    def keys(cls) -> set[str]:
+        """The keys :meth:`from_dict` takes: the fields, ``w_<term>`` for every loss term."""
+        return ({f.name for f in dataclasses.fields(cls)} - {"weights"}) | {f"{_PREFIX}{t}" for t in losses.TERMS}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Build from a dict (e.g. notebook parameters); unknown keys are an error naming them."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        """Build from a flat recipe (e.g. notebook parameters, a run's ``config.json``); unknown keys are an
+        error naming them."""
+        unknown = sorted(set(d) - cls.keys())
         if unknown:
-            raise ValueError(f"unknown TrainConfig keys {unknown}; known: {sorted(names)}")
-        return cls(**d)
+            raise ValueError(f"unknown TrainConfig keys {unknown}; known: {sorted(cls.keys())}")
+        weights = {k.removeprefix(_PREFIX): v for k, v in d.items() if k.startswith(_PREFIX)}
+        return cls(**{k: v for k, v in d.items() if not k.startswith(_PREFIX)}, weights=weights)
+
+
+if TrainConfig.__doc__:  # None under python -OO
+    TrainConfig.__doc__ = TrainConfig.__doc__.format(
+        **_RECIPE, weights=", ".join(f"``{_PREFIX}{t}={w:g}``" for t, w in _WEIGHTS.items()))
 
 
 @dataclass
@@ -139,7 +171,8 @@ def check_split(split: PairedSplit, name: str, need_labels: bool) -> None:
         bad = ~np.isin(labels, (0, 1))
         if bad.any():
             raise ValueError(f"{name} split: {int(bad.sum())} rows have no 0/1 normal/abnormal label (needed by "
-                             f"the BCE and SupCon terms), e.g. study_ids {split.study_ids[bad][:5].tolist()}")
+                             f"the loss terms that read labels and by validation), e.g. study_ids "
+                             f"{split.study_ids[bad][:5].tolist()}")
 
 
 def load_splits(dataset: str, backbone: str, splits: tuple[str, ...] = ("train", "val")) -> dict[str, PairedSplit]:
@@ -199,7 +232,8 @@ def train_projector(train: PairedSplit, val: PairedSplit, cfg: TrainConfig | Non
     """
     cfg = cfg or TrainConfig()
     cfg.validate()
-    check_split(train, "train", need_labels=cfg.w_bce > 0 or cfg.w_supcon > 0)
+    labelled = [t for t in losses.active(cfg.weights) if losses.REGISTRY[t].needs_labels]
+    check_split(train, "train", need_labels=bool(labelled))
     check_split(val, "val", need_labels=True)
     if train.img.shape[1:] != val.img.shape[1:] or train.txt.shape[1:] != val.txt.shape[1:]:
         raise ValueError(f"train and val embedding dims differ: {train.img.shape[1:]}/{train.txt.shape[1:]} vs "
@@ -207,9 +241,10 @@ def train_projector(train: PairedSplit, val: PairedSplit, cfg: TrainConfig | Non
     if cfg.eval_k > len(val):
         raise ValueError(f"eval_k={cfg.eval_k} exceeds the validation split size ({len(val)})")
     n_pos = int(np.sum(train.labels == 1))
-    if (cfg.w_bce > 0 or cfg.w_supcon > 0) and n_pos in (0, len(train)):
-        warnings.warn(f"train split holds a single class ({n_pos} abnormal of {len(train)}): the BCE and "
-                      "SupCon terms cannot separate classes", stacklevel=2)
+    if labelled and n_pos in (0, len(train)):
+        names = " and ".join(losses.REGISTRY[t].label for t in labelled)
+        warnings.warn(f"train split holds a single class ({n_pos} abnormal of {len(train)}): the {names} "
+                      f"term{'s' if len(labelled) > 1 else ''} cannot separate classes", stacklevel=2)
     pos_weight = resolve_pos_weight(cfg.pos_weight, train.labels)
 
     rank, world = _world()
@@ -221,9 +256,8 @@ def train_projector(train: PairedSplit, val: PairedSplit, cfg: TrainConfig | Non
                             classifier_hidden=cfg.classifier_hidden,
                             init_temperature=cfg.clip_temperature).to(device)
     model.logit_scale.requires_grad_(cfg.learn_temperature)
-    loss_fn = MultiTaskLoss(cfg.w_bce, cfg.w_supcon, cfg.w_clip, cfg.supcon_temperature, pos_weight, cfg.bce_on)
-    eval_loss = MultiTaskLoss(cfg.w_bce, cfg.w_supcon, cfg.w_clip, cfg.supcon_temperature, pos_weight,
-                              cfg.bce_on, rank=0, world_size=1)
+    loss_fn = MultiTaskLoss.from_config(cfg, pos_weight=pos_weight)
+    eval_loss = MultiTaskLoss.from_config(cfg, pos_weight=pos_weight, rank=0, world_size=1)
     net: torch.nn.Module = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model)

@@ -184,7 +184,9 @@ def test_image_config_of_tiny_backbone():
     assert cfg["size"] == 64 and cfg["mean"] == pytest.approx((0.48145466, 0.4578275, 0.40821073))
 
 
-@pytest.mark.parametrize("kw, msg", [({"w_clip": -1.0}, "w_clip"), ({"w_clip": 0.0}, "all adaptation loss weights"),
+@pytest.mark.parametrize("kw, msg", [({"weights": {"clip": -1.0}}, "adapt_w_clip"),
+                                     ({"weights": {"clip": 0.0}}, "all adaptation loss weights"),
+                                     ({"num_workers": -1}, "num_workers"),
                                      ({"monitor": "acc"}, "monitor"), ({"batch_size": 1}, "batch_size"),
                                      ({"precision": "fp16"}, "precision")])
 def test_bad_config_is_named(kw, msg):

@@ -199,7 +199,7 @@ def test_ablation_main_row_is_the_main_run(tmp_path, splits, monkeypatch):
     """Case 2: every setting of 02's recipe (dropout, clip_temperature ...) is 05's, and the main row is 02's run."""
     train, val = splits
     identity, inputs = {"dataset": "toy", "backbone": "b"}, {"table_sha256": "x"}
-    cfg = TrainConfig(**SMALL, w_supcon=0.5)
+    cfg = TrainConfig(**SMALL, weights={"supcon": 0.5})
     run = _save_main(tmp_path, train, val, cfg, identity, inputs)
     base = ablation.main_config(tmp_path / run)
     assert base == cfg
@@ -209,7 +209,7 @@ def test_ablation_main_row_is_the_main_run(tmp_path, splits, monkeypatch):
     _, runs = ablation.run_ablation(train, val, val, [(0.0, 0.0, 1.0), ablation.weights_of(base)], base,
                                     models_dir=tmp_path, identity=identity, inputs=inputs, n_boot=10, main=run)
     assert list(runs["run"])[1] == run and list(runs["reused"]) == [False, True]
-    assert [dataclasses.replace(c, w_bce=cfg.w_bce, w_supcon=cfg.w_supcon, w_clip=cfg.w_clip) for c in calls] == [cfg]
+    assert [dataclasses.replace(c, weights=cfg.weights) for c in calls] == [cfg]
 
 
 def test_ablation_reuses_its_grid_when_only_the_main_weights_change(tmp_path, splits, monkeypatch):
@@ -221,7 +221,7 @@ def test_ablation_reuses_its_grid_when_only_the_main_weights_change(tmp_path, sp
     run1 = _save_main(tmp_path, train, val, first, identity, inputs)
     ablation.run_ablation(train, val, val, grid_rows + [ablation.weights_of(first)], first, models_dir=tmp_path,
                           identity=identity, inputs=inputs, n_boot=10, main=run1)
-    second = dataclasses.replace(first, w_supcon=0.5)
+    second = dataclasses.replace(first, weights={**first.weights, "supcon": 0.5})
     run2 = _save_main(tmp_path, train, val, second, identity, inputs)
     calls = []
     monkeypatch.setattr(ablation, "train_projector", lambda *a, **k: calls.append(a) or pytest.fail("retrained"))

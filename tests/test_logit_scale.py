@@ -77,7 +77,7 @@ def test_training_keeps_the_parameter_within_the_bound(monkeypatch):
     monkeypatch.setattr(ProjectorModel, "scale", spy)
     torch.set_num_threads(1)
     splits = {k: exact_pairs(v) for k, v in synthetic_splits(128, 48, dim=16, seed=0).items()}
-    cfg = TrainConfig(kind="identity", batch_size=64, epochs=3, lr=0.1, w_bce=0.0, w_supcon=0.0, w_clip=1.0,
+    cfg = TrainConfig(kind="identity", batch_size=64, epochs=3, lr=0.1, weights={"bce": 0.0, "supcon": 0.0, "clip": 1.0},
                       clip_temperature=0.0125, learn_temperature=True)
     r = train_projector(splits["train"], splits["val"], cfg, progress=False)
     assert max(seen) == pytest.approx(BOUND)  # it reached the bound ...

@@ -158,7 +158,7 @@ def test_multitask_total_and_skipped_terms(batch, monkeypatch):
     img, txt, labels = batch
     out = {"image": img, "text": txt, "logit_scale": torch.tensor(10.0),
            "image_logits": img[:, 0], "text_logits": txt[:, 1]}
-    full = MultiTaskLoss(w_bce=0.5, w_supcon=2.0, w_clip=1.5)(out, labels)
+    full = MultiTaskLoss({"bce": 0.5, "supcon": 2.0, "clip": 1.5})(out, labels)
     assert float(full["total"]) == pytest.approx(
         0.5 * float(full["bce"]) + 2.0 * float(full["supcon"]) + 1.5 * float(full["clip"]), rel=1e-6)
     bce_both = (float(BCETerm()(img[:, 0], labels)) + float(BCETerm()(txt[:, 1], labels))) / 2
@@ -166,25 +166,27 @@ def test_multitask_total_and_skipped_terms(batch, monkeypatch):
     assert float(MultiTaskLoss(bce_on="image")(out, labels)["bce"]) == pytest.approx(
         float(BCETerm()(img[:, 0], labels)), rel=1e-6)
 
-    loss = MultiTaskLoss(w_bce=1.0, w_supcon=0.0, w_clip=0.0)
+    loss = MultiTaskLoss({"bce": 1.0, "supcon": 0.0, "clip": 0.0})
 
     def boom(*a, **k):
         raise AssertionError("a term with weight 0 was computed")
 
-    monkeypatch.setattr(loss.supcon, "forward", boom)
-    monkeypatch.setattr(loss.clip, "forward", boom)
+    monkeypatch.setattr(loss.terms["supcon"], "forward", boom)
+    monkeypatch.setattr(loss.terms["clip"], "forward", boom)
     terms = loss({k: v for k, v in out.items()}, labels)
     assert set(terms) == {"bce", "total"} and float(terms["total"]) == pytest.approx(float(terms["bce"]))
     no_logits = {"image": img, "text": txt, "logit_scale": torch.tensor(10.0)}
-    assert set(MultiTaskLoss(w_bce=0)(no_logits, labels)) == {"clip", "supcon", "total"}
+    assert set(MultiTaskLoss({"bce": 0})(no_logits, labels)) == {"clip", "supcon", "total"}
     with pytest.raises(ValueError, match="classifier logits"):
-        MultiTaskLoss(w_bce=1)(no_logits, labels)
+        MultiTaskLoss({"bce": 1})(no_logits, labels)
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"w_bce": -1}, "w_bce must be a number >= 0"),
-    ({"w_supcon": float("nan")}, "w_supcon must be a number >= 0"),
-    ({"w_bce": 0, "w_supcon": 0, "w_clip": 0}, "all loss weights are 0"),
+    ({"weights": {"bce": -1}}, "w_bce must be a number >= 0"),
+    ({"weights": {"supcon": float("nan")}}, "w_supcon must be a number >= 0"),
+    ({"weights": {"bce": 0, "supcon": 0, "clip": 0}}, "all loss weights are 0"),
+    ({"weights": {"focal": 1.0}}, "unknown loss terms"),
+    ({"temperature": 0.1}, "unknown loss options"),
     ({"bce_on": "report"}, "bce_on"),
     ({"supcon_temperature": 0}, "temperature"),
     ({"pos_weight": -2.0}, "pos_weight"),

@@ -19,6 +19,7 @@ from conftest import REPO
 
 from cxrlib import paths
 from cxrlib.embstore import Embeddings, save_embeddings
+from cxrlib.losses import TERMS
 from cxrlib.projector import load_projector
 from cxrlib.train import (
     TrainConfig,
@@ -73,7 +74,7 @@ def test_history_columns_and_best_weights_returned(splits):
 
 
 def test_weight_zero_terms_absent_from_history(splits):
-    r = train_projector(splits["train"], splits["val"], TrainConfig(**SMALL, w_bce=0.0), progress=False)
+    r = train_projector(splits["train"], splits["val"], TrainConfig(**SMALL, weights={"bce": 0.0}), progress=False)
     assert "train_bce" not in r.history and "val_bce" not in r.history and "train_clip" in r.history
 
 
@@ -113,8 +114,9 @@ def test_warmup_cosine_schedule():
 
 
 @pytest.mark.parametrize("change, match", [
-    (dict(w_supcon=-0.5), "w_supcon must be a number >= 0"),
-    (dict(w_bce=0, w_supcon=0, w_clip=0), "all loss weights are 0"),
+    (dict(weights={"supcon": -0.5}), "w_supcon must be a number >= 0"),
+    (dict(weights=dict.fromkeys(TERMS, 0)), "all loss weights are 0"),
+    (dict(weights={"focal": 1.0}), "unknown loss terms"),
     (dict(kind="deep"), "kind must be one of"),
     (dict(pos_weight="auto"), "pos_weight"),
     (dict(batch_size=1), "batch_size"),
