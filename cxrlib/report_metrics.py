@@ -231,15 +231,16 @@ class _Encoded:
         return {m: vals[:, j] for j, m in enumerate(self.sc.metrics)}
 
 
-_ENCODED: dict[tuple[int, tuple[str, ...]], _Encoded] = {}
+#: per loaded scorer, the last report set it encoded (a notebook scores one split with several models and
+#: both directions: each report is encoded once per scorer, each pair scored once)
+_ENCODED: dict[int, _Encoded] = {}
 
 
 def _encoded(sc: PairScorer, texts: list[str]) -> _Encoded:
-    key = (id(sc), tuple(texts))
-    if key not in _ENCODED:
-        _ENCODED.clear()  # one report set at a time (a notebook scores one split with several models)
-        _ENCODED[key] = _Encoded(sc, texts)
-    return _ENCODED[key]
+    enc = _ENCODED.get(id(sc))
+    if enc is None or enc.sc is not sc or enc.texts != texts:
+        enc = _ENCODED[id(sc)] = _Encoded(sc, texts)
+    return enc
 
 
 def ranking_scores(name: str, queries, gallery, reports, ks, chunk_size: int = 4096

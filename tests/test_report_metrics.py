@@ -236,7 +236,13 @@ def test_graded_protocol_reports_chexbert_f1_and_skips_the_others(tmp_path, monk
     monkeypatch.setenv("CHEXBERT_BERT", str(bert))
     monkeypatch.setenv("RADGRAPH_DIR", str(tmp_path / "no-radgraph"))
     sp = _split()
+    sc = report_metrics.scorer("chexbert_f1")
+    calls = []
+    encode = sc.encode
+    monkeypatch.setattr(sc, "encode", lambda texts: calls.append(len(texts)) or encode(texts))
     ps = protocols.protocol_scores(sp, "m", ["graded"], ks=(1, 3))
+    protocols.protocol_scores(sp, "m2", ["graded"], ks=(1, 3))
+    assert calls == [len(set(REPORTS))]  # each distinct report labelled once: two models, both directions
     positive = report_metrics.scorer("chexbert_f1").label(REPORTS) == report_metrics.CHEXBERT_POSITIVE
     five = [report_metrics.CHEXBERT_CONDITIONS.index(c) for c in report_metrics.CHEXBERT_FIVE]
     for direction, (q, g) in {"image_to_text": (sp.img, sp.txt), "text_to_image": (sp.txt, sp.img)}.items():
