@@ -5,7 +5,8 @@ Each term is a small ``nn.Module`` (settings in ``__init__``, maths in ``forward
 ``w_<term>`` setting. The registry is the one list of terms: every ``w_<term>`` / ``adapt_w_<term>`` /
 ``lora_w_<term>`` setting, ``W_<TERM>`` make variable, run name (``bce1-supcon1-clip1-<hash>``) and ablation
 weighting is derived from it (:mod:`cxrlib.settings` reads the ``register_term`` calls from this file's
-source, without importing torch). A new term: its class here with a ``@register_term(...)`` line, and its test.
+source, without importing torch). A new term: its class here with a ``@register_term(...)`` line, its test,
+and its weight in the parameters cells of notebooks 00, 02 and 06 (``tests/test_settings.py`` names any missing).
 
 :class:`MultiTaskLoss` takes a mapping term -> weight and returns a dict of named, unweighted terms plus
 ``total = sum(weight[t] * term[t])``. A term whose weight is 0 is not computed and not in the dict. Every

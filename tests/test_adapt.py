@@ -45,7 +45,7 @@ def table(tmp_path):
 
 def _cfg(**kw) -> A.AdaptConfig:
     base = dict(backbone="tiny", dataset="synthetic", epochs=2, batch_size=8, lr=1e-3, eval_batch_size=16,
-                patience=5, seed=0)
+                patience=5, seed=0, num_workers=0)
     return A.AdaptConfig(**{**base, **kw})
 
 
@@ -192,6 +192,18 @@ def test_image_config_of_tiny_backbone():
 def test_bad_config_is_named(kw, msg):
     with pytest.raises(ValueError, match=msg):
         _cfg(**kw).validate()
+
+
+def test_defaults_are_notebook_00s_settings():
+    """One default each: AdaptConfig's are the adapt settings notebook 00 declares (num_workers "auto" too)."""
+    from cxrlib import accel, settings
+
+    cfg, d = A.AdaptConfig(backbone="tiny"), settings.defaults("adapt")
+    assert cfg.num_workers == d["num_workers"] == "auto" and cfg.workers() == accel.default_num_workers()
+    assert cfg.weights == {t: d[f"adapt_w_{t}"] for t in settings.loss_terms()}
+    assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.patience) == (d["adapt_epochs"], d["adapt_lr"],
+                                                                   d["adapt_batch_size"], d["patience"])
+    assert _cfg(num_workers=3).workers() == 3
 
 
 def test_bad_table_and_image_size_are_named(table):
