@@ -77,7 +77,8 @@ RADGRAPH_DEFAULT_MODEL = "radgraph"
 
 @dataclass(frozen=True)
 class Skipped:
-    """A metric that cannot run here, and precisely why (which file is missing where)."""
+    """A metric that cannot run here, and precisely why (which file is missing where); the reason holds no
+    ``"; "`` (the results' notes join several with it)."""
 
     reason: str
 
@@ -123,7 +124,7 @@ def hf_local(name: str, files: Sequence[str], what: str) -> Path | Skipped:
         hit = next((h for h in hits if isinstance(h, str)), None)
         if hit is None:
             return Skipped(f"{what}: {options[0]} of {name!r} is not in the Hugging Face cache "
-                           f"({constants.HF_HUB_CACHE}); nothing is downloaded")
+                           f"({constants.HF_HUB_CACHE}), and nothing is downloaded")
         folder = Path(hit).parent
     return folder
 
@@ -538,9 +539,9 @@ class CheXbertScorer(PairScorer):
         from cxrlib import graded
 
         out = {}
-        for m, v in self._columns(encoded).items():
-            gains = graded.f1_gains(v[ref], v).numpy()  # same convention: two empty sets = 1
-            out[m] = gains @ counts / counts.sum()
+        for m, v in self._columns(encoded).items():  # same convention as graded: two empty sets = 1
+            out[m] = np.concatenate([graded.f1_gains(v[ref[s:s + 1024]], v).numpy() @ counts / counts.sum()
+                                     for s in range(0, len(ref), 1024)])
         return out
 
 
@@ -588,7 +589,7 @@ def _radgraph_locate():
     for f in ("config.json", "weights.th", "vocabulary/non_padded_namespaces.txt"):
         if not (folder / f).exists():
             return Skipped(f"RadGraph F1: {folder / f} not found (the extracted {model_type} model of "
-                           f"StanfordAIMI/RRG_scorers; set RADGRAPH_DIR to the folder holding {model_type}/)")
+                           f"StanfordAIMI/RRG_scorers: set RADGRAPH_DIR to the folder holding {model_type}/)")
     try:
         cfg = json.loads((folder / "config.json").read_text())
         bert = cfg["model"]["embedder"]["token_embedders"]["bert"]["model_name"]

@@ -309,3 +309,4 @@ def test_report_section_lists_every_registered_column():
     assert all(m in report.METRIC_LABELS for m in section.metrics)
     table = report_metrics.describe()
     assert set(table["metric"]) == set(report_metrics.REPORT_METRICS) and table["status"].str.len().gt(0).all()
+    assert not table["status"].str.contains("; ").any()  # the results' notes are joined with "; "
