@@ -310,3 +310,19 @@ def test_report_section_lists_every_registered_column():
     table = report_metrics.describe()
     assert set(table["metric"]) == set(report_metrics.REPORT_METRICS) and table["status"].str.len().gt(0).all()
     assert not table["status"].str.contains("; ").any()  # the results' notes are joined with "; "
+
+
+def test_radgraph_pairs_score_annotations_with_the_package_reward():
+    pytest.importorskip("radgraph")
+    from radgraph.rewards import compute_reward
+
+    def ann(*entities):
+        return {"text": "", "entities": {str(i): {"tokens": t, "label": lab, "start_ix": i, "end_ix": i,
+                                                  "relations": []} for i, (t, lab) in enumerate(entities)}}
+
+    encoded = [ann(("effusion", "OBS-DP"), ("pleural", "ANAT-DP")), ann(("effusion", "OBS-DP")), None]
+    sc = object.__new__(report_metrics.RadGraphScorer)  # the pair scoring alone, without a model
+    got = sc.pairs(encoded, np.array([0, 0, 1, 2]), np.array([0, 1, 0, 0]))["radgraph_f1"]
+    want = compute_reward(encoded[1], encoded[0], report_metrics.RADGRAPH_REWARD)  # hypothesis, reference
+    np.testing.assert_allclose(got, [1.0, want, want, 0.0])  # an empty report (None) scores 0
+    assert 0 < want < 1
