@@ -151,13 +151,15 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_lora(path: str | os.PathLike, model: ProjectedTower | tt.TextTower, config: dict[str, Any] | None = None) -> Path:
-    """Write the adapters, the other trained tensors and the full config, atomically."""
+def save_lora(path: str | os.PathLike, model: ProjectedTower | tt.TextTower, config: dict[str, Any] | None = None,
+              extra_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the adapters, the other trained tensors and the full config, atomically (``extra_state``:
+    more tensors under their own prefix, e.g. :mod:`cxrlib.lora_image`'s image adapters ``image.*``)."""
     tower = model.tower if isinstance(model, ProjectedTower) else model
     if getattr(tower, "lora_settings", None) is None:
         raise ValueError("this text tower has no LoRA adapters to save (add_lora first)")
     payload = {
-        "format": FORMAT, "state": trainable_state(model),
+        "format": FORMAT, "state": {**trainable_state(model), **(extra_state or {})},
         "config": {"text_tower": tower.spec.to_dict(), "lora": tower.lora_settings.to_dict(),
                    "base_fingerprint": tower.base_fingerprint,
                    "projected": isinstance(model, ProjectedTower),
@@ -179,16 +181,21 @@ def read_lora(path: str | os.PathLike) -> dict[str, Any]:
     return obj
 
 
-def load_lora(path: str | os.PathLike, device: str = "cpu", base: tt.TextTowerSpec | str | None = None):
+def load_lora(path: str | os.PathLike, device: str = "cpu", base: tt.TextTowerSpec | str | None = None,
+              allow_image: bool = False):
     """Rebuild base + adapters (+ projection) from a checkpoint -> (model, tokenizer, config).
 
     ``base`` replaces the saved text tower spec (e.g. a local folder for the same weights); its weights
-    must be the ones the adapters were trained on.
+    must be the ones the adapters were trained on. A checkpoint with image-tower adapters too is
+    :func:`cxrlib.lora_image.load_image_lora`'s (its text side belongs to the adapted image tower).
     """
     from peft import set_peft_model_state_dict
 
     obj = read_lora(path)
     cfg = obj["config"]
+    if cfg.get("image_lora") and not allow_image:
+        raise ValueError(f"LoRA checkpoint {path} holds image-tower adapters too: load it with "
+                         f"cxrlib.lora_image.load_image_lora")
     spec = tt.TextTowerSpec.from_dict(cfg["text_tower"]) if base is None else (
         tt.text_tower_spec(base) if isinstance(base, str) else base)
     tower, tokenizer = tt.build_text_tower(spec, "cpu")
@@ -264,37 +271,69 @@ def _weights_default() -> dict[str, float]:
     return {k.removeprefix(prefix): v for k, v in settings.defaults("lora").items() if k.startswith(prefix)}
 
 
-def train_lora(spec: tt.TextTowerSpec | str, texts: list[str], image_emb: np.ndarray, labels: np.ndarray,
-               cfg: LoraTrainConfig, progress: bool = True) -> tuple[ProjectedTower, tt.TowerTokenizer, dict]:
-    """Train LoRA adapters + projection so reports land on their (frozen) images' embeddings.
+def shard_rows(rows: list[int], rank: int, world: int) -> list[int] | None:
+    """This rank's contiguous share of a global batch: of its first ``len - len % world`` rows (the rest
+    sit this step out), rows ``[rank * k, (rank + 1) * k)``; None when the batch is too small for a
+    contrastive step (fewer than 2 rows, or than one per rank). Alone (``world == 1``) the whole batch."""
+    keep = len(rows) - len(rows) % world
+    if keep < max(2, world):
+        return None
+    k = keep // world
+    return list(rows[rank * k:(rank + 1) * k])
 
-    ``texts[i]`` is the report of image embedding ``image_emb[i]`` with abnormal label ``labels[i]``.
-    Returns the model, its tokenizer and a history with per-epoch mean loss terms and seconds.
+
+def stats_over_ranks(tokenizer: tt.TowerTokenizer) -> dict[str, int]:
+    """The tokenizer's truncation counts summed over ranks (each rank tokenizes only its shards)."""
+    from cxrlib.runtime import world
+
+    stats = dict(tokenizer.stats)
+    if world()[1] > 1:
+        packed = torch.tensor([stats[k] for k in stats], dtype=torch.float64)
+        torch.distributed.all_reduce(packed)
+        stats = {k: int(v) for k, v in zip(stats, packed.tolist())}
+    return stats
+
+
+def fit_lora(model: nn.Module, tokenizer: tt.TowerTokenizer, texts: list[str], labels: np.ndarray,
+             image_rows, cfg: LoraTrainConfig, progress: bool = True) -> dict[str, Any]:
+    """The LoRA training loop shared by cached image embeddings (:func:`train_lora`) and image-tower LoRA
+    (:mod:`cxrlib.lora_image`): ``model(image_rows(rows), tokenizer(texts of rows))`` gives what
+    :class:`cxrlib.losses.MultiTaskLoss` reads; the model has ``logit_scale`` and ``classifier``.
+
+    Under ``torchrun`` the model is wrapped in DDP, each rank runs its :func:`shard_rows` of every batch
+    and the contrastive terms gather all ranks' features, so a step equals one process's on the whole
+    batch. Parameters no active loss term reads stay frozen (DDP needs a gradient for each trainable one).
+    Returns the per-epoch history (terms averaged over every rank's rows), truncation counts, adjustments.
     """
     from cxrlib.losses import MultiTaskLoss
+    from cxrlib.runtime import world as _world
 
-    if len(texts) != len(image_emb) or len(texts) != len(labels):
-        raise ValueError(f"{len(texts)} texts, {len(image_emb)} image embeddings, {len(labels)} labels")
-    torch.manual_seed(cfg.seed)
-    tower, tokenizer = tt.build_text_tower(spec, "cpu")
-    add_lora(tower, cfg.lora)
-    model = ProjectedTower(tower, int(image_emb.shape[1])).to(cfg.device)
-    loss_fn = MultiTaskLoss.from_config(cfg, world_size=1, rank=0)
+    rank, world = _world()
+    loss_fn = MultiTaskLoss.from_config(cfg, world_size=world, rank=rank)
+    if not loss_fn.needs_logit_scale:
+        model.logit_scale.requires_grad_(False)
+    if not loss_fn.needs_logits:
+        model.classifier.requires_grad_(False)
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
-    img = torch.as_tensor(image_emb, dtype=torch.float32)
-    y = torch.as_tensor(labels, dtype=torch.long)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     rng = np.random.default_rng(cfg.seed)
+    lengths = [len(t) for t in texts]
     history: list[dict[str, float]] = []
     for epoch in range(cfg.epochs):
         model.train()
         t0, sums, n = time.perf_counter(), {}, 0
-        batches = tt.bucketed_batches([len(t) for t in texts], cfg.batch_size, rng)
-        for rows in tqdm(batches, desc=f"LoRA epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False):
-            if len(rows) < 2:
+        batches = tt.bucketed_batches(lengths, cfg.batch_size, rng)
+        for rows in tqdm(batches, desc=f"LoRA epoch {epoch + 1}/{cfg.epochs}", disable=not progress or rank > 0,
+                         leave=False):
+            rows = shard_rows(rows, rank, world)
+            if rows is None:
                 continue
             batch = tokenizer([texts[i] for i in rows]).to(cfg.device)
-            out = model(img[rows].to(cfg.device), batch)
+            out = net(image_rows(rows), batch)
             terms = loss_fn(out, y[rows].to(cfg.device))
             opt.zero_grad(set_to_none=True)
             terms["total"].backward()
@@ -303,8 +342,31 @@ def train_lora(spec: tt.TextTowerSpec | str, texts: list[str], image_emb: np.nda
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(rows)
             n += len(rows)
+        if world > 1:  # every rank's rows, not rank 0's shard
+            packed = torch.tensor([*sums.values(), float(n)], dtype=torch.float64)
+            torch.distributed.all_reduce(packed)
+            sums, n = dict(zip(sums, packed[:-1].tolist())), int(packed[-1])
         history.append({"epoch": epoch + 1, **{k: v / max(n, 1) for k, v in sums.items()},
                         "seconds": round(time.perf_counter() - t0, 2)})
     model.eval()
-    return model, tokenizer, {"history": history, "truncation": dict(tokenizer.stats),
-                              "adjustments": dict(tokenizer.adjustments)}
+    return {"history": history, "truncation": stats_over_ranks(tokenizer),
+            "adjustments": dict(tokenizer.adjustments), "world_size": world}
+
+
+def train_lora(spec: tt.TextTowerSpec | str, texts: list[str], image_emb: np.ndarray, labels: np.ndarray,
+               cfg: LoraTrainConfig, progress: bool = True) -> tuple[ProjectedTower, tt.TowerTokenizer, dict]:
+    """Train LoRA adapters + projection so reports land on their (frozen) images' embeddings.
+
+    ``texts[i]`` is the report of image embedding ``image_emb[i]`` with abnormal label ``labels[i]``.
+    Returns the model, its tokenizer and a history with per-epoch mean loss terms and seconds. Under
+    ``torchrun`` (``python -m cxrlib.lora_dist``) the ranks share each batch (:func:`fit_lora`).
+    """
+    if len(texts) != len(image_emb) or len(texts) != len(labels):
+        raise ValueError(f"{len(texts)} texts, {len(image_emb)} image embeddings, {len(labels)} labels")
+    torch.manual_seed(cfg.seed)
+    tower, tokenizer = tt.build_text_tower(spec, "cpu")
+    add_lora(tower, cfg.lora)
+    model = ProjectedTower(tower, int(image_emb.shape[1])).to(cfg.device)
+    img = torch.as_tensor(image_emb, dtype=torch.float32)
+    info = fit_lora(model, tokenizer, texts, labels, lambda rows: img[rows].to(cfg.device), cfg, progress)
+    return model, tokenizer, info

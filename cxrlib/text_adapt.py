@@ -9,6 +9,13 @@ Optionally MNTP first (LLM2Vec's masked next-token prediction; Ko et al. mask 20
 replaced by a mask token (the tokenizer's, else its padding token) and token ``t`` is predicted from
 position ``t - 1`` for decoders (``t`` for encoders) through the input embedding matrix (a tied head,
 so no new weights are needed).
+
+Under ``torchrun`` (an initialised process group) each rank encodes its contiguous share of every batch
+(:func:`cxrlib.lora.shard_rows`; views are drawn for the whole batch first, identically on every rank),
+the SupCon loss is computed on the embeddings of all ranks gathered with gradients, and gradients are
+averaged over ranks, so the SupCon stage trains as one process on the whole batch would. MNTP masks are
+drawn per rank (seed + rank) and each rank's masked-token mean is averaged: the same recipe, not the
+same numbers as one process.
 """
 
 from __future__ import annotations
@@ -96,23 +103,45 @@ def _mntp_step(tower: tt.TextTower, tokenizer: tt.TowerTokenizer, texts: list[st
     return F.cross_entropy(logits.float(), targets[where])
 
 
+def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    """Average the gradients of ``params`` over ``world`` ranks in place (what DDP does; a no-op alone)."""
+    if world <= 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 def adapt_text_tower(spec: tt.TextTowerSpec | str, reports: list[variants.Report], groups: np.ndarray,
                      cfg: TextAdaptConfig, keys: list[str] | None = None, progress: bool = True):
     """LoRA-train a text tower (optional MNTP, then SupCon on variants) -> (tower, tokenizer, info)."""
     from pytorch_metric_learning.losses import SupConLoss
 
+    from cxrlib.losses import gather_with_grad
+    from cxrlib.runtime import world as _world
+
     groups = np.asarray(groups)
     if len(groups) != len(reports):
         raise ValueError(f"{len(reports)} reports but {len(groups)} group ids")
+    rank, world = _world()
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + rank)
     rng = np.random.default_rng(cfg.seed)
     tower, tokenizer = tt.build_text_tower(spec, "cpu")
     lora_mod.add_lora(tower, cfg.lora)
     tower.to(cfg.device)
     views = variant_views(reports, cfg.styles, cfg.seed, keys)
     n_views = np.array([len(v) for v in views])
-    opt = torch.optim.AdamW([p for p in tower.parameters() if p.requires_grad], lr=cfg.lr)
+    params = [p for p in tower.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr)
+    show = progress and rank == 0
     history: list[dict[str, Any]] = []
 
     lengths = [len(v[0]) for v in views]
@@ -123,12 +152,20 @@ def adapt_text_tower(spec: tt.TextTowerSpec | str, reports: list[variants.Report
     for epoch in range(cfg.mntp_epochs):
         tower.train()
         t0, total, n = time.perf_counter(), 0.0, 0
-        for rows in tqdm(batches(), desc=f"MNTP {epoch + 1}/{cfg.mntp_epochs}", disable=not progress, leave=False):
-            loss = _mntp_step(tower, tokenizer, [views[i][0] for i in rows], cfg.mntp_mask_rate, gen, cfg.device)
+        for rows in tqdm(batches(), desc=f"MNTP {epoch + 1}/{cfg.mntp_epochs}", disable=not show, leave=False):
+            mine = lora_mod.shard_rows(rows, rank, world)
+            if mine is None:
+                continue
+            loss = _mntp_step(tower, tokenizer, [views[i][0] for i in mine], cfg.mntp_mask_rate, gen, cfg.device)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(params, world)
             opt.step()
-            total, n = total + float(loss.detach()) * len(rows), n + len(rows)
+            total, n = total + float(loss.detach()) * len(mine), n + len(mine)
+        if world > 1:  # the mean over ranks, not rank 0's shard
+            packed = torch.tensor([total, float(n)], dtype=torch.float64)
+            torch.distributed.all_reduce(packed)
+            total, n = float(packed[0]), int(packed[1])
         history.append({"stage": "mntp", "epoch": epoch + 1, "loss": total / max(n, 1),
                         "seconds": round(time.perf_counter() - t0, 2)})
 
@@ -136,25 +173,30 @@ def adapt_text_tower(spec: tt.TextTowerSpec | str, reports: list[variants.Report
     for epoch in range(cfg.epochs):
         tower.train()
         t0, total, n, skipped = time.perf_counter(), 0.0, 0, 0
-        for rows in tqdm(batches(), desc=f"SupCon {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False):
-            texts, labels = [], []
+        for rows in tqdm(batches(), desc=f"SupCon {epoch + 1}/{cfg.epochs}", disable=not show, leave=False):
+            pairs = []  # the whole batch's two views per report, drawn alike on every rank
             for i in rows:
                 pick = rng.choice(n_views[i], size=2, replace=n_views[i] < 2)
-                texts += [views[i][j] for j in pick]
-                labels += [int(groups[i])] * 2
+                pairs.append([views[i][j] for j in pick])
+            mine = lora_mod.shard_rows(list(range(len(rows))), rank, world)
+            kept = [] if mine is None else range(len(mine) * world)
+            labels = [int(groups[rows[j]]) for j in kept for _ in range(2)]
             if len(set(labels)) < 2:
                 skipped += 1
                 continue
+            texts = [t for j in mine for t in pairs[j]]
             emb = F.normalize(tower.encode_text(tokenizer(texts).to(cfg.device)), dim=-1)
-            loss = loss_fn(emb, torch.tensor(labels, device=cfg.device))
+            loss = loss_fn(gather_with_grad(emb, world), torch.tensor(labels, device=cfg.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(params, world)
             opt.step()
-            total, n = total + float(loss.detach()) * len(rows), n + len(rows)
+            total, n = total + float(loss.detach()) * len(kept), n + len(kept)
         history.append({"stage": "supcon", "epoch": epoch + 1, "loss": total / max(n, 1),
                         "batches_skipped": skipped, "seconds": round(time.perf_counter() - t0, 2)})
     tower.eval()
     info = {"history": history, "n_reports": len(reports), "views_per_report": float(n_views.mean()),
-            "reports_without_rewrite": int((n_views < 2).sum()), "truncation": dict(tokenizer.stats),
+            "reports_without_rewrite": int((n_views < 2).sum()), "truncation": lora_mod.stats_over_ranks(tokenizer),
+            "world_size": world,
             "adjustments": dict(tokenizer.adjustments)}
     return tower, tokenizer, info
