@@ -232,7 +232,8 @@ def _requires_label_sets(split: PairedSplit) -> str | None:
 
 
 @register_protocol("graded", "raw", ("ndcg", "label_f1"),
-                   "clinically graded relevance (cxrlib.graded): Jaccard / F1 of the 13 finding labels",
+                   "clinically graded relevance (cxrlib.graded): Jaccard / F1 of the 13 finding labels, and "
+                   "BERTScore, F1-CheXbert, RadGraph F1 of the reports (cxrlib.report_metrics) where weights are local",
                    requires=_requires_label_sets)
 def graded_protocol(split: PairedSplit, direction: str, ks, chunk_size: int) -> Pass:
     """nDCG@K with Jaccard gains and label-F1@K of the finding label sets (see :mod:`cxrlib.graded`);
