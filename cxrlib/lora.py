@@ -11,6 +11,12 @@ any, the projection, the logit scale and the classifier) plus the full config (t
 settings, the base weights' fingerprint). :func:`load_lora` rebuilds the base from the spec, refuses
 adapters saved from another base (fingerprints differ: an error naming both), and gives the same
 embeddings as before saving.
+
+Training (:func:`fit_lora`, the one loop): in one process, or under ``torchrun`` with DDP, each rank
+taking its contiguous share of every batch (:func:`shard_rows`) and the contrastive terms gathering
+all ranks' features, so a step equals one process's on the whole batch (``python -m cxrlib.lora_dist``;
+:func:`cxrlib.lora_dist.launch` starts it). LoRA in the image tower too, trained from images:
+:mod:`cxrlib.lora_image`.
 """
 
 from __future__ import annotations
