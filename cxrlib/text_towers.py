@@ -483,9 +483,38 @@ class TextTower(nn.Module):
         return F.normalize(out, dim=-1) if normalize else out
 
 
+#: checkpoint tensors an encoder may lack without harm: heads no pooling here reads (BERT's pooler)
+UNUSED_PREFIXES = ("pooler.",)
+
+
+def _from_pretrained(spec: TextTowerSpec, source: str):
+    """``AutoModel.from_pretrained`` in float32 with its loading report checked instead of printed: a
+    weight the checkpoint lacks (the body would stay random) or of another shape is an error naming it;
+    tensors left over (other than the pooling's own, read by :func:`_load_pooling_weights`) are returned."""
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = AutoModel.from_pretrained(source, dtype=torch.float32, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(level)
+    missing = sorted(k for k in info.get("missing_keys") or () if not k.startswith(UNUSED_PREFIXES))
+    mismatched = list(info.get("mismatched_keys") or ())
+    if missing or mismatched:
+        raise ValueError(f"text tower {spec.name!r}: the weights in {source} do not fit its {type(model).__name__}: "
+                         f"{len(missing)} missing {missing[:6]}, {len(mismatched)} of another shape {mismatched[:3]}")
+    prefix = spec.pooling_weights_prefix
+    left = sorted(k for k in info.get("unexpected_keys") or () if not (prefix and k.startswith(prefix)))
+    return model, left
+
+
 def _load_hf(spec: TextTowerSpec, source: str):
+    """``(config, tokenizer, model, notes)``; notes: what loading left over, for ``adjustments``."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+    notes: dict[str, str] = {}
     try:
         config = AutoConfig.from_pretrained(source)
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -494,11 +523,13 @@ def _load_hf(spec: TextTowerSpec, source: str):
                 torch.manual_seed(RANDOM_INIT_SEED)
                 model = AutoModel.from_config(config)
         else:
-            model = AutoModel.from_pretrained(source, dtype=torch.float32)
+            model, left = _from_pretrained(spec, source)
+            if left:
+                notes["unused_weights"] = f"{len(left)} checkpoint tensors not loaded: {left[:6]}"
     except OSError as exc:
         hint = f" (offline: set {spec.local_env}=<folder>)" if spec.local_env else ""
         raise RuntimeError(f"text tower {spec.name!r}: cannot load {source!r}{hint}: {exc}") from exc
-    return config, tokenizer, model
+    return config, tokenizer, model, notes
 
 
 #: llm2vec4cxr's names of its latent-attention weights (under ``latent_attn.`` in its model file) -> this
@@ -611,7 +642,7 @@ def build_text_tower(spec: TextTowerSpec | str, device: str = "cpu") -> tuple[Te
     """The tower module (eval mode) and its tokenizer for a spec or preset name."""
     spec = text_tower_spec(spec) if isinstance(spec, str) else spec
     source = resolve_source(spec)
-    config, hf_tok, model = _load_hf(spec, source)
+    config, hf_tok, model, load_notes = _load_hf(spec, source)
     is_decoder = config.model_type in DECODER_TYPES
     if is_decoder and spec.bidirectional:
         make_bidirectional(model)
@@ -624,6 +655,7 @@ def build_text_tower(spec: TextTowerSpec | str, device: str = "cpu") -> tuple[Te
     tower = TextTower(model, pooling, spec, is_decoder).to(device).eval()
     tokenizer = TowerTokenizer(hf_tok, max_length, spec.instruction, spec.separator, spec.name,
                                spec.pool_special_tokens, spec.instruction_tokens)
+    tokenizer.adjustments.update(load_notes)
     notes = llm2vec_config_notes(spec, source)
     if notes:
         tokenizer.adjustments["llm2vec_config"] = notes

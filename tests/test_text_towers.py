@@ -319,6 +319,22 @@ def test_llm2vec4cxr_folder_with_a_foreign_pooling_key_names_it(tmp_path, monkey
         tt.load_text_tower("llm2vec4cxr")
 
 
+def test_llm2vec4cxr_body_weights_missing_are_an_error_and_leftovers_recorded(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = _llm2vec_folder(tmp_path, with_latents=True)
+    f = folder / "model.safetensors"
+    state = load_file(f)
+    monkeypatch.setenv("LLM2VEC4CXR_DIR", str(folder))
+    save_file({**state, "lm_head.weight": torch.zeros(384, 32)}, str(f))
+    b = tt.load_text_tower("llm2vec4cxr")
+    assert b.tokenizer.adjustments["unused_weights"] == "1 checkpoint tensors not loaded: ['lm_head.weight']"
+    del state["layers.1.self_attn.q_proj.weight"]
+    save_file(state, str(f))
+    with pytest.raises(ValueError, match=r"1 missing \['layers.1.self_attn.q_proj.weight'\]"):
+        tt.load_text_tower("llm2vec4cxr")
+
+
 def test_llm2vec_config_that_differs_from_the_spec_is_recorded(tmp_path, monkeypatch):
     folder, _ = _llm2vec_folder(tmp_path, with_latents=True,
                                 llm2vec_config={"pooling_mode": "mean", "max_length": 512, "skip_instruction": True})
