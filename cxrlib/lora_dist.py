@@ -108,7 +108,8 @@ def launch(spec: tt.TextTowerSpec | str, texts: list[str], labels: np.ndarray, c
            image_paths: list[str] | None = None, image_backbone: str | None = None,
            image_lora: lora.LoraSettings | None = None, progress: bool = True,
            extra: dict[str, Any] | None = None) -> Path:
-    """Train and write the checkpoint ``out``: in this process (``nproc == 1``) or on ``nproc`` torchrun ranks."""
+    """Train and write the checkpoint ``out``: in this process (``nproc == 1``) or on ``nproc`` torchrun ranks.
+    Its config holds ``train`` (the settings), ``info`` (history, truncation counts, world size) and ``extra``."""
     spec = tt.text_tower_spec(spec) if isinstance(spec, str) else spec
     if image_backbone and image_paths is None:
         raise ValueError("image-tower LoRA trains from images: give image_paths")
@@ -116,12 +117,11 @@ def launch(spec: tt.TextTowerSpec | str, texts: list[str], labels: np.ndarray, c
         inputs = {"texts": list(texts), "labels": np.asarray(labels), "image_emb": image_emb,
                   "image_paths": image_paths}
         return _train_and_save(inputs, out, spec, cfg, image_backbone, image_lora, progress, extra)
-    if extra:
-        raise ValueError("extra config entries are for in-process runs; add them to the checkpoint afterwards")
     with tempfile.TemporaryDirectory(prefix="cxr-lora-") as tmp:
         inputs = write_inputs(Path(tmp) / "inputs.pt", texts, labels, None if image_backbone else image_emb,
                               image_paths if image_backbone else None)
-        subprocess.run(torchrun_command(inputs, out, spec, cfg, nproc, image_backbone, image_lora), check=True)
+        cmd = torchrun_command(inputs, out, spec, cfg, nproc, image_backbone, image_lora)
+        subprocess.run(cmd + (["--extra", json.dumps(extra)] if extra else []), check=True)
     return Path(out)
 
 
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="LoraTrainConfig.to_dict as JSON")
     ap.add_argument("--image-backbone", default=None, help="also put LoRA adapters in this backbone's image tower")
     ap.add_argument("--image-lora", default=None, help="the image tower's LoraSettings as JSON")
+    ap.add_argument("--extra", default=None, help="more config entries for the checkpoint, as a JSON object")
     args = ap.parse_args(argv)
     spec = tt.TextTowerSpec.from_dict(json.loads(args.spec))
     cfg = config_from_dict(json.loads(args.config))
@@ -146,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     try:
         inputs = torch.load(args.inputs, map_location="cpu", weights_only=True)
-        _train_and_save(inputs, args.out, spec, cfg, args.image_backbone, image_lora, progress=True)
+        _train_and_save(inputs, args.out, spec, cfg, args.image_backbone, image_lora, progress=True,
+                        extra=json.loads(args.extra) if args.extra else None)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

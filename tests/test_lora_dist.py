@@ -49,12 +49,22 @@ def test_shard_rows_contiguous_equal_and_too_small_batches_skipped():
     assert lora.shard_rows([5], 0, 1) is None and lora.shard_rows([5, 6, 7], 0, 4) is None
 
 
+def test_launch_bad_inputs_are_named(tmp_path):
+    with pytest.raises(ValueError, match="give image_paths"):
+        lora_dist.launch("tiny-llama", TEXTS, LABELS, _cfg(), tmp_path / "x.pt", image_backbone="tiny")
+    with pytest.raises(ValueError, match="one of them"):
+        lora_dist.write_inputs(tmp_path / "i.pt", TEXTS, LABELS)
+    with pytest.raises(ValueError, match=r"unknown fields \['width'\]"):
+        lora_dist.config_from_dict({**_cfg().to_dict(), "width": 3})
+
+
 def test_config_round_trips_through_the_command_line():
     cfg = _cfg(lora=lora.LoraSettings(r=2, alpha=4, dropout=0.0, target_modules=("q_proj", "v_proj")))
     again = lora_dist.config_from_dict(cfg.to_dict())
     assert again.to_dict() == cfg.to_dict() and again.lora.target_modules == ("q_proj", "v_proj")
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_ranks_equal_one_process(tmp_path):
     """The adapters, latents, projection, logit scale and classifier after 2 epochs (4 steps): equal."""
     rng = np.random.default_rng(0)
@@ -62,9 +72,11 @@ def test_torchrun_two_cpu_ranks_equal_one_process(tmp_path):
     cfg = _cfg()
     one = lora_dist.launch("tiny-llama", TEXTS, LABELS, cfg, tmp_path / "one.pt", nproc=1, image_emb=img,
                            progress=False)
-    two = lora_dist.launch("tiny-llama", TEXTS, LABELS, cfg, tmp_path / "two.pt", nproc=2, image_emb=img)
+    two = lora_dist.launch("tiny-llama", TEXTS, LABELS, cfg, tmp_path / "two.pt", nproc=2, image_emb=img,
+                           extra={"recipe": {"note": "x"}})
     a, b = lora.read_lora(one), lora.read_lora(two)
     assert b["config"]["info"]["world_size"] == 2 and a["config"]["info"]["world_size"] == 1
+    assert b["config"]["recipe"] == {"note": "x"} and b["config"]["train"] == cfg.to_dict()
     _assert_same_state(_trained(a), _trained(b), atol=1e-4)
     ha, hb = a["config"]["info"]["history"], b["config"]["info"]["history"]
     assert [round(h["total"], 4) for h in ha] == [round(h["total"], 4) for h in hb]
@@ -77,6 +89,7 @@ def test_torchrun_two_cpu_ranks_equal_one_process(tmp_path):
     assert any(float((a["state"][k] - v).abs().max()) > 1e-3 for k, v in moved.items())  # it trained
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_ranks_with_image_tower_lora(tmp_path):
     from PIL import Image
 
@@ -114,6 +127,7 @@ torch.distributed.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_variant_supcon_two_cpu_ranks_equal_one_process(tmp_path):
     R = variants.Report
     reports = [R("There is a small left pleural effusion. No pneumothorax.", "Small left pleural effusion."),
