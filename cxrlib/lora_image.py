@@ -18,7 +18,8 @@ A target that does not exist, or ``out_proj`` of an ``nn.MultiheadAttention`` (L
 nothing), is an error naming it. The checkpoint is a :mod:`cxrlib.lora` checkpoint (text adapters,
 projection, logit scale, classifier) plus the image adapters (``image.*``) and, in its config, the image
 backbone, its LoRA settings and its base weights' fingerprint; :func:`load_image_lora` rebuilds both
-towers and gives the same embeddings (the image tower's other weights are never stored).
+towers and gives the same embeddings (the image tower's other weights are never stored: it runs in eval
+mode while its adapters train, so its batch-norm statistics never change).
 """
 
 from __future__ import annotations
@@ -120,6 +121,16 @@ class ImageLoraModel(nn.Module):
     @property
     def out_dim(self) -> int:
         return self.text.out_dim
+
+    def train(self, mode: bool = True) -> ImageLoraModel:
+        """Training mode everywhere but in the frozen image tower's own modules, which run as at inference
+        (batch-norm statistics stay the loaded ones, no drop paths); its adapters' dropout does train."""
+        super().train(mode)
+        if mode:
+            for name, m in self.visual.named_modules():
+                if "lora_" not in name:
+                    m.training = False
+        return self
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         out = self.visual(pixels)

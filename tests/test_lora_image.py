@@ -116,3 +116,21 @@ def test_bad_inputs_are_named(tmp_path):
         lora_image.train_image_lora("tiny-llama", "tiny", ["a", "b"], TEXTS, LABELS, _cfg())
     with pytest.raises(ValueError, match="no image tower"):
         lora_image.train_image_lora("tiny-llama", "text:tiny-llama", _images(tmp_path), TEXTS, LABELS, _cfg())
+
+
+def test_offline_efficientnet_tower_conv_adapters_keep_batch_norm_statistics(tmp_path):
+    """Conv LoRA in the offline EfficientNet-Lite0 tower: its batch-norm statistics stay the loaded ones
+    (the base runs in eval mode; they are not in the checkpoint), so the reload gives the same embeddings."""
+    paths = _images(tmp_path)
+    model, tok, pre, _ = lora_image.train_image_lora("tiny-llama", "offline", paths, TEXTS, LABELS, _cfg(epochs=1),
+                                                     lora.LoraSettings(r=2, alpha=4, dropout=0.0), progress=False)
+    fresh = load_backbone("offline").model.visual
+    bn = {k: v for k, v in fresh.state_dict().items() if "running_" in k}
+    got = {k.replace(".base_layer", ""): v for k, v in model.visual.state_dict().items() if "running_" in k}
+    assert bn and all(torch.equal(bn[k], got[k]) for k in bn)
+    assert any(".conv_pwl.lora_A" in n for n, _ in model.visual.named_parameters())
+    path = lora_image.save_image_lora(tmp_path / "eff.pt", model)
+    again, *_ = lora_image.load_image_lora(path)
+    pixels = lora_image.ImageRows(paths, pre)(list(range(len(paths))))
+    with torch.no_grad():
+        assert torch.allclose(model.encode_image(pixels), again.encode_image(pixels), atol=1e-5)
