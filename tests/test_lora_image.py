@@ -134,3 +134,23 @@ def test_offline_efficientnet_tower_conv_adapters_keep_batch_norm_statistics(tmp
     pixels = lora_image.ImageRows(paths, pre)(list(range(len(paths))))
     with torch.no_grad():
         assert torch.allclose(model.encode_image(pixels), again.encode_image(pixels), atol=1e-5)
+
+
+def test_adapted_towers_through_the_embedding_cache(trained, tmp_path):
+    import pandas as pd
+
+    from cxrlib.embed import extract_embeddings
+    from cxrlib.embstore import load_embeddings
+
+    model, tok, pre, _, paths = trained
+    bb = lora_image.image_lora_backbone(model.eval(), tok, pre, "tiny+tiny-llama-lora")
+    table = pd.DataFrame({"image_id": [f"i{i}" for i in range(len(paths))], "image_path": paths,
+                          "study_id": [f"s{i}" for i in range(len(paths))], "report": TEXTS})
+    out = extract_embeddings(table, bb, tmp_path / "emb", batch_size=4, num_workers=0, device="cpu",
+                             precision="fp32", progress=False)
+    img, txt = load_embeddings(out["image"]), load_embeddings(out["text"])
+    with torch.no_grad():
+        ref_img = model.encode_image(lora_image.ImageRows(paths, pre)(list(range(len(paths)))), normalize=True)
+        ref_txt = model.encode_text(tok(TEXTS), normalize=True)
+    np.testing.assert_allclose(img.emb, ref_img.numpy(), atol=1e-5)
+    np.testing.assert_allclose(txt.emb, ref_txt.numpy(), atol=1e-5)
