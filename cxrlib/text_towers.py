@@ -584,7 +584,8 @@ def map_pooling_keys(state: dict[str, torch.Tensor], pooling: nn.Module, pooling
 
 
 def _checkpoint_tensors(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
-    """Tensors under ``prefix`` in a model folder's safetensors (read alone) or, without any, ``*.bin`` weights."""
+    """Tensors under ``prefix`` in a model folder's safetensors (read key by key) or, without any, its
+    ``*model*.bin`` weights."""
     out: dict[str, torch.Tensor] = {}
     files = sorted(folder.glob("*.safetensors"))
     for f in files:
@@ -592,9 +593,12 @@ def _checkpoint_tensors(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
 
         with safe_open(str(f), framework="pt") as fh:
             out.update({k[len(prefix):]: fh.get_tensor(k) for k in fh.keys() if k.startswith(prefix)})
-    if not files:
-        for f in sorted(folder.glob("*.bin")):
-            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    if not files:  # pytorch_model.bin (llm2vec4cxr's Google Drive copy), shards; not training_args.bin
+        for f in sorted(folder.glob("*model*.bin")):
+            try:
+                state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # saved in the legacy (non-zip) format, which cannot be memory-mapped
+                state = torch.load(f, map_location="cpu", weights_only=True)
             out.update({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
     return out
 

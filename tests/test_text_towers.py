@@ -335,6 +335,22 @@ def test_llm2vec4cxr_body_weights_missing_are_an_error_and_leftovers_recorded(tm
         tt.load_text_tower("llm2vec4cxr")
 
 
+def test_llm2vec4cxr_as_a_pytorch_model_bin_folder(tmp_path, monkeypatch):
+    """The release's Google Drive copy is one ``pytorch_model.bin`` (body + ``latent_attn.*``); a
+    ``training_args.bin`` beside it is not read as weights."""
+    from safetensors.torch import load_file
+
+    folder, pool = _llm2vec_folder(tmp_path, with_latents=True)
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    torch.save({"not": "weights"}, folder / "training_args.bin", _use_new_zipfile_serialization=False)
+    monkeypatch.setenv("LLM2VEC4CXR_DIR", str(folder))
+    b = tt.load_text_tower("llm2vec4cxr")
+    assert torch.equal(b.model.pooling.latents, pool.latents)
+    assert torch.equal(b.model.pooling.attn.out_proj.weight, pool.multihead_attn.out_proj.weight)
+
+
 def test_llm2vec_config_that_differs_from_the_spec_is_recorded(tmp_path, monkeypatch):
     folder, _ = _llm2vec_folder(tmp_path, with_latents=True,
                                 llm2vec_config={"pooling_mode": "mean", "max_length": 512, "skip_instruction": True})
