@@ -210,6 +210,13 @@ class Backbone:
     fingerprint: str
     #: the open_clip config used (``model_cfg`` + ``preprocess_cfg``), stored in adapted checkpoints
     config: dict[str, Any] = field(default_factory=dict)
+    #: what decides the text features alone (:func:`text_fingerprint`); empty: only ``fingerprint`` is known
+    text_fingerprint: str = ""
+
+    @property
+    def text_key(self) -> str:
+        """The fingerprint text embeddings are cached under: the text tower's, else the whole backbone's."""
+        return self.text_fingerprint or self.fingerprint
 
 
 def models_config_dir() -> Path:
@@ -550,19 +557,51 @@ def _tokenizer(cfg: dict[str, Any]):
     return SimpleTokenizer(context_length=ctx)
 
 
-def fingerprint(model: torch.nn.Module, extra: dict[str, Any] | None = None) -> str:
-    """16 hex digits of a hash over every weight (name, dtype, shape, bytes) and ``extra`` (preprocessing)."""
+def fingerprint(model: torch.nn.Module, extra: dict[str, Any] | None = None,
+                include: Callable[[str], bool] | None = None) -> str:
+    """16 hex digits of a hash over every weight (name, dtype, shape, bytes) and ``extra`` (preprocessing);
+    ``include`` keeps only the state-dict keys it accepts (one tower's)."""
     import torch
 
     h = hashlib.blake2b(digest_size=8)
     h.update(json.dumps(extra or {}, sort_keys=True, default=str).encode())
     for key, t in sorted(model.state_dict().items()):
+        if include is not None and not include(key):
+            continue
         t = t.detach().cpu().contiguous()
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
         if t.dtype == torch.bfloat16:
             t = t.view(torch.int16)
         h.update(t.numpy().tobytes() if t.ndim == 0 else memoryview(t.numpy()).cast("B"))
     return h.hexdigest()
+
+
+def is_text_key(key: str) -> bool:
+    """A state-dict key that ``encode_text`` of an open_clip model reads: everything but the image tower
+    (``visual.*``) and the logit scale/bias (used by losses, not by either encoder)."""
+    return not key.startswith("visual.") and key not in ("logit_scale", "logit_bias")
+
+
+def tokenizer_identity(tokenizer: Any, context_length: int | None) -> dict[str, Any]:
+    """What decides a tokenizer's ids: its class, context length and (Hugging Face) vocabulary and casing,
+    without the folder it was read from (that differs by machine)."""
+    out: dict[str, Any] = {"class": type(tokenizer).__name__, "context_length": context_length}
+    inner = getattr(tokenizer, "tokenizer", None)
+    if inner is not None and hasattr(inner, "get_vocab"):
+        vocab = sorted(inner.get_vocab().items())
+        out.update(hf_class=type(inner).__name__, do_lower_case=getattr(inner, "do_lower_case", None),
+                   vocab=hashlib.blake2b(json.dumps(vocab).encode(), digest_size=8).hexdigest())
+    elif hasattr(tokenizer, "encoder"):  # open_clip's SimpleTokenizer (BPE)
+        out["vocab"] = hashlib.blake2b(json.dumps(sorted(tokenizer.encoder.items())).encode(),
+                                       digest_size=8).hexdigest()
+    return out
+
+
+def text_fingerprint(model: torch.nn.Module, tokenizer: Any, context_length: int | None) -> str:
+    """The text tower's fingerprint: its weights (:func:`is_text_key`) and tokenizer. Two backbones that
+    share a text tower (an image-only adaptation, ``lock_text``) share it; a trained text tower does not."""
+    return fingerprint(model, {"tower": "text", "tokenizer": tokenizer_identity(tokenizer, context_length)},
+                       include=is_text_key)
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -640,12 +679,13 @@ def backbone_from_config(name: str, cfg: dict[str, Any], weights: str | os.PathL
 def _assemble(name: str, model, preprocess, tokenizer, cfg: dict[str, Any]) -> Backbone:
     text_cfg = cfg["model_cfg"].get("text_cfg", {})
     pp = dict(getattr(model.visual, "preprocess_cfg", {}) or cfg.get("preprocess_cfg", {}))
+    context_length = int(text_cfg.get("context_length", 77))
     return Backbone(
         name=name, model=model, preprocess=preprocess, tokenizer=tokenizer,
         embed_dim=int(cfg["model_cfg"]["embed_dim"]),
-        context_length=int(text_cfg.get("context_length", 77)),
+        context_length=context_length,
         fingerprint=fingerprint(model, {"preprocess": pp, "context_length": text_cfg.get("context_length")}),
-        config=cfg,
+        config=cfg, text_fingerprint=text_fingerprint(model, tokenizer, context_length),
     )
 
 

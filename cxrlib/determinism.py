@@ -12,7 +12,11 @@ every node of its DAG, and the profile pins ``precision: fp32`` for extraction):
   (``ONEDNN_MAX_CPU_ISA``) and MKL's BLAS (``MKL_CBWR``, conditional numerical reproducibility) each
   pick AVX2 or AVX-512 code by CPU; pinned to AVX2, every x86-64 CPU from 2013 on runs the same code.
 - ``torch.use_deterministic_algorithms(True)`` (:func:`apply`), which on CUDA also needs
-  ``CUBLAS_WORKSPACE_CONFIG``.
+  ``CUBLAS_WORKSPACE_CONFIG`` (set before the first cuBLAS call). Every node of a deterministic
+  profile switches it on: the notebooks through :func:`cxrlib.interactive.setup`
+  (:func:`enable_for_profile`, applied when the node first imports torch, so a node without torch
+  pays no torch import), the extractor through ``CXR_DETERMINISTIC`` in :func:`env`. An op without a
+  deterministic implementation then raises, naming itself, unless :data:`WARN_ONLY`.
 
 Where it cannot hold: oneDNN may still choose its blocking from the cache sizes, and an ARM or
 non-AVX2 CPU runs other kernels; a GPU run is not bit-identical to a CPU run. ``make check-demo``
@@ -22,8 +26,12 @@ therefore compares the headline numbers against the reference run's confidence i
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import os
 import sys
+from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 #: thread count of the reference runs (the 2-core machine the README numbers come from)
@@ -40,11 +48,16 @@ PINNED_ENV = {
 #: not numerics but speed: OpenMP threads that sleep instead of spinning at each barrier. Same results;
 #: on a CPU shared with other work, spinning threads fight for the cores (benchmarks/cpu_pins.py).
 SPEED_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+#: tells a process started by make for a deterministic profile (``python -m cxrlib.embed``) to :func:`apply`
+FLAG_ENV = "CXR_DETERMINISTIC"
+#: False: an op without a deterministic implementation is an error (the offline DAG on CPU runs none)
+WARN_ONLY = False
 
 
 def env(threads: int = THREADS) -> dict[str, str]:
     """Every variable a deterministic run sets before torch starts."""
-    return {**PINNED_ENV, **SPEED_ENV, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    return {**PINNED_ENV, **SPEED_ENV, FLAG_ENV: "1", "OMP_NUM_THREADS": str(threads),
+            "MKL_NUM_THREADS": str(threads)}
 
 
 def apply(threads: int | None = THREADS, seed: int | None = None) -> None:
@@ -52,11 +65,12 @@ def apply(threads: int | None = THREADS, seed: int | None = None) -> None:
 
     Call it before any torch work; the ISA pins only take effect through :func:`env` at start-up.
     """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", PINNED_ENV["CUBLAS_WORKSPACE_CONFIG"])  # read by cuBLAS
     import torch
 
     if threads is not None:
         torch.set_num_threads(int(threads))
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(True, warn_only=WARN_ONLY)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     if seed is not None:
@@ -67,6 +81,63 @@ def apply(threads: int | None = THREADS, seed: int | None = None) -> None:
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
+
+
+def when_imported(module: str, callback: Callable[[ModuleType], None]) -> None:
+    """Call ``callback(module)`` now if ``module`` is imported, else right after its first import."""
+    if module in sys.modules:
+        callback(sys.modules[module])
+        return
+    sys.meta_path.insert(0, _AfterImport(module, callback))
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """A one-shot finder: lets the normal finders load ``name``, then runs ``callback`` on the module."""
+
+    def __init__(self, name: str, callback: Callable[[ModuleType], None]):
+        self.name, self.callback = name, callback
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run, callback = spec.loader.exec_module, self.callback
+
+        def exec_module(mod: ModuleType) -> None:
+            run(mod)
+            callback(mod)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def profile_threads(profile: str) -> int | None:
+    """The thread count of a deterministic profile, None for any other."""
+    from cxrlib import config
+
+    cfg = config.load_profile(profile)
+    return int(cfg.get("threads", THREADS)) if cfg.get("deterministic") else None
+
+
+def enable_for_profile(profile: str) -> bool:
+    """:func:`apply` (with the profile's threads) for a profile with ``deterministic: true``, when this process
+    imports torch (now, if it has); False, and nothing changed, for any other profile."""
+    threads = profile_threads(profile)
+    if threads is None:
+        return False
+    when_imported("torch", lambda _torch: apply(threads))
+    return True
+
+
+def enable_from_env() -> bool:
+    """:func:`apply` when make started this process for a deterministic profile (``CXR_DETERMINISTIC=1``)."""
+    if os.environ.get(FLAG_ENV, "") in ("", "0"):
+        return False
+    apply(int(os.environ.get("OMP_NUM_THREADS") or THREADS))
+    return True
 
 
 def describe() -> dict[str, Any]:
@@ -84,10 +155,8 @@ def describe() -> dict[str, Any]:
 
 def profile_env(profile: str) -> dict[str, str]:
     """:func:`env` when the profile sets ``deterministic: true`` (the offline demo), else nothing."""
-    from cxrlib import config
-
-    cfg = config.load_profile(profile)
-    return env(int(cfg.get("threads", THREADS))) if cfg.get("deterministic") else {}
+    threads = profile_threads(profile)
+    return env(threads) if threads is not None else {}
 
 
 def main(argv: list[str] | None = None) -> int:

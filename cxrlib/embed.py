@@ -6,11 +6,19 @@ L2-normalised float32 through :mod:`cxrlib.embstore`, then ``done.json`` last.
 
 Cache and resume. Each modality's items are cut into fixed chunks (in table order); every chunk is
 written as an atomic shard under ``<out_dir>/.partial/<modality>-<key>/`` and the shards are merged
-by id at the end. The key hashes the backbone fingerprint (weights, so also the checkpoint),
-the preprocessing, the precision and the rows' ids and inputs: a rerun with the same key reads the
+by id at the end. The key hashes what decides that modality's features: for images the backbone
+fingerprint (weights, so also the checkpoint) and the preprocessing, for reports the text tower's
+fingerprint (its weights and tokenizer, :func:`cxrlib.backbones.text_fingerprint`) and context
+length; then the precision and the rows' ids and inputs. A rerun with the same key reads the
 cache; an interrupted run recomputes only the chunks without a shard; a changed input changes the
 key, so a stale shard is never reused. ``done.json`` is deleted before any recomputation and
 written after the merge, so a half-written set never passes for a whole one.
+
+Shared text features. With ``text_store`` (the command line's default: :func:`cxrlib.paths.text_store_dir`)
+each text file is also kept there under its key, so another embedding set whose backbone has the same
+text tower (the frozen backbone and its image-only adaptation, ``lock_text``) copies it instead of
+encoding every report again; the copy carries its own set's backbone name and fingerprint and is
+stamped like any other. A text tower that was trained has other weights, so another key.
 
 Bad input. An unreadable image is a counted skip listed by id and reason in ``done.json`` and in the
 returned :class:`ExtractionResult` (never a zero vector); an empty report likewise; a study whose
@@ -58,7 +66,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from cxrlib import accel, runtime, settings
+from cxrlib import accel, determinism, paths, runtime, settings
 from cxrlib.backbones import Backbone, load_backbone
 from cxrlib.embstore import Embeddings, load_embeddings, save_embeddings
 from cxrlib.images import ImageReadError, load_cxr_image
@@ -141,10 +149,12 @@ def _hash_items(ids: Sequence[str], values: Sequence[str]) -> str:
 
 def cache_key(modality: str, backbone: Backbone, precision: str, ids: Sequence[str], values: Sequence[str],
               decode: str = "cpu") -> str:
-    """What decides the embeddings: weights (so the checkpoint), preprocessing/tokenizer, precision, rows,
+    """What decides the embeddings: the weights that compute them (images: the whole backbone, so the
+    checkpoint; reports: the text tower's, ``Backbone.text_key``), preprocessing/tokenizer, precision, rows,
     and for images the decode path when it is not the CPU reader (device decoding differs in rounding)."""
+    weights = backbone.fingerprint if modality == "image" else getattr(backbone, "text_key", backbone.fingerprint)
     parts = {
-        "version": CACHE_VERSION, "modality": modality, "fingerprint": backbone.fingerprint,
+        "version": CACHE_VERSION, "modality": modality, "fingerprint": weights,
         "precision": precision, "rows": _hash_items(ids, values),
         "transform": repr(backbone.preprocess) if modality == "image" else
         f"{type(backbone.tokenizer).__name__}:{backbone.context_length}",
@@ -403,15 +413,63 @@ def _read_stamp(out_dir: Path) -> dict[str, Any]:
         return {}
 
 
+def _meta(path: Path) -> dict[str, Any] | None:
+    """The metadata of an embedding file, or None when it is absent or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        return load_embeddings(path).meta
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _has_key(path: Path, key: str | None) -> bool:
+    """True when the embedding file ``path`` exists and was written for ``key``."""
+    meta = _meta(path) if key else None
+    return meta is not None and meta.get("cache_key") == key
+
+
 def _cached(out_dir: Path, modality: str, key: str | None) -> bool:
     """True when ``<modality>.npz`` exists and was written for ``key`` (files are atomic and self-describing)."""
-    path = out_dir / f"{modality}.npz"
-    if not key or not path.is_file():
-        return False
+    return _has_key(out_dir / f"{modality}.npz", key)
+
+
+def store_path(store: Path, modality: str, key: str) -> Path:
+    """A modality's file in the shared store, named by its cache key."""
+    return store / f"{modality}-{key}.npz"
+
+
+def _source(out_dir: Path, modality: str, key: str, store: Path | None) -> Path | None:
+    """Where embeddings for ``key`` already are: the set's own file, else the shared store's, else None."""
+    own = out_dir / f"{modality}.npz"
+    if _has_key(own, key):
+        return own
+    shared = store_path(store, modality, key) if store is not None and modality == "text" else None
+    return shared if shared is not None and _has_key(shared, key) else None
+
+
+def _is_own(out_dir: Path, modality: str, source: Path, label: str, fp: str) -> bool:
+    """The set's own file, written for this backbone name and fingerprint (nothing to rewrite)."""
+    meta = _meta(source) or {}
+    return source == out_dir / f"{modality}.npz" and meta.get("backbone") == label and meta.get("fingerprint") == fp
+
+
+def _adopt(source: Path, target: Path, meta: dict[str, Any]) -> None:
+    """Write ``source``'s embeddings to ``target`` (atomically) under this set's ``meta``."""
+    emb = load_embeddings(source)
+    emb.meta = {**emb.meta, **meta}
+    if source != target:
+        emb.meta["copied_from"] = source.name
+    save_embeddings(target, emb)
+
+
+def _publish(path: Path, store: Path, modality: str, key: str) -> None:
+    """Copy a freshly merged file into the shared store (atomically); a failure only costs reuse."""
     try:
-        return load_embeddings(path).meta.get("cache_key") == key
-    except (OSError, ValueError, KeyError):
-        return False
+        with atomic_path(store_path(store, modality, key), suffix=".npz") as tmp:
+            shutil.copyfile(path, tmp)
+    except OSError as exc:
+        print(f"warning: could not keep {modality} embeddings in the shared store {store}: {exc}", file=sys.stderr)
 
 
 def extract_embeddings(table: pd.DataFrame | str | os.PathLike, backbone: Backbone | str,
@@ -419,7 +477,8 @@ def extract_embeddings(table: pd.DataFrame | str | os.PathLike, backbone: Backbo
                        batch_size: int | str = 64, num_workers: int | str = 2, precision: str = "auto",
                        device: str = "auto", checkpoint: str | os.PathLike | None = None,
                        name: str | None = None, chunk_size: int | None = None,
-                       progress: bool = True, decode: str = "auto", compile: bool = False) -> ExtractionResult:
+                       progress: bool = True, decode: str = "auto", compile: bool = False,
+                       text_store: str | os.PathLike | None = None) -> ExtractionResult:
     """Embed a study table's images and/or reports into ``out_dir`` (cached, resumable, rank-sharded).
 
     ``backbone`` is a loaded :class:`Backbone` or a name for :func:`load_backbone` (with
@@ -427,7 +486,8 @@ def extract_embeddings(table: pd.DataFrame | str | os.PathLike, backbone: Backbo
     e.g. ``offline-adapted`` for an adapted checkpoint). ``chunk_size`` (default 16 batches) is the
     unit of resumption. ``batch_size`` and ``num_workers`` may be ``"auto"``; ``decode`` is ``auto``,
     ``cpu`` or ``device`` and ``compile`` wraps the image forward in ``torch.compile`` (module docstring).
-    Returns ``{modality: path}`` with ``.skipped``, ``.cached``, ``.counts``.
+    ``text_store`` (a folder) shares text features across sets whose backbones have one text tower.
+    Returns ``{modality: path}`` with ``.skipped``, ``.cached`` (True: nothing encoded), ``.counts``.
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -450,23 +510,38 @@ def extract_embeddings(table: pd.DataFrame | str | os.PathLike, backbone: Backbo
 
     items = {m: image_items(table) if m == "image" else text_items(table) for m in modalities}
     keys = {m: cache_key(m, backbone, precision, *items[m], decode=decode) for m in modalities}
+    store = Path(text_store) if text_store else None
     stamp = _read_stamp(out_dir)
-    cached = {m: _cached(out_dir, m, keys[m]) for m in modalities}
+    sources = {m: _source(out_dir, m, keys[m], store) for m in modalities}
+    cached = {m: sources[m] is not None for m in modalities}
+    # found under this key but written for another set (the shared store) or another name: rewritten, not encoded
+    adopt = [m for m in modalities if cached[m] and not _is_own(out_dir, m, sources[m], label, backbone.fingerprint)]
+    if store is not None and rank == 0 and "text" in modalities and sources["text"] == out_dir / "text.npz" \
+            and not store_path(store, "text", keys["text"]).is_file():  # a set embedded before the store existed
+        _publish(sources["text"], store, "text", keys["text"])
     _barrier()  # every rank has read the stamp before rank 0 may remove it
     todo = [m for m in modalities if not cached[m]]
     # chunks with a valid shard from an interrupted run (scanned before any rank writes)
     done_chunks = {m: _valid_chunks(out_dir / PARTIAL / f"{m}-{keys[m]}-c{chunk_size}", items[m][0], chunk_size)
                    for m in todo}
     _barrier()
-    if todo and rank == 0:
+    if (todo or adopt) and rank == 0:
         (out_dir / STAMP).unlink(missing_ok=True)
-    if not todo and all(stamp.get("modalities", {}).get(m, {}).get("key") == keys[m] for m in modalities):
+    if not todo and not adopt and stamp.get("backbone") == label and stamp.get("fingerprint") == backbone.fingerprint \
+            and all(stamp.get("modalities", {}).get(m, {}).get("key") == keys[m] for m in modalities):
         if rank == 0:  # a cache hit still stamps its target: make sees it up to date, not stale forever
             os.utime(out_dir / STAMP)
         return ExtractionResult({m: out_dir / f"{m}.npz" for m in modalities},
                                 {m: stamp["modalities"][m]["skipped"] for m in modalities}, cached,
                                 out_dir / STAMP, {m: stamp["modalities"][m]["n"] for m in modalities})
 
+    meta_of = {m: {"backbone": label, "fingerprint": backbone.fingerprint, "modality": m, "precision": precision,
+                   "cache_key": keys[m], "source_backbone": backbone.name,
+                   **({"text_fingerprint": getattr(backbone, "text_key", backbone.fingerprint)} if m == "text" else {})}
+               for m in modalities}
+    if rank == 0:
+        for m in adopt:
+            _adopt(sources[m], out_dir / f"{m}.npz", meta_of[m])
     backends = accel.configure_backends(backbone.model.visual, device) if "image" in todo else {}
     limiters = {}
     for m in todo:
@@ -485,16 +560,18 @@ def extract_embeddings(table: pd.DataFrame | str | os.PathLike, backbone: Backbo
     if rank == 0:
         for m in todo:
             ids, _ = items[m]
-            meta = {"backbone": label, "fingerprint": backbone.fingerprint, "modality": m,
-                    "precision": precision, "cache_key": keys[m], "source_backbone": backbone.name}
             shard_dir = out_dir / PARTIAL / f"{m}-{keys[m]}-c{chunk_size}"
-            _merge(m, ids, shard_dir, -(-len(ids) // chunk_size), chunk_size, meta, out_dir / f"{m}.npz")
+            _merge(m, ids, shard_dir, -(-len(ids) // chunk_size), chunk_size, meta_of[m], out_dir / f"{m}.npz")
             shutil.rmtree(shard_dir, ignore_errors=True)  # only once the merged file is on disk
+            if store is not None and m == "text":
+                _publish(out_dir / f"{m}.npz", store, m, keys[m])
         with contextlib.suppress(OSError):
             (out_dir / PARTIAL).rmdir()
         entries = {m: _entry(out_dir, m) for m in modalities}
         for m in todo:
             entries[m]["chunks_reused"] = len(done_chunks[m])
+        for m in adopt:
+            entries[m]["copied_from"] = str(sources[m])
         # other modalities embedded earlier stay listed while their files still hold the key they had
         for m, old in stamp.get("modalities", {}).items():
             if m not in entries and _cached(out_dir, m, old.get("key")):
@@ -565,6 +642,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default=default["precision"], choices=["auto", "fp32", "bf16", "fp16"])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--chunk-size", type=int, default=None)
+    ap.add_argument("--text-store", default=None,
+                    help="folder of text embeddings shared across sets by key (default: the embeddings' "
+                         ".shared/text; '' turns sharing off)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     try:  # one line, before any work, for a device this machine cannot use
@@ -572,13 +652,15 @@ def main(argv: list[str] | None = None) -> int:
     except accel.DeviceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    determinism.enable_from_env()  # make's run of a deterministic profile (cxrlib.determinism)
     device = _init_distributed(args.device)
     try:
         result = extract_embeddings(
             args.table, args.backbone, args.out_dir, modalities=[m for m in args.modalities.split(",") if m],
             batch_size=args.batch_size, num_workers=args.num_workers, precision=args.precision, device=device,
             checkpoint=args.checkpoint, name=args.name, chunk_size=args.chunk_size, progress=not args.no_progress,
-            decode=args.decode, compile=args.compile)
+            decode=args.decode, compile=args.compile,
+            text_store=paths.text_store_dir() if args.text_store is None else (args.text_store or None))
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

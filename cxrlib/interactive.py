@@ -10,6 +10,8 @@ it changes nothing: the parameters are the ones papermill injected. Opened in Ju
   the user edited in the cell (one that differs from the committed notebook's default) overrides it,
   for that run only;
 * the resolved values and where each came from are printed;
+* a profile with ``deterministic: true`` (the offline demo) gets deterministic torch algorithms and its
+  thread count (:func:`cxrlib.determinism.enable_for_profile`), under make and by hand alike;
 * outputs go under ``results/<profile>/interactive/<run>/`` and ``figures/<profile>/interactive/<run>/``
   (through :func:`cxrlib.paths.set_interactive`), unless ``publish = True`` is set in the cell or
   ``CXR_PUBLISH=1`` in the environment. ``<run>`` is the projector run the parameters describe
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cxrlib import config, paths
+from cxrlib import config, determinism, paths
 
 #: set by make's papermill call: the notebook runs as a DAG node, never interactively
 MAKE_ENV = "CXR_MAKE_NODE"
@@ -188,6 +190,7 @@ def setup(node: str, namespace: dict[str, Any]) -> Resolved:
     if in_papermill(namespace):
         paths.set_interactive(None)
         profile = current.get("profile", "paper")
+        determinism.enable_for_profile(profile)
         res = Resolved(node, "papermill", current, dict.fromkeys(current, "papermill"), run_name(current, node),
                        paths.results_dir(profile), paths.figures_dir(profile))
         return res
@@ -206,6 +209,7 @@ def setup(node: str, namespace: dict[str, Any]) -> Resolved:
         params[k], sources[k] = current[k], "cell (this run only)"
     params["profile"], sources["profile"] = profile, profile_from
     config.validate_params(params)
+    determinism.enable_for_profile(profile)
     namespace.update(params)
     run = run_name(params, node)
     publish = bool(namespace.get("publish")) or os.environ.get(PUBLISH_ENV, "") not in ("", "0")

@@ -13,6 +13,7 @@ function               environment variable             default
 ``raw_dir()``          ``CXR_RAW_DIR``                  ``data_dir()/raw`` (downloads, synthetic images)
 ``processed_dir()``    --                               ``data_dir()/processed`` (study tables)
 ``embeddings_dir()``   ``CXR_EMBEDDINGS_DIR``           ``data_dir()/embeddings`` (embedding cache)
+``text_store_dir()``   --                               ``embeddings_dir()/.shared/text`` (text features by key)
 ``models_dir()``       --                               ``data_dir()/models`` (adapted backbones)
 ``build_dir()``        ``CXR_BUILD_DIR``                ``workdir()/build`` (executed notebooks)
 ``results_dir(p)``     ``CXR_RESULTS_DIR``              ``workdir()/results/<profile>``
@@ -63,6 +64,12 @@ def processed_dir() -> Path:
 
 def embeddings_dir() -> Path:
     return _env_path("CXR_EMBEDDINGS_DIR") or data_dir() / "embeddings"
+
+
+def text_store_dir() -> Path:
+    """``embeddings_dir()/.shared/text``: text embeddings by content key, shared by every embedding set whose
+    backbones have the same text tower (:mod:`cxrlib.embed`); removed with the embeddings."""
+    return embeddings_dir() / ".shared" / "text"
 
 
 def models_dir() -> Path:

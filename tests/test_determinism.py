@@ -49,3 +49,51 @@ def test_describe_reports_the_pins(monkeypatch):
     assert determinism.describe()["pinned"] is True
     monkeypatch.delenv("MKL_CBWR")
     assert determinism.describe()["pinned"] is False
+
+
+SETUP = r"""
+import json, os, sys
+from cxrlib import interactive
+ns = {"profile": sys.argv[1]}
+interactive.setup(sys.argv[2], ns)
+before = "torch" in sys.modules
+import torch
+print(json.dumps({"torch_before": before, "deterministic": torch.are_deterministic_algorithms_enabled(),
+                  "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+                  "threads": torch.get_num_threads(), "cublas": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}))
+"""
+
+
+def _setup_in_fresh_process(profile: str, node: str, make: bool, tmp_path) -> dict:
+    import json
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in determinism.env() and k not in ("CXR_MAKE_NODE", "CXR_PROFILE", "OMP_NUM_THREADS")}
+    env.update(CXR_WORKDIR=str(tmp_path), OMP_NUM_THREADS="1", **({"CXR_MAKE_NODE": node} if make else {}))
+    out = subprocess.run([sys.executable, "-c", SETUP, profile, node], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_node_setup_switches_on_deterministic_algorithms_for_the_offline_profile(tmp_path):
+    """Every notebook's setup (under make and by hand): the offline profile gets deterministic algorithms,
+    strict, with its thread count and cuBLAS's workspace setting, once torch is imported (setup itself
+    imports no torch: a node without torch pays nothing); other profiles are left as torch starts."""
+    for make in (True, False):
+        got = _setup_in_fresh_process("offline", "02_train", make, tmp_path)
+        assert got["torch_before"] is False
+        assert got["deterministic"] is True and got["warn_only"] is determinism.WARN_ONLY is False
+        assert got["threads"] == determinism.THREADS and got["cublas"] == determinism.PINNED_ENV["CUBLAS_WORKSPACE_CONFIG"]
+    got = _setup_in_fresh_process("smoke", "02_train", True, tmp_path)
+    assert got["deterministic"] is False and got["threads"] == 1
+
+
+def test_extractor_applies_the_flag_make_exports():
+    code = "from cxrlib import determinism; import torch; r = determinism.enable_from_env(); " \
+           "print(r, torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())"
+    base = {k: v for k, v in os.environ.items() if k not in determinism.env()}
+    on = subprocess.run([sys.executable, "-c", code], env={**base, **determinism.env()}, capture_output=True,
+                        text=True, check=True).stdout.split()
+    off = subprocess.run([sys.executable, "-c", code], env={**base, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert on == ["True", "True", str(determinism.THREADS)] and off == ["False", "False", "1"]

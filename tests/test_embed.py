@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cxrlib import embed
-from cxrlib.backbones import load_backbone, save_adapted
+from cxrlib.backbones import fingerprint, load_backbone, save_adapted, text_fingerprint
 from cxrlib.embed import extract_embeddings
 from cxrlib.embstore import load_embeddings
 from cxrlib.images import load_cxr_image
@@ -100,17 +100,89 @@ def test_rerun_reads_cache_and_inputs_invalidate_it(tiny, tmp_path):
     changed.loc[changed["study_id"] == "s001", "report"] = "Large right pneumothorax."
     third = extract_embeddings(changed, tiny, tmp_path / "emb", batch_size=4, num_workers=0, progress=False)
     assert third.cached == {"image": True, "text": False}
-    # other weights (an adapted checkpoint) re-embed everything
+    # other image weights (an image-only adapted checkpoint) re-embed the images; the text tower is the same,
+    # so its features are kept, relabelled with the new set's name and fingerprint
     adapted = load_backbone("tiny")
     with torch.no_grad():
         adapted.model.visual.proj.mul_(2.0)
     ckpt = save_adapted(tmp_path / "tiny-adapted.pt", adapted)
     fourth = extract_embeddings(changed, "tiny", tmp_path / "emb", checkpoint=ckpt, name="tiny-adapted",
                                 batch_size=4, num_workers=0, progress=False)
-    assert fourth.cached == {"image": False, "text": False}
+    assert fourth.cached == {"image": False, "text": True}
     emb = load_embeddings(fourth["image"], expect_backbone="tiny-adapted")
     assert emb.meta["source_backbone"] == "tiny"
-    assert json.loads(fourth.stamp.read_text())["checkpoint"] == str(ckpt)
+    txt = load_embeddings(fourth["text"], expect_backbone="tiny-adapted")
+    assert txt.meta["fingerprint"] == emb.meta["fingerprint"] != tiny.fingerprint
+    stamp = json.loads(fourth.stamp.read_text())
+    assert stamp["checkpoint"] == str(ckpt) and stamp["backbone"] == "tiny-adapted"
+    # a trained text tower re-embeds the reports too
+    with torch.no_grad():
+        next(p for k, p in adapted.model.named_parameters() if not k.startswith("visual.")).add_(0.5)
+    ckpt2 = save_adapted(tmp_path / "tiny-text-adapted.pt", adapted)
+    fifth = extract_embeddings(changed, "tiny", tmp_path / "emb", checkpoint=ckpt2, name="tiny-adapted",
+                               batch_size=4, num_workers=0, progress=False)
+    assert fifth.cached == {"image": False, "text": False}
+
+
+def _count_encodes(monkeypatch) -> list[str]:
+    """Patch the extraction's batch encoder to record the modality of every batch it encodes."""
+    calls, real = [], embed._encode
+
+    def counting(model, modality, *args, **kwargs):
+        calls.append(modality)
+        return real(model, modality, *args, **kwargs)
+
+    monkeypatch.setattr(embed, "_encode", counting)
+    return calls
+
+
+def test_shared_text_store_serves_a_backbone_with_the_same_text_tower(tiny, tmp_path, monkeypatch):
+    """The frozen backbone and an image-only adaptation: reports are encoded once (the second set copies them
+    from the store and is stamped); a changed text tower misses; the image side is keyed on the image tower."""
+    table = make_table(tmp_path / "img", n=10)
+    store = tmp_path / "emb" / ".shared" / "text"
+    kw = dict(batch_size=4, num_workers=0, precision="fp32", progress=False, text_store=store)
+    image_only = load_backbone("tiny")
+    with torch.no_grad():  # not a scaling, which the L2 normalisation would undo
+        image_only.model.visual.proj.add_(torch.linspace(-0.5, 0.5, image_only.model.visual.proj.numel())
+                                          .reshape(image_only.model.visual.proj.shape))
+    image_only.fingerprint = fingerprint(image_only.model)
+    assert image_only.text_key == tiny.text_key and image_only.fingerprint != tiny.fingerprint
+    calls = _count_encodes(monkeypatch)
+
+    frozen = extract_embeddings(table, tiny, tmp_path / "emb" / "tiny", **kw)
+    n_text = calls.count("text")
+    assert n_text > 0 and [p.name for p in store.iterdir()] == [f"text-{frozen_key(frozen)}.npz"]
+    adapted = extract_embeddings(table, image_only, tmp_path / "emb" / "tiny-adapted", name="tiny-adapted", **kw)
+    assert calls.count("text") == n_text  # no report encoded again
+    assert adapted.cached == {"image": False, "text": True} and calls.count("image") == 2 * (10 // 4 + 1)
+    stamp = json.loads(adapted.stamp.read_text())
+    assert stamp["backbone"] == "tiny-adapted" and stamp["modalities"]["text"]["copied_from"].startswith(str(store))
+    a, b = load_embeddings(frozen["text"]), load_embeddings(adapted["text"], expect_backbone="tiny-adapted")
+    assert np.array_equal(a.emb, b.emb) and a.ids.tolist() == b.ids.tolist()
+    assert b.meta["fingerprint"] == image_only.fingerprint  # the set's own backbone, not the store's writer
+    assert not np.allclose(load_embeddings(frozen["image"]).emb, load_embeddings(adapted["image"]).emb)
+    # a rerun of the adapted set is a plain cache hit that still stamps its target (make sees it up to date)
+    before = adapted.stamp.stat().st_mtime_ns
+    again = extract_embeddings(table, image_only, tmp_path / "emb" / "tiny-adapted", name="tiny-adapted", **kw)
+    assert again.cached == {"image": True, "text": True} and again.stamp.stat().st_mtime_ns >= before
+    assert calls.count("text") == n_text
+
+    text_trained = load_backbone("tiny")
+    with torch.no_grad():
+        next(p for k, p in text_trained.model.named_parameters() if not k.startswith("visual.")).add_(0.5)
+    text_trained.fingerprint = fingerprint(text_trained.model)
+    text_trained.text_fingerprint = text_fingerprint(text_trained.model, text_trained.tokenizer,
+                                                     text_trained.context_length)
+    assert text_trained.text_key != tiny.text_key
+    other = extract_embeddings(table, text_trained, tmp_path / "emb" / "tiny-text", **kw)
+    assert other.cached == {"image": False, "text": False}
+    assert calls.count("text") == 2 * n_text and len(list(store.iterdir())) == 2
+    assert not np.allclose(load_embeddings(other["text"]).emb, a.emb)
+
+
+def frozen_key(result) -> str:
+    return json.loads(result.stamp.read_text())["modalities"]["text"]["key"]
 
 
 def test_changed_report_changes_text_embedding(tiny, tmp_path):
