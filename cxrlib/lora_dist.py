@@ -104,13 +104,16 @@ def _train_and_save(inputs: dict[str, Any], out: str | os.PathLike, spec: tt.Tex
 
 
 def launch(spec: tt.TextTowerSpec | str, texts: list[str], labels: np.ndarray, cfg: lora.LoraTrainConfig,
-           out: str | os.PathLike, nproc: int = 1, image_emb: np.ndarray | None = None,
+           out: str | os.PathLike, nproc: int | None = None, image_emb: np.ndarray | None = None,
            image_paths: list[str] | None = None, image_backbone: str | None = None,
            image_lora: lora.LoraSettings | None = None, progress: bool = True,
            extra: dict[str, Any] | None = None) -> Path:
     """Train and write the checkpoint ``out``: in this process (``nproc == 1``) or on ``nproc`` torchrun ranks.
-    Its config holds ``train`` (the settings), ``info`` (history, truncation counts, world size) and ``extra``."""
+    Its config holds ``train`` (the settings), ``info`` (history, truncation counts, world size) and ``extra``.
+    ``nproc`` None: every visible GPU when ``cfg.device`` is a GPU (as :func:`cxrlib.adapt.launch`), else 1."""
     spec = tt.text_tower_spec(spec) if isinstance(spec, str) else spec
+    if nproc is None:
+        nproc = torch.cuda.device_count() if cfg.device.startswith("cuda") and torch.cuda.is_available() else 1
     if image_backbone and image_paths is None:
         raise ValueError("image-tower LoRA trains from images: give image_paths")
     if nproc <= 1:
