@@ -150,13 +150,25 @@ def sign_flip_pvalue(diffs, clusters, n_perm: int = 10000, seed: int = 0) -> tup
         signs = np.array(list(itertools.product((1.0, -1.0), repeat=n_clusters)))
         null = np.abs(signs @ per_cluster)
         return float(np.mean(null >= observed - tol)), len(signs), True
-    rng = np.random.default_rng(seed)
     count = 0
-    for s in range(0, n_perm, _BATCH):
-        bits = rng.integers(0, 2, size=(min(_BATCH, n_perm - s), n_clusters), dtype=np.int8)
+    for bits in _flip_bits(seed, n_perm, n_clusters):
         signs = 1.0 - 2.0 * bits
         count += int(np.sum(np.abs(signs @ per_cluster) >= observed - tol))
     return (1 + count) / (1 + n_perm), n_perm, False
+
+
+@functools.lru_cache(maxsize=4)
+def _flip_bits(seed: int, n_perm: int, n_clusters: int) -> tuple[np.ndarray, ...]:
+    """The random flips (0/1 per patient, in batches of ``_BATCH``) that :func:`sign_flip_pvalue` draws for
+    ``seed``: the same for every test on as many patients, so drawn once per process (notebook 03 runs one
+    test per model pair, direction, protocol, metric and K on one query set). int8, read-only."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for s in range(0, n_perm, _BATCH):
+        bits = rng.integers(0, 2, size=(min(_BATCH, n_perm - s), n_clusters), dtype=np.int8)
+        bits.flags.writeable = False
+        out.append(bits)
+    return tuple(out)
 
 
 def paired_test(a, b, clusters, n_boot: int = 1000, n_perm: int = 10000, seed: int = 0,

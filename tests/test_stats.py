@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats as sps
 
@@ -99,6 +100,33 @@ def test_sign_flip_by_patient_equals_swapping_models_per_patient():
     # the random-flip estimate agrees with the exact value
     p_mc, used, exact_mc = stats.sign_flip_pvalue(a - b, clusters, n_perm=100, seed=0)
     assert not exact_mc and used == 100 and p_mc == pytest.approx(p, abs=0.15)
+
+
+def _naive_sign_flip_p(d, clusters, n_perm, seed):
+    """The random-flip p-value drawn afresh, one flip vector at a time (reference for the shared draws)."""
+    codes, uniq = pd.factorize(pd.Series(clusters))
+    per = np.bincount(codes, weights=d, minlength=len(uniq))
+    obs, tol = abs(per.sum()), 1e-9 * max(1.0, np.abs(per).sum())
+    rng = np.random.default_rng(seed)
+    bits = np.concatenate([rng.integers(0, 2, size=(min(stats._BATCH, n_perm - s), len(uniq)), dtype=np.int8)
+                           for s in range(0, n_perm, stats._BATCH)])
+    count = sum(abs(float((1.0 - 2.0 * row) @ per)) >= obs - tol for row in bits)
+    return (1 + count) / (1 + n_perm)
+
+
+def test_sign_flips_drawn_once_give_each_test_its_fresh_draw_p_value():
+    """Tests on the same number of patients share one draw of the flips (notebook 03 runs hundreds): each
+    p-value equals the one its own fresh draw gives, whatever ran before; the shared draws stay unchanged."""
+    rng = np.random.default_rng(3)
+    clusters = rng.integers(0, 40, 120)
+    stats._flip_bits.cache_clear()
+    for i in range(3):
+        d = rng.normal(0.05 * i, 1.0, 120)
+        p, used, exact = stats.sign_flip_pvalue(d, clusters, n_perm=700, seed=1)
+        assert not exact and used == 700
+        assert p == pytest.approx(_naive_sign_flip_p(d, clusters, 700, 1), abs=0)
+    assert stats._flip_bits.cache_info().misses == 1 and stats._flip_bits.cache_info().hits == 2
+    assert all(not b.flags.writeable for b in stats._flip_bits(1, 700, len(np.unique(clusters))))
 
 
 def test_paired_test_identical_and_better_models():
