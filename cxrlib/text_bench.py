@@ -2,7 +2,8 @@
 
 * **Style robustness, report -> report**: each test report rewritten in a style (:data:`cxrlib.variants.STYLES`)
   queries the gallery of original reports; identical reports are one gallery item (the package's
-  ``merged`` gallery: ``report_group``), so a hit is the query's own report text. R@1/5/10.
+  ``merged`` gallery: one item per ``report_group``, its members' re-normalised mean embedding,
+  :func:`cxrlib.retrieval.group_representatives`), so a hit is the query's own report text. R@1/5/10.
 * **Style robustness, image -> report** (models with an image tower): R@K of image queries against the
   original reports and against the same gallery rewritten in a style; the ``drop`` rows are the paired
   difference original minus rewritten.
@@ -155,9 +156,12 @@ def style_scores(sets: VariantSets, emb: dict[str, np.ndarray], model: str, ks=(
                  image_emb: dict[str, np.ndarray] | None = None) -> BenchScores:
     """Report->report (every style) and, with ``image_emb`` (study_id -> image embedding in the text
     space), image->report on the original and on each rewritten gallery."""
+    from cxrlib.retrieval import group_representatives
+
     st = sets.studies
-    first = st.drop_duplicates("report_group")  # one gallery item per report text (merged gallery)
-    gal = _stack(emb, "orig|" + first["study_id"])
+    groups = st["report_group"].to_numpy()
+    # merged gallery: one item per report group, its members' mean embedding (row-order invariant)
+    gal, gal_groups = group_representatives(_stack(emb, "orig|" + st["study_id"]), groups)
     values: dict[Key, tuple[np.ndarray, np.ndarray]] = {}
     notes: dict[Key, str] = {}
     group_of = dict(zip(st["study_id"], st["report_group"]))
@@ -165,7 +169,7 @@ def style_scores(sets: VariantSets, emb: dict[str, np.ndarray], model: str, ks=(
         if df.empty:
             continue
         q = _stack(emb, f"style:{style}|" + df["study_id"])
-        ranks = _group_ranks(q, df["study_id"].map(group_of).to_numpy(), gal, first["report_group"].to_numpy())
+        ranks = _group_ranks(q, df["study_id"].map(group_of).to_numpy(), gal, gal_groups)
         for k in ks:
             key = ("style_robustness", style, "report_to_report", "recall", "", k)
             values[key] = (df["study_id"].to_numpy(), (ranks <= k).astype(float))
@@ -178,10 +182,10 @@ def style_scores(sets: VariantSets, emb: dict[str, np.ndarray], model: str, ks=(
         galleries = {ORIGINAL: gal}
         for style, df in sets.rewrites.items():
             rewritten = dict(zip(df["study_id"], df["text"]))
-            ids = [f"style:{style}|{s}" if s in rewritten else f"orig|{s}" for s in first["study_id"]]
-            galleries[style] = _stack(emb, ids)
+            ids = [f"style:{style}|{s}" if s in rewritten else f"orig|{s}" for s in st["study_id"]]
+            galleries[style] = group_representatives(_stack(emb, ids), groups)[0]
         for style, g in galleries.items():
-            ranks = _group_ranks(qi, qgroups, g, first["report_group"].to_numpy())
+            ranks = _group_ranks(qi, qgroups, g, gal_groups)
             for k in ks:
                 values[("style_robustness", style, "image_to_report", "recall", "", k)] = (
                     have["study_id"].to_numpy(), (ranks <= k).astype(float))

@@ -67,12 +67,28 @@ def test_random_embeddings_match_the_naive_loop():
     rew = {f"style:a|s{i}": _unit(rng.standard_normal(d)) for i in range(n)}
     sets = _sets({"a": [(f"s{i}", "x") for i in range(n)]}, groups=tuple(groups))
     sc = tb.style_scores(sets, {**orig, **rew}, "m", ks=(1, 5))
-    first = sets.studies.drop_duplicates("report_group")
-    gal = np.stack([orig[f"orig|{s}"] for s in first["study_id"]])
+    gg = sorted(set(groups.tolist()))  # merged gallery: each group's mean member embedding, re-normalised
+    gal = np.stack([_unit(sum(orig[f"orig|s{i}"] for i in range(n) if groups[i] == g)) for g in gg])
     q = np.stack([rew[f"style:a|s{i}"] for i in range(n)])
-    naive = _naive_group_rank(q, groups, gal, first["report_group"].to_numpy())
+    naive = _naive_group_rank(q, groups, gal, gg)
     _, r5 = sc.values[("style_robustness", "a", "report_to_report", "recall", "", 5)]
     np.testing.assert_array_equal(r5, (naive <= 5).astype(float))
+
+
+def test_merged_gallery_is_the_group_mean_whatever_the_row_order():
+    """Two members of one group whose raw texts embed differently: the group's item is their mean, so
+    reordering the rows changes nothing (the first member would make s1's query a miss or a hit)."""
+    e = np.eye(3, dtype=np.float32)
+    emb = {"orig|s0": e[0], "orig|s1": e[1], "orig|s2": _unit([0.9, 1, 0]),
+           "style:a|s0": _unit([1, 0.8, 0])}
+    # the query scores 0.78 with s0, 0.62 with s1 alone (a hit if s1 stood for group 1), 0.99 with s2
+    # alone (a miss), 0.86 with the group's mean (a miss): only the mean is independent of the order
+    for order in ([0, 1, 2], [0, 2, 1]):
+        sets = _sets({"a": [("s0", "x")]}, groups=(0, 1, 1))
+        sets.studies = sets.studies.iloc[order].reset_index(drop=True)
+        sc = tb.style_scores(sets, emb, "m", ks=(1,))
+        _, r1 = sc.values[("style_robustness", "a", "report_to_report", "recall", "", 1)]
+        assert list(r1) == [0.0]
 
 
 def test_image_to_report_drop_hand_built():
