@@ -441,7 +441,7 @@ def _text_tower_family(rest: str) -> dict[str, Any]:
         from cxrlib import text_towers
 
         return text_towers.load_text_tower(rest, device=device, backbone_name=f"text:{rest}")
-    return {"loader": load}
+    return {"loader": load, "parts": {"text_tower": rest}}
 
 
 def _dual_valid(rest: str) -> bool:
@@ -459,12 +459,14 @@ def _dual_family(rest: str) -> dict[str, Any]:
 
         return text_towers.with_image_tower(load_backbone(image, device=device, dataset=dataset),
                                             text_towers.load_text_tower(tower, device=device), name=f"dual:{rest}")
-    return {"loader": load}
+    return {"loader": load, "parts": {"backbone": image, "text_tower": tower}}
 
 
 def build_spec(name: str) -> dict[str, Any]:
     """How to build base backbone ``name``: ``{"cfg", "weights"}`` (an open_clip config + weights file or
-    None = seeded random init) or ``{"builtin", "pretrained", "tag"}`` (an open_clip model name)."""
+    None = seeded random init), ``{"builtin", "pretrained", "tag"}`` (an open_clip model name) or
+    ``{"loader"}``; a composite's ``parts`` (``{"backbone": name, "text_tower": name}``) name what it is
+    built from, so preflight checks those too."""
     validate_backbone_name(name)
     entry = _REGISTRY.get(name)
     if entry is not None:

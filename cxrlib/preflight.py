@@ -82,10 +82,18 @@ def check_backbone(name: str, network: Callable[[str], bool]) -> None:
     entry = backbones.backbone_entry(base)
     if entry is None:  # a family name (<prefix><rest>): its registered spec checks what it reads, loading nothing
         try:
-            backbones.build_spec(base)
+            spec = backbones.build_spec(base)
         except (FileNotFoundError, ValueError) as exc:
             msg = str(exc)
             raise PreflightError(msg if base in msg else f"backbone {base!r}: {msg}") from None
+        parts = spec.get("parts", {})  # a composite: each part it is built from is checked the same way
+        if "backbone" in parts:
+            try:
+                check_backbone(parts["backbone"], network)
+            except PreflightError as exc:
+                raise PreflightError(f"backbone {name!r}: its image tower: {exc}") from None
+        if "text_tower" in parts:
+            check_text_tower(parts["text_tower"], network, within=name)
         return
     if not entry.repos:  # a packaged config, unless <NAME>_DIR replaces it
         folder = entry.local_dir()
@@ -107,6 +115,34 @@ def check_backbone(name: str, network: Callable[[str], bool]) -> None:
                  else f"it is not in the Hugging Face cache ({cache})")
         raise PreflightError(f"backbone {name!r} reads {repo.repo_id} ({files}); {where} and the hub is unreachable "
                              f"(no network): pre-download it or set {env}=<folder with those files>; or {OFFLINE_HINT}")
+
+
+def check_text_tower(name: str, network: Callable[[str], bool], within: str | None = None) -> None:
+    """The text tower ``name`` (:mod:`cxrlib.text_towers`) can load: its folder holds the files the load
+    reads, or its hub repository is cached with them, or the hub is reachable; else PreflightError."""
+    from cxrlib import backbones, text_towers
+
+    who = f"backbone {within!r}: text tower {name!r}" if within else f"text tower {name!r}"
+    try:
+        spec = text_towers.text_tower_spec(name)
+        source = text_towers.resolve_source(spec)
+    except (ValueError, FileNotFoundError) as exc:
+        raise PreflightError(f"{who}: {exc}") from None
+    repo = backbones.HubRepo(source, text_towers.required_files(spec), spec.local_env)
+    folder = Path(source).expanduser()
+    if folder.is_dir() or source.startswith(("/", ".", "~")):
+        if not folder.is_dir():
+            raise PreflightError(f"{who}: folder {folder} does not exist")
+        missing = repo.missing_in(folder)
+        if missing:
+            raise PreflightError(f"{who}: {folder} lacks {missing} (the files its load reads)")
+        return
+    cache = hf_cache_dir()
+    missing = missing_in_cache(repo, cache)
+    if missing and not network(HUB_URL):
+        hint = f"set {spec.local_env}=<folder with those files>" if spec.local_env else "pre-download it"
+        raise PreflightError(f"{who} reads {source}; the Hugging Face cache ({cache}) lacks {missing} and the hub "
+                             f"is unreachable (no network): {hint}; or {OFFLINE_HINT}")
 
 
 def missing_in_cache(repo, cache: Path | None = None) -> list[str]:

