@@ -24,6 +24,7 @@ would be another similarity than the one retrieval uses). ``umap`` is imported i
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from collections.abc import Iterable, Mapping
@@ -144,6 +145,38 @@ def _tsne(x: np.ndarray, seed: int, perplexity: float, pca_dims: int | None, ope
     return tsne.fit_transform(x).astype(np.float32)
 
 
+def import_umap():
+    """``import umap`` with its numba functions compiled to numba's on-disk cache (``cache=True``).
+
+    umap-learn and pynndescent JIT-compile most of their functions without ``cache=True``, so every
+    fresh kernel (each node of a rerun) compiles them again before its first fit, at seconds per run.
+    The decorators are wrapped only while umap is first imported (restored after, also on error);
+    what is compiled, and so every map, is the same; ``NUMBA_CACHE_DIR`` moves the cache. A function
+    numba cannot cache still compiles, with numba's warning. Imported here only: the import is slow.
+    """
+    import sys
+
+    if "umap" in sys.modules:
+        return sys.modules["umap"]
+    import numba
+
+    njit, jit = numba.njit, numba.jit
+
+    def cached(decorator):
+        @functools.wraps(decorator)
+        def wrapper(*args, **kwargs):
+            kwargs.setdefault("cache", True)
+            return decorator(*args, **kwargs)
+        return wrapper
+
+    numba.njit, numba.jit = cached(njit), cached(jit)
+    try:
+        import umap
+    finally:
+        numba.njit, numba.jit = njit, jit
+    return umap
+
+
 def _umap(x: np.ndarray, seed: int, n_neighbors: int, min_dist: float, info: dict) -> np.ndarray:
     n = len(x)
     if n_neighbors < 2:
@@ -151,7 +184,7 @@ def _umap(x: np.ndarray, seed: int, n_neighbors: int, min_dist: float, info: dic
     if n_neighbors >= n:
         _note(info, f"n_neighbors {n_neighbors} needs more than {n} points: using {n - 1}")
         n_neighbors = n - 1
-    import umap  # slow import (~20 s): only here
+    umap = import_umap()
 
     info.update(backend="umap-learn", n_neighbors=int(n_neighbors), min_dist=float(min_dist), pca_dims=None)
     # random_state makes UMAP reproducible but forces it onto one thread (umap-learn's rule): keep N modest

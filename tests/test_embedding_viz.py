@@ -415,3 +415,24 @@ def test_notebook_04_runs_on_fixture(workdir):
     assert all((fig / f"{s}.pdf").is_file() for s in stems)
     executed = nbformat.read(out, as_version=4)
     assert any("SMOKE TEST" in "".join(o.get("text", "")) for c in executed.cells for o in c.get("outputs", []))
+
+
+def test_umap_is_imported_with_numba_caching_and_numba_restored():
+    """In a fresh process (umap not yet imported): umap's and pynndescent's numba functions cache to disk
+    (the next kernel skips their compilation), and numba's decorators are the originals afterwards."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numba; njit, jit = numba.njit, numba.jit\n"
+        "from numba.core.caching import NullCache\n"
+        "from cxrlib import embedding_viz as ev\n"
+        "umap = ev.import_umap()\n"
+        "import pynndescent.utils as p, umap.umap_ as u\n"
+        "def cached(m): return [n for n, f in vars(m).items() if hasattr(f, '_cache') and not isinstance(f._cache, NullCache)]\n"
+        "assert cached(u) and cached(p), (cached(u), cached(p))\n"
+        "assert numba.njit is njit and numba.jit is jit\n"
+        "assert ev.import_umap() is umap\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
