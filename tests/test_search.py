@@ -105,6 +105,15 @@ def test_by_study_matches_numpy_reference_and_marks_duplicates(env):
     assert out["label_abnormal"].tolist() == [labels[s] for s in ref]
 
 
+def _same_ranking(fresh, ref, k: int, atol: float = 1e-5) -> None:
+    """``fresh`` (top k) ranks as ``ref`` (top k + more): equal scores rank by rank, and each item is one
+    the reference scores the same. Identical reports tie, and a fresh encoding may order a tie by ~1e-6."""
+    np.testing.assert_allclose(fresh["score"], ref["score"][:k], atol=atol)
+    for sid, score in zip(fresh["study_id"], fresh["score"]):
+        tied = ref.loc[(ref["score"] - score).abs() <= atol, "study_id"].tolist()
+        assert sid in tied, (sid, score, ref.head(k + 5))
+
+
 def test_fresh_queries_equal_the_cached_ones(env):
     """A typed report / an image file is encoded by the backbone that made the cache (the adapted
     checkpoint), then projected: the ranking equals the one from the study's cached embedding."""
@@ -112,15 +121,11 @@ def test_fresh_queries_equal_the_cached_ones(env):
     r = search.Retriever.from_run("smoke", "tiny-adapted + projector", device="cpu")
     sid = "s1"
     row = table.set_index("study_id").loc[sid]
-    by_text = r.by_text(row["report"], k=5)
-    assert by_text["study_id"].tolist() == r.by_study(sid, k=5, modality="text")["study_id"].tolist()
-    np.testing.assert_allclose(by_text["score"], r.by_study(sid, k=5, modality="text")["score"], atol=1e-5)
+    _same_ranking(r.by_text(row["report"], k=5), r.by_study(sid, k=10, modality="text"), 5)
     by_image = r.by_image(row["image_path"], k=5)
-    cached = r.by_study(sid, k=5)
-    np.testing.assert_allclose(by_image["score"], cached["score"], atol=1e-5)
-    assert by_image["study_id"].tolist() == cached["study_id"].tolist()
+    _same_ranking(by_image, r.by_study(sid, k=10), 5)
     arr = np.asarray(Image.open(row["image_path"]))
-    assert r.by_image(arr, k=5)["study_id"].tolist() == by_image["study_id"].tolist()
+    _same_ranking(r.by_image(arr, k=5), r.by_study(sid, k=10), 5)
 
 
 def test_batched_queries(env):
