@@ -283,11 +283,18 @@ def _run_chunks(modality: str, values: list[str], ids: list[str], chunks: list[i
         return
     limiter = limiter or accel.BatchLimiter(batch_size)
     batches, owner = [], []
+    copies: dict[int, list[int]] = {}  # a text's first row in its chunk -> the chunk's other rows of that text
     for c in chunks:
         lo, hi = c * chunk_size, min((c + 1) * chunk_size, len(ids))
         rows = list(range(lo, hi))
-        if modality == "text":  # similar lengths share a batch (shards are merged by id, order is free)
-            rows.sort(key=lambda i: len(values[i]))
+        if modality == "text":  # identical reports are encoded once per chunk (bit-identical features)
+            first: dict[str, int] = {}
+            for i in rows:
+                if values[i] in first:
+                    copies.setdefault(first[values[i]], []).append(i)
+                else:
+                    first[values[i]] = i
+            rows = sorted(first.values(), key=lambda i: len(values[i]))  # similar lengths share a batch
         for b in range(0, len(rows), batch_size):
             batches.append(rows[b:b + batch_size])
             owner.append(c)
@@ -312,11 +319,13 @@ def _run_chunks(modality: str, values: list[str], ids: list[str], chunks: list[i
                 x, kept, failed = accel.decode_on_device(x, idx.tolist(), pre, device, dataset.cpu_item)
                 idx, bad = idx[kept], bad + failed
             if x is not None and len(idx):
-                a["emb"].append(accel.run_in_batches(
+                emb = accel.run_in_batches(
                     lambda part: _encode(model, modality, part, backbone.tokenizer, device, precision, to_numpy=False),
-                    x, limiter))
-                a["ids"].extend(ids[i] for i in idx.tolist())
-            a["bad"].extend((ids[i], r) for i, r in bad)
+                    x, limiter)
+                rows = [(j, i) for j, i in enumerate(idx.tolist()) for i in (i, *copies.get(i, ()))]
+                a["emb"].append(emb[[j for j, _ in rows]] if copies else emb)
+                a["ids"].extend(ids[i] for _, i in rows)
+            a["bad"].extend((ids[k], r) for i, r in bad for k in (i, *copies.get(i, ())))
             bar.update(len(idx) + len(bad))
             left[c] -= 1
             if left[c] == 0:
