@@ -36,9 +36,13 @@ $(ENV_STAMP): pyproject.toml
 
 # ---- tests and lint ----------------------------------------------------------------------------
 PYTEST_ARGS ?=
+# pytest-xdist workers for make test, one test file at a time each (module fixtures once; the workers share
+# one smoke DAG build, tests/conftest.py smoke_dag); TEST_WORKERS=0: one process
+TEST_WORKERS ?= 2
+TEST_XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 .PHONY: test test-fast lint
 test: $(ENV_STAMP) ## Run the whole test suite (unit + notebook smoke runs)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest $(TEST_XDIST) $(PYTEST_ARGS)
 
 test-fast: $(ENV_STAMP) ## Unit tests only (skips tests marked slow)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

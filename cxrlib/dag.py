@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import hashlib
 import json
 import os
@@ -203,6 +204,12 @@ def _imports(tree: ast.AST, package: str) -> set[str]:
     return {".".join(m.split(".")[:i]) for m in out for i in range(1, len(m.split(".")) + 1)}
 
 
+@functools.cache
+def _file_imports(file: str, mtime_ns: int, size: int, package: str) -> frozenset[str]:
+    """:func:`_imports` of one module file, parsed once per version (every node's closure shares most files)."""
+    return frozenset(_imports(ast.parse(Path(file).read_text()), package))
+
+
 def _notebook_tree(nb: Path) -> ast.AST:
     cells = json.loads(nb.read_text())["cells"]
     src = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
@@ -223,7 +230,8 @@ def closure(start: Iterable[str]) -> list[str]:
             continue
         seen[mod] = f
         package = mod if f.name == "__init__.py" else mod.rpartition(".")[0]
-        todo.extend(_imports(ast.parse(f.read_text()), package) - set(seen))
+        st = f.stat()
+        todo.extend(_file_imports(str(f), st.st_mtime_ns, st.st_size, package) - set(seen))
     root = paths.repo_root()
     return sorted(str(f.relative_to(root)) for f in seen.values())
 

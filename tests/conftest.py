@@ -3,7 +3,10 @@ per test session (``smoke_dag``) that the notebook tests assert on instead of re
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -61,9 +64,21 @@ def run_make(args: list[str], workdir: Path, check: bool = True) -> subprocess.C
 def smoke_dag(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """``make smoke`` once per session (every notebook node in one DAG); tests read what each node wrote.
 
-    Tests using it must not change its folder, except through make itself (and restore what they change)."""
-    work = tmp_path_factory.mktemp("smoke")
-    return work, run_make(["smoke"], work)
+    Under pytest-xdist (``make test``) the workers share one build: the first to ask runs it under a file lock
+    in the session's common temp folder, the others wait for it and read make's recorded output.
+    Tests must not change its folder (one that runs make with other settings there works on a copy)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    work, record = shared / "smoke-dag", shared / "smoke-dag.json"
+    with open(shared / "smoke-dag.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not record.is_file():
+            shutil.rmtree(work, ignore_errors=True)  # an earlier worker's build that failed
+            work.mkdir()
+            out = run_make(["smoke"], work)
+            record.write_text(json.dumps({"args": out.args, "stdout": out.stdout, "stderr": out.stderr}))
+        done = json.loads(record.read_text())
+    return work, subprocess.CompletedProcess(done["args"], 0, done["stdout"], done["stderr"])
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """JupyterLab in a real browser (Debian's chromium through Playwright), on a temporary copy of the repository.
 
-After `make smoke` in the copy, notebook 02 and the explorer (07) are opened with only `profile` edited in
+After the session's smoke DAG (conftest ``smoke_dag``, one `make smoke`) is copied into the copy's default output
+folders (mtimes kept; `make -n` must then run nothing there), notebook 02 and the explorer (07) are opened with only `profile` edited in
 their parameters cell, run through the UI (Run All), checked (no cell errored, a figure / the explorer's
 result tables rendered), screenshotted and saved. Then: `git status` is clean, `make -n` would run nothing,
 and every file make wrote is byte-identical (the interactive runs wrote under results/smoke/interactive/).
@@ -61,7 +62,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
+def lab(tmp_path_factory, smoke_dag):
     pytest.importorskip("playwright.sync_api", reason="pip install playwright (the browser comes from Debian)")
     tmp = tmp_path_factory.mktemp("lab")
     repo = tmp / "repo"
@@ -79,8 +80,12 @@ def lab(tmp_path_factory):
                    check=True, env=env, capture_output=True)
     assert subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True,
                           env=env).stdout == ""
-    built = subprocess.run(["make", "--no-print-directory", "smoke"], cwd=repo, env=env, capture_output=True, text=True)
-    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    for folder in ("data", "build", "results", "figures"):  # what `make smoke` wrote, as if it ran in the copy
+        shutil.copytree(smoke_dag[0] / folder, repo / folder, symlinks=True, dirs_exist_ok=True)
+    dry = subprocess.run(["make", "--no-print-directory", "-n", "dag", "PROFILE=smoke"], cwd=repo, env=env,
+                         capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
+    assert not re.findall(r">> smoke: ([^\"\n]+)", dry.stdout), f"the copied smoke DAG is stale:\n{dry.stdout[-2000:]}"
     port = _free_port()
     server = subprocess.Popen([py, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
                                f"--IdentityProvider.token={TOKEN}", "--LabApp.expose_app_in_browser=True",
