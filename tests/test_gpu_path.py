@@ -173,7 +173,7 @@ def test_decode_on_device_keeps_batch_order(tiny):
 
 
 def test_extraction_backs_off_on_oom_without_losing_items(tiny, tmp_path, monkeypatch):
-    from tests.test_embed import make_table
+    from test_embed import make_table  # tests/ is on sys.path (pytest rootdir-less import)
 
     table = make_table(tmp_path / "img", n=23)
     kw = dict(modalities=["image"], num_workers=0, precision="fp32", device="cpu", progress=False)
@@ -347,8 +347,9 @@ def test_make_device_cuda_without_cuda_fails_before_any_node(monkeypatch, capsys
 
 def test_adaptation_in_fp16_goes_through_the_grad_scaler(tmp_path, monkeypatch):
     """fp16 adaptation (GPUs without bf16) scales the loss; the same code runs here with CPU autocast."""
+    from test_adapt import _cfg, _make_table  # tests/ is on sys.path
+
     from cxrlib import adapt as A
-    from tests.test_adapt import _cfg, _make_table
 
     with pytest.raises(ValueError, match="fp16 is for GPUs"):
         _cfg(precision="fp16", device="cpu").validate()
@@ -429,7 +430,7 @@ def test_encoded_images_route_each_file(tiny, tmp_path):
 def test_compile_flag_wraps_the_image_forward(tiny, tmp_path, monkeypatch):
     """compile=True runs the image forward through torch.compile (eager backend here: the wiring, not
     inductor), leaves the model itself untouched, and embeds the same as without."""
-    from tests.test_embed import make_table
+    from test_embed import make_table  # tests/ is on sys.path (pytest rootdir-less import)
 
     real, wrapped = torch.compile, []
 
