@@ -782,6 +782,7 @@ def main(argv: list[str] | None = None) -> int:
             save_adapted(args.out, result)
             if len(result.skipped):
                 print(f"skipped {len(result.skipped)} unreadable images: {result.skipped.head().to_dict('records')}")
+        runtime.barrier()  # no rank tears the group down while rank 0 still writes (gloo aborts it otherwise)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

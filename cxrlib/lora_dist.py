@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cxrlib import lora
+from cxrlib import lora, runtime
 from cxrlib import text_towers as tt
 
 
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         inputs = torch.load(args.inputs, map_location="cpu", weights_only=True)
         _train_and_save(inputs, args.out, spec, cfg, args.image_backbone, image_lora, progress=True,
                         extra=json.loads(args.extra) if args.extra else None)
+        runtime.barrier()  # no rank tears the group down while rank 0 still writes (gloo aborts it otherwise)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

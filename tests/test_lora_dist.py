@@ -123,6 +123,7 @@ spec = text_towers.text_tower_spec("tiny-llama", pooling="mean", pooling_kwargs=
 tower, _, info = text_adapt.adapt_text_tower(spec, reports * 2, np.array([0, 1, 2, 3] * 2), cfg, progress=False)
 if torch.distributed.get_rank() == 0:
     lora.save_lora(sys.argv[1], tower, {"info": info})
+torch.distributed.barrier()  # rank 1 must not tear down gloo while rank 0 still writes (it aborts)
 torch.distributed.destroy_process_group()
 """
 
