@@ -37,12 +37,11 @@ $(ENV_STAMP): pyproject.toml
 # ---- tests and lint ----------------------------------------------------------------------------
 PYTEST_ARGS ?=
 # pytest-xdist workers for make test, one test file at a time each (module fixtures once; the workers share
-# one smoke DAG build, tests/conftest.py smoke_dag). Default 0 (one process) until test_search's
-# test_by_study_matches_numpy_reference_and_marks_duplicates passes inside an xdist worker (it fails there today)
-TEST_WORKERS ?= 0
+# one smoke DAG build, tests/conftest.py smoke_dag); TEST_WORKERS=0: one process
+TEST_WORKERS ?= 2
 TEST_XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 .PHONY: test test-fast lint
-test: $(ENV_STAMP) ## Run the whole test suite (unit + notebook smoke runs)
+test: $(ENV_STAMP) ## Run the whole test suite (unit + notebook smoke runs; TEST_WORKERS=2 xdist workers, 0: one process)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(TEST_XDIST) $(PYTEST_ARGS)
 
 test-fast: $(ENV_STAMP) ## Unit tests only (skips tests marked slow)
