@@ -765,27 +765,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="AdaptConfig fields as a JSON object")
     args = ap.parse_args(argv)
     cfg = AdaptConfig(**json.loads(args.config))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    try:
-        from cxrlib.backbones import load_backbone
+    from cxrlib.backbones import load_backbone
 
+    with runtime.process_group(cfg.device) as device:
         rank, _ = runtime.world()
-        device = resolve_device(cfg.device)
-        backbone = load_backbone(cfg.backbone, device=device)
+        backbone = load_backbone(cfg.backbone, device=resolve_device(device))
         result = adapt(pd.read_parquet(args.table), backbone, cfg, progress=rank == 0)
         if rank == 0:
             save_adapted(args.out, result)
             if len(result.skipped):
                 print(f"skipped {len(result.skipped)} unreadable images: {result.skipped.head().to_dict('records')}")
-        runtime.barrier()  # no rank tears the group down while rank 0 still writes (gloo aborts it otherwise)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
     return 0
 
 

@@ -142,20 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     spec = tt.TextTowerSpec.from_dict(json.loads(args.spec))
     cfg = config_from_dict(json.loads(args.config))
     image_lora = _image_settings(json.loads(args.image_lora)) if args.image_lora else None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        backend = "nccl" if torch.cuda.is_available() and cfg.device.startswith("cuda") else "gloo"
-        torch.distributed.init_process_group(backend)
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    try:
+    with runtime.process_group(cfg.device) as device:
+        cfg.device = device
         inputs = torch.load(args.inputs, map_location="cpu", weights_only=True)
         _train_and_save(inputs, args.out, spec, cfg, args.image_backbone, image_lora, progress=True,
                         extra=json.loads(args.extra) if args.extra else None)
-        runtime.barrier()  # no rank tears the group down while rank 0 still writes (gloo aborts it otherwise)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
     return 0
 
 

@@ -1,6 +1,7 @@
 """Where and how a training or extraction process runs: one definition each, shared by train, adapt and embed.
 
-- :func:`world` / :func:`barrier`: this process's rank and the world size under ``torchrun`` ((0, 1) alone).
+- :func:`world` / :func:`barrier`: this process's rank and the world size under ``torchrun`` ((0, 1) alone);
+  :func:`process_group`: a torchrun entry point's group (backend from the device, barrier, teardown).
 - :func:`resolve_device`: ``auto`` -> the process's GPU (``cuda:<LOCAL_RANK>`` under torchrun) or ``cpu``;
   any device is checked by :func:`cxrlib.accel.require_device` (one clear line for a bad ``DEVICE``).
 - :func:`resolve_precision` / :func:`autocast`: ``auto`` -> bf16 on GPUs that support it (else fp16) and
@@ -36,6 +37,34 @@ def barrier() -> None:
     """Wait for every rank (a no-op in a single process)."""
     if world()[1] > 1:
         torch.distributed.barrier()
+
+
+@contextlib.contextmanager
+def process_group(device: str | None = "auto", timeout_hours: float = 12.0):
+    """A ``torchrun`` rank's process group for the ``with`` block; yields this rank's device.
+
+    With ``WORLD_SIZE > 1``: NCCL on ``cuda:<LOCAL_RANK>`` when ``device`` resolves to a GPU, else gloo.
+    On a normal exit every rank waits at a barrier before the group is torn down (a rank that destroyed
+    it while rank 0 still wrote its outputs aborted under gloo); the group is destroyed in every case.
+    Alone: yields ``device`` unchanged and does nothing else.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield device
+        return
+    from datetime import timedelta
+
+    use_cuda = resolve_device(device).startswith("cuda")
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                         timeout=timedelta(hours=timeout_hours))
+    try:
+        yield device
+        barrier()
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 # ---- device and precision ----------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,28 +109,8 @@ def test_torchrun_two_cpu_ranks_with_image_tower_lora(tmp_path):
     _assert_same_state(_trained(a), _trained(b), atol=1e-4)
 
 
-_ADAPT = """
-import os, sys, numpy as np, torch
-from cxrlib import lora, text_adapt, text_towers, variants
-torch.distributed.init_process_group("gloo")
-R = variants.Report
-reports = [R("There is a small left pleural effusion. No pneumothorax.", "Small left pleural effusion."),
-           R("Mild cardiomegaly. Right lower lobe consolidation.", "Right lower lobe pneumonia."),
-           R("Lungs are clear. No pleural effusion or pneumothorax.", "No acute cardiopulmonary abnormality."),
-           R("PA and lateral views. There is a 1.2 cm nodule in the left upper lobe.", "Left upper lobe nodule.")]
-cfg = text_adapt.TextAdaptConfig(lora=lora.LoraSettings(r=4, alpha=8, dropout=0.0), epochs=2, lr=5e-3,
-                                 batch_size=4, styles=("abbreviated", "reordered"))
-spec = text_towers.text_tower_spec("tiny-llama", pooling="mean", pooling_kwargs={})
-tower, _, info = text_adapt.adapt_text_tower(spec, reports * 2, np.array([0, 1, 2, 3] * 2), cfg, progress=False)
-if torch.distributed.get_rank() == 0:
-    lora.save_lora(sys.argv[1], tower, {"info": info})
-torch.distributed.barrier()  # rank 1 must not tear down gloo while rank 0 still writes (it aborts)
-torch.distributed.destroy_process_group()
-"""
-
-
-@pytest.mark.slow
-def test_variant_supcon_two_cpu_ranks_equal_one_process(tmp_path):
+def _variant_run():
+    """The variant-SupCon run both sides train: (reports, labels, config, tower spec)."""
     R = variants.Report
     reports = [R("There is a small left pleural effusion. No pneumothorax.", "Small left pleural effusion."),
                R("Mild cardiomegaly. Right lower lobe consolidation.", "Right lower lobe pneumonia."),
@@ -140,13 +121,33 @@ def test_variant_supcon_two_cpu_ranks_equal_one_process(tmp_path):
     # mean pooling: the tiny tower's random latent attention maps every report to nearly one point, where
     # the loss is flat and Adam turns rounding noise into lr-sized steps
     spec = text_towers.text_tower_spec("tiny-llama", pooling="mean", pooling_kwargs={})
-    tower, _, info = text_adapt.adapt_text_tower(spec, reports * 2, np.array([0, 1, 2, 3] * 2), cfg, progress=False)
+    return reports * 2, np.array([0, 1, 2, 3] * 2), cfg, spec
+
+
+_ADAPT = """
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+from test_lora_dist import _variant_run
+from cxrlib import lora, runtime, text_adapt
+with runtime.process_group("cpu"):
+    reports, labels, cfg, spec = _variant_run()
+    tower, _, info = text_adapt.adapt_text_tower(spec, reports, labels, cfg, progress=False)
+    if torch.distributed.get_rank() == 0:
+        lora.save_lora(sys.argv[1], tower, {"info": info})
+"""
+
+
+@pytest.mark.slow
+def test_variant_supcon_two_cpu_ranks_equal_one_process(tmp_path):
+    reports, labels, cfg, spec = _variant_run()
+    tower, _, info = text_adapt.adapt_text_tower(spec, reports, labels, cfg, progress=False)
     one = lora.save_lora(tmp_path / "one.pt", tower, {"info": info})
     script = tmp_path / "adapt.py"
     script.write_text(_ADAPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    str(script), str(tmp_path / "two.pt")], check=True, env=env, cwd=tmp_path)
+                    str(script), str(tmp_path / "two.pt"), str(Path(__file__).parent)], check=True, env=env,
+                   cwd=tmp_path)
     a, b = lora.read_lora(one), lora.read_lora(tmp_path / "two.pt")
     assert b["config"]["info"]["world_size"] == 2
     _assert_same_state(_trained(a), _trained(b), atol=1e-4)

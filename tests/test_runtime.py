@@ -95,3 +95,13 @@ def test_train_adapt_and_embed_use_the_one_definition():
     assert embed.resolve_device is runtime.resolve_device and embed._dist is runtime.world
     assert losses._world() == runtime.world()
     assert adapt.resolve_device is runtime.resolve_device and adapt.param_groups is runtime.param_groups
+
+
+def test_process_group_alone_yields_the_device_and_starts_no_group(monkeypatch):
+    import torch
+
+    from cxrlib import runtime
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with runtime.process_group("cpu") as device:
+        assert device == "cpu" and not torch.distributed.is_initialized()
