@@ -31,19 +31,25 @@ Every term is computed in float32 (fp16/bf16 inputs are upcast). Under ``torchru
 both contrastive terms use each rank's anchors against the references of all ranks, gathered with
 gradients (open_clip's ``local_loss=True, gather_with_grad=True``), so the averaged gradient equals that of
 one process holding the whole batch.
+
+The libraries behind the contrastive terms are imported when a term is built, not with this module (nodes
+that evaluate but never train import it through :mod:`cxrlib.train`): ``pytorch_metric_learning.losses``
+imports every PML loss and ``scipy.stats``; ``open_clip.loss`` is loaded by itself (:func:`_clip_loss_class`),
+since ``import open_clip.loss`` first runs ``open_clip/__init__``, which imports its models, ``timm`` and
+``transformers``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
+import os
+import sys
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from open_clip.loss import ClipLoss
-from pytorch_metric_learning.losses import SupConLoss
-from pytorch_metric_learning.reducers import MeanReducer
 from torch import nn
 
 from cxrlib import settings
@@ -83,6 +89,32 @@ def resolve_weights(given: Mapping[str, float] | None = None, prefix: str = "w_"
     if unknown:
         raise ValueError(f"unknown loss terms {unknown}; the terms are {', '.join(REGISTRY)}")
     return settings.check_weights({**TERMS, **given}, prefix)
+
+
+def _clip_loss_class() -> type[nn.Module]:
+    """open_clip's ``ClipLoss``. When open_clip is not imported yet its ``loss.py`` (torch-only: no import of
+    open_clip's own modules) is loaded as a module of its own, without the package's ``__init__`` and the
+    model code, ``timm`` and ``transformers`` that brings; the normal import otherwise (or if that load fails)."""
+    if "open_clip" not in sys.modules:
+        name = "cxrlib._open_clip_loss"
+        if name in sys.modules:
+            return sys.modules[name].ClipLoss
+        pkg = importlib.util.find_spec("open_clip")
+        if pkg is not None and pkg.submodule_search_locations:
+            path = os.path.join(list(pkg.submodule_search_locations)[0], "loss.py")
+            spec = importlib.util.spec_from_file_location(name, path)
+            if spec is not None and spec.loader is not None:
+                module = importlib.util.module_from_spec(spec)
+                try:
+                    spec.loader.exec_module(module)
+                except ImportError:  # a release whose loss.py imports open_clip's own modules
+                    pass
+                else:
+                    sys.modules[name] = module
+                    return module.ClipLoss
+    from open_clip.loss import ClipLoss
+
+    return ClipLoss
 
 
 def _world() -> tuple[int, int]:
@@ -177,6 +209,9 @@ class CrossModalSupCon(Term):
         if not temperature > 0:
             raise ValueError(f"supcon temperature must be > 0, got {temperature}")
         self.temperature, self.rank, self.world_size = temperature, rank, world_size
+        from pytorch_metric_learning.losses import SupConLoss
+        from pytorch_metric_learning.reducers import MeanReducer
+
         self.loss = SupConLoss(temperature=temperature, reducer=MeanReducer())  # mean over every anchor
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -200,7 +235,7 @@ class ClipTerm(Term):
 
     def __init__(self, rank: int = 0, world_size: int = 1):
         super().__init__()
-        self.loss = ClipLoss(local_loss=world_size > 1, gather_with_grad=world_size > 1,
+        self.loss = _clip_loss_class()(local_loss=world_size > 1, gather_with_grad=world_size > 1,
                              rank=rank, world_size=world_size)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
