@@ -5,8 +5,13 @@
 code cell running (``cell 4/12``) and the newest progress bar inside it (the ``tqdm.auto`` bars of
 epochs, batches and images: Jupyter widgets in a kernel, whose widget messages the engine reads, or
 text bars on the kernel's stdout under make, ``CXR_PLAIN_PROGRESS=1``), and the node's wall time when it ends. On a terminal one status line is rewritten in
-place; in a log (not a TTY) a line is written at most every ``--interval`` seconds, so a long node
-writes a few dozen lines, not thousands.
+place; in a log (not a TTY), and whenever make runs several nodes at once (``make -j2``, the default
+``JOBS=2``: :func:`parallel_make`), a node-prefixed line is written at most every ``--interval`` seconds,
+so a long node writes a few dozen lines, not thousands, and two nodes never overwrite each other's line.
+papermill's own chatter (input/output notebook, working directory, kernel name) is logged below
+``--log-level WARNING`` and the kernel talks over private IPC sockets, not TCP (so ipykernel has no
+unencrypted-TCP warning to print, and two kernels started at once cannot pick the same port);
+warnings and errors still show.
 
 ``python -m cxrlib.progress summary --log build/<p>/timings.jsonl --since <ISO time> --results R
 --figures F`` prints the nodes this make run executed with their times, and where the outputs are.
@@ -17,8 +22,11 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -27,6 +35,25 @@ from typing import Any, TextIO
 
 ENGINE = "cxr-progress"
 PROGRESS_MODELS = ("FloatProgressModel", "IntProgressModel")
+#: papermill's log level under make: its INFO lines (notebook paths, working directory, kernel) are per-node noise
+PAPERMILL_LOG_LEVEL = "WARNING"
+#: a Unix socket path must fit ``sun_path`` (108 bytes on Linux); a longer temp folder keeps TCP
+_IPC_PATH_MAX = 100
+
+
+def parallel_make(environ: dict[str, str] | None = None) -> bool:
+    """True when the make that started us runs several jobs at once (``-jN`` with N > 1, ``-j``, a jobserver).
+
+    make passes its flags to every recipe in ``MAKEFLAGS`` (``" -j2 --jobserver-auth=3,4 -- VAR=value"``;
+    the words after ``--`` are command-line variables, not flags)."""
+    flags = (os.environ if environ is None else environ).get("MAKEFLAGS", "").split()
+    for word in flags[:flags.index("--")] if "--" in flags else flags:
+        if word.startswith(("--jobserver-auth", "--jobserver-fds")):
+            return True
+        jobs = re.fullmatch(r"-j(\d*)", word)
+        if jobs:
+            return not jobs.group(1) or int(jobs.group(1)) > 1
+    return False
 
 
 def _fmt_seconds(s: float) -> str:
@@ -34,13 +61,18 @@ def _fmt_seconds(s: float) -> str:
 
 
 class NodeReporter:
-    """Status of one node: which code cell runs, the newest bar, the wall time; throttled output."""
+    """Status of one node: which code cell runs, the newest bar, the wall time; throttled output.
+
+    ``tty`` (default: the stream is a terminal and make runs one job at a time, :func:`parallel_make`)
+    rewrites one status line in place; otherwise node-prefixed lines, at most one per ``interval``. On a
+    terminal those lines first clear the current line (another job's ``\\r`` progress bar)."""
 
     def __init__(self, node: str, n_cells: int, stream: TextIO | None = None, interval: float = 15.0,
                  clock: Callable[[], float] = time.monotonic, tty: bool | None = None):
         self.node, self.n_cells, self.interval, self.clock = node, n_cells, interval, clock
         self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty() if tty is None else tty
+        self.terminal = self.stream.isatty()
+        self.tty = (self.terminal and not parallel_make()) if tty is None else tty
         self.start = clock()
         self.cell = 0
         self.bar = ""
@@ -62,7 +94,7 @@ class NodeReporter:
                 self._last_print = now
             return
         if force or (now - self._last_print >= self.interval and text != self._last_text):
-            self.stream.write(text + "\n")
+            self.stream.write(("\r\033[K" if self.terminal else "") + text + "\n")
             self.stream.flush()
             self._last_print, self._last_text = now, text
             self.lines += 1
@@ -77,7 +109,7 @@ class NodeReporter:
 
     def finished(self, ok: bool = True) -> None:
         end = f"{'done' if ok else 'FAILED'} in {_fmt_seconds(self.clock() - self.start)} ({self.n_cells} code cells)"
-        self.stream.write(("\r\033[K" if self.tty else "") + f"<< {self.node} {end}\n")
+        self.stream.write(("\r\033[K" if self.tty or self.terminal else "") + f"<< {self.node} {end}\n")
         self.stream.flush()
 
 
@@ -134,6 +166,15 @@ def _client_class():
             self._number = {idx: n + 1 for n, idx in enumerate(code)}
             self.reporter = NodeReporter(_NODE["name"], len(code), interval=_NODE["interval"])
             self.on_cell_start = self._on_cell_start
+            self.ipc_dir: Path | None = None
+
+        def create_kernel_manager(self):
+            """The kernel over IPC sockets in a folder of this run's own (absolute: the kernel runs in --cwd)."""
+            km = super().create_kernel_manager()
+            if os.name == "posix" and len(tempfile.gettempdir()) + 30 < _IPC_PATH_MAX:
+                self.ipc_dir = Path(tempfile.mkdtemp(prefix="cxr-kernel-"))
+                km.transport, km.ip = "ipc", str(self.ipc_dir / "kernel")
+            return km
 
         def _on_cell_start(self, cell, cell_index):
             if cell_index in self._number:
@@ -184,6 +225,8 @@ def _engine_class():
                 return nb
             finally:
                 client.reporter.finished(ok)
+                if client.ipc_dir is not None:
+                    shutil.rmtree(client.ipc_dir, ignore_errors=True)
 
     return ProgressEngine
 
@@ -196,13 +239,14 @@ def register() -> None:
 
 
 def run(node: str, papermill_args: list[str], interval: float = 15.0) -> int:
-    """papermill's command line with the progress engine; returns its exit code."""
+    """papermill's command line with the progress engine (and its log at :data:`PAPERMILL_LOG_LEVEL` unless
+    ``papermill_args`` give ``--log-level``); returns its exit code."""
     from papermill.cli import papermill as cli
 
     _NODE.update(name=node, interval=interval)
     register()
     try:
-        cli.main(args=[*papermill_args, "--engine", ENGINE], standalone_mode=False)
+        cli.main(args=["--log-level", PAPERMILL_LOG_LEVEL, *papermill_args, "--engine", ENGINE], standalone_mode=False)
     except SystemExit as exc:  # click exits on usage errors
         return int(exc.code or 0)
     except Exception as exc:  # noqa: BLE001 - papermill's PapermillExecutionError and friends
@@ -226,13 +270,17 @@ def nodes_since(log: Path, since: str) -> list[dict[str, Any]]:
 
 
 def summary(log: Path, since: str, results: Path, figures: Path, title: str = "make") -> str:
+    """The nodes run since ``since`` (in the order they finished), each one's time, and the wall time since
+    ``since``: with nodes run at once (``JOBS``) their sum exceeds the wall time, and the sum line says so."""
     recs = nodes_since(log, since)
     elapsed = (datetime.now(datetime.fromisoformat(since).tzinfo) - datetime.fromisoformat(since)).total_seconds()
     lines = [f"== {title}: {len(recs)} node(s) ran, {_fmt_seconds(elapsed)} wall in all =="]
     if recs:
         width = max(len(r["node"]) for r in recs)
         lines += [f"  {r['node']:<{width}}  {_fmt_seconds(r['seconds']):>12}" for r in recs]
-        lines.append(f"  {'sum':<{width}}  {_fmt_seconds(sum(r['seconds'] for r in recs)):>12}")
+        total = sum(r["seconds"] for r in recs)
+        overlap = "  (nodes ran in parallel: more than the wall time)" if total > elapsed + 1 else ""
+        lines.append(f"  {'sum':<{width}}  {_fmt_seconds(total):>12}{overlap}")
     else:
         lines.append("  every node was up to date: nothing ran")
     n_res = len(list(results.glob("*"))) if results.is_dir() else 0
