@@ -1,8 +1,9 @@
 """Contrastive adaptation of an open_clip backbone on the training split (notebook 00).
 
 The image tower is trained end to end on radiographs streamed from disk; the text tower is locked
-(default: each distinct report is encoded once and cached, which makes CPU training fast) or trained
-too. The objective is :class:`cxrlib.losses.MultiTaskLoss`, the projector's loss, applied to the
+(default: each distinct report's features are computed once and cached, which makes CPU training fast;
+notebook 00 reads them from the base backbone's frozen embedding set, the same text tower's, which make
+builds first: ``AdaptConfig.text_features``) or trained too. The objective is :class:`cxrlib.losses.MultiTaskLoss`, the projector's loss, applied to the
 backbone's own normalised embeddings (BCE through a small linear head on them). Default weights are
 CLIP only: adaptation aligns the image tower with the report space, and the paper's multi-task
 objective (and its ablation) stays with the projector, so SupCon/BCE effects are not baked into the
@@ -54,7 +55,8 @@ from tqdm.auto import tqdm
 
 from cxrlib import accel, runtime, settings
 from cxrlib.backbones import ADAPTED_SUFFIX  # noqa: F401  (re-exported: defined once, in backbones)
-from cxrlib.embed import trim_padding  # noqa: F401  (re-exported: the locked-text cache uses it)
+from cxrlib.embed import cache_key, text_items, trim_padding  # trim_padding: also re-exported
+from cxrlib.embstore import load_embeddings
 from cxrlib.images import ImageReadError, load_cxr_image
 from cxrlib.projector import clamp_logit_scale_
 from cxrlib.runtime import param_groups, resolve_device
@@ -63,6 +65,9 @@ REQUIRED_COLUMNS = ("study_id", "image_id", "image_path", "report", "label_abnor
 MONITORS = {"val_loss": "min", "val_recall": "max"}
 #: autocast precisions; fp16 (for GPUs without bf16) trains with a loss scaler (accel.grad_scaler)
 PRECISIONS = ("fp32", "bf16", "fp16")
+#: the precision of the locked-text cache (:func:`encode_texts` runs without autocast); features read from a
+#: frozen embedding set must have been extracted in it
+TEXT_CACHE_PRECISION = "fp32"
 
 
 # ---- configuration -------------------------------------------------------------------------------
@@ -117,10 +122,16 @@ class AdaptConfig:
     eval_batch_size: int = 64
     recall_ks: tuple[int, ...] = (1, 5, 10)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    #: the base backbone's frozen embedding set's ``text.npz`` (notebook 00: the one make builds first): with a
+    #: locked text tower the reports' features are read from it (:func:`read_text_features`) when it was
+    #: extracted by this text tower, in fp32, from this table; otherwise (or None) they are encoded here
+    text_features: str | None = None
 
     def __post_init__(self):
         if isinstance(self.augment, dict):
             self.augment = AugmentConfig(**self.augment)
+        if self.text_features is not None:
+            self.text_features = str(self.text_features)
         self.recall_ks = tuple(int(k) for k in self.recall_ks)
         unknown = sorted(set(self.weights) - set(_WEIGHTS))
         if unknown:
@@ -463,12 +474,16 @@ class _Rows:
 
 @dataclass
 class _Text:
-    """What the model reads as text: cached features (locked tower) or token ids (trained tower)."""
+    """What the model reads as text: cached features (locked tower) or token ids (trained tower); where the
+    cached features came from (a frozen set's file, or ``"encoded"``: all here), how many were encoded here."""
 
     cache: torch.Tensor | None
     tokens: torch.Tensor | None
     tokenizer: Any
     seconds: float
+    source: str | None = None
+    n_encoded: int = 0
+    note: str = ""
 
     def batch(self, rows: _Rows, idx: torch.Tensor, device: str) -> torch.Tensor:
         return _text_input(idx, rows.text_rows, self.cache, self.tokens, device, self.tokenizer)
@@ -501,16 +516,74 @@ def _prepare_rows(table: pd.DataFrame) -> _Rows:
                  skips=_SkipLog(table["image_id"].astype(str).to_numpy()))
 
 
+def read_text_features(path: str | os.PathLike, table: pd.DataFrame, rows: _Rows,
+                       backbone: Any) -> tuple[np.ndarray | None, np.ndarray, str]:
+    """The locked-text cache of ``rows.texts`` read from a frozen embedding set's text file (keyed by study id).
+
+    The file is used only when its cache key is the one :mod:`cxrlib.embed` computes for this backbone's text
+    tower (``Backbone.text_key``, tokenizer, context length), :data:`TEXT_CACHE_PRECISION` and ``table``'s
+    reports (all splits: the table the set was extracted from); each distinct report takes the feature of its
+    first study found in the file (identical reports have identical features there). Returns ``(features,
+    missing, note)``: ``features`` (rows of ``missing`` reports are zero) or None when the file is not usable,
+    ``missing`` a mask over ``rows.texts`` (reports no study of which is in the file, e.g. an empty report the
+    extractor skipped), ``note`` why the file was not used ("" when it was)."""
+    n = len(rows.texts)
+    try:
+        emb = load_embeddings(path)
+    except FileNotFoundError:
+        return None, np.ones(n, bool), f"{path} absent"
+    except (OSError, ValueError, KeyError) as exc:
+        return None, np.ones(n, bool), f"{path} unreadable ({exc})"
+    meta = emb.meta
+    want = cache_key("text", backbone, TEXT_CACHE_PRECISION, *text_items(table))
+    if meta.get("cache_key") != want:
+        tower = getattr(backbone, "text_key", backbone.fingerprint)
+        if meta.get("text_fingerprint") != tower:
+            why = f"written for another text tower ({meta.get('text_fingerprint')}, this one {tower})"
+        elif meta.get("precision") != TEXT_CACHE_PRECISION:
+            why = f"{meta.get('precision')} features, the locked-text cache is {TEXT_CACHE_PRECISION}"
+        else:
+            why = "written for other reports or another tokenizer (its cache key is not this table's)"
+        return None, np.ones(n, bool), f"{path}: {why}"
+    index = {k: i for i, k in enumerate(emb.ids)}
+    pos = np.array([index.get(sid, -1) for sid in rows.table["study_id"].astype(str)], dtype=np.int64)
+    found = np.flatnonzero(pos >= 0)
+    texts, first = np.unique(rows.text_rows.numpy()[found], return_index=True)
+    src = np.full(n, -1, dtype=np.int64)
+    src[texts] = pos[found[first]]
+    feats = np.zeros((n, emb.dim), dtype=np.float32)
+    feats[src >= 0] = emb.emb[src[src >= 0]]
+    return feats, src < 0, ""
+
+
 def _prepare_text(model: nn.Module, backbone: Any, rows: _Rows, cfg: AdaptConfig, device: str,
-                  progress: bool) -> _Text:
-    """A locked tower's features of every distinct report (computed once), or the reports' tokens."""
+                  progress: bool, table: pd.DataFrame | None = None) -> _Text:
+    """A locked tower's features of every distinct report (read from ``cfg.text_features`` where that file
+    holds them, else computed once), or the reports' tokens. ``table``: the whole study table (default the
+    rows'), whose reports the file must have been extracted from. One printed line says where they came from."""
     t0 = time.perf_counter()
-    cache = tokens = None
-    if cfg.lock_text:
-        cache = encode_texts(model, backbone.tokenizer, list(rows.texts), cfg.eval_batch_size, device, progress)
-    else:
+    if not cfg.lock_text:
         tokens = torch.cat([backbone.tokenizer(list(rows.texts[i:i + 256])) for i in range(0, len(rows.texts), 256)])
-    return _Text(cache, tokens, backbone.tokenizer, time.perf_counter() - t0)
+        return _Text(None, tokens, backbone.tokenizer, time.perf_counter() - t0)
+    n = len(rows.texts)
+    feats, missing, note = (None, np.ones(n, bool), "no text_features file given") if cfg.text_features is None \
+        else read_text_features(cfg.text_features, rows.table if table is None else table, rows, backbone)
+    todo = np.flatnonzero(missing)
+    if len(todo):
+        enc = encode_texts(model, backbone.tokenizer, list(rows.texts[todo]), cfg.eval_batch_size, device, progress)
+        if feats is None:
+            feats = np.zeros((n, enc.shape[1]), dtype=np.float32)
+        feats[todo] = enc.numpy()
+    if note:
+        note = f"text features: {note}: {len(todo)} distinct reports encoded with the locked text tower"
+    else:
+        examples = ", ".join(repr(t[:40]) for t in rows.texts[todo[:3]])
+        note = (f"text features: {n - len(todo)} of {n} distinct reports read from {cfg.text_features}"
+                + (f"; {len(todo)} not in it encoded here ({examples})" if len(todo) else ""))
+    if cfg.text_features is not None and runtime.world()[0] == 0:
+        print(note)
+    source = "encoded" if len(todo) == n else str(cfg.text_features)
+    return _Text(torch.from_numpy(feats), None, backbone.tokenizer, time.perf_counter() - t0, source, len(todo), note)
 
 
 def _build_net(model: nn.Module, embed_dim: int, cfg: AdaptConfig, device: str,
@@ -657,7 +730,8 @@ def _run_record(cfg: AdaptConfig, backbone: Any, icfg: dict[str, Any], rows: _Ro
            "base_fingerprint": getattr(backbone, "fingerprint", None), "best_epoch": fit.best_epoch,
            "monitor_best": fit.best, "trainable_tensors": len(trainable), "world_size": world,
            "n_train": int(len(rows.train_idx)), "n_val": int(len(rows.val_idx)), "skipped": len(rows.skips.reasons),
-           "n_reports_encoded": int(len(rows.texts)) if cfg.lock_text else 0, "text_cache_seconds": text.seconds,
+           "n_reports_encoded": text.n_encoded, "text_features_from": text.source, "text_features_note": text.note,
+           "text_cache_seconds": text.seconds,
            "image_cache_seconds": cache_seconds}
     return {**copy.deepcopy(getattr(backbone, "config", {}) or {}), "adapt": run}
 
@@ -677,7 +751,7 @@ def adapt(table: pd.DataFrame, backbone: Any, cfg: AdaptConfig, progress: bool =
     model = backbone.model.to(device)
     icfg = _image_settings(model, backbone, cfg)
     rows = _prepare_rows(table)
-    text = _prepare_text(model, backbone, rows, cfg, device, progress)
+    text = _prepare_text(model, backbone, rows, cfg, device, progress, table)
     net, train_net, trainable = _build_net(model, backbone.embed_dim, cfg, device, world)
     train_loader, val_loader, cache_seconds = _make_loaders(rows, icfg, backbone.preprocess, cfg, world, progress)
     total_steps = len(train_loader) * cfg.epochs

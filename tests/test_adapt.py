@@ -248,3 +248,119 @@ def test_torchrun_two_cpu_ranks_write_a_loadable_checkpoint(tmp_path):
     # 32 train rows, 8 per rank per step -> 2 steps of 16 images
     assert run.history["step"].iloc[-1] == 2
     load_backbone("tiny", checkpoint=tmp_path / "ddp.pt")
+
+
+# ---- the locked-text cache read from the base backbone's frozen embedding set ------------------------
+
+def _varied_reports(table: pd.DataFrame) -> pd.DataFrame:
+    """Several distinct reports, some repeated across studies, and test rows the adaptation never reads."""
+    table = table.copy()
+    table["report"] = [f"{r} case {i % 7}" for i, r in enumerate(table["report"])]
+    test = table.iloc[:4].copy()
+    test["study_id"] = [f"t{i}" for i in range(4)]
+    test["image_id"] = [f"ti{i}" for i in range(4)]
+    test["split"] = "test"
+    test["report"] = [f"only in the test split {i}" for i in range(4)]
+    return pd.concat([table, test], ignore_index=True)
+
+
+def _frozen_set(table: pd.DataFrame, bk, out: Path):
+    """The frozen set's text features as the extractor writes them (fp32, the shared store beside it)."""
+    from cxrlib.embed import extract_embeddings
+
+    return extract_embeddings(table, bk, out / "emb", modalities=["text"], batch_size=5, num_workers=0,
+                              precision="fp32", progress=False, text_store=out / "store")
+
+
+def _cache(table: pd.DataFrame, bk, **kw) -> tuple[A._Text, A._Rows]:
+    rows = A._prepare_rows(table)
+    return A._prepare_text(bk.model, bk, rows, _cfg(**kw), "cpu", False, table), rows
+
+
+def test_locked_text_cache_read_from_the_frozen_set_equals_encoding(table, tmp_path, monkeypatch, capsys):
+    """The set's own text.npz and its shared-store copy give encode_texts' features (within float rounding),
+    each distinct train/val report once, and nothing is encoded."""
+    from cxrlib.embed import store_path
+
+    table = _varied_reports(table)
+    bk = load_backbone("tiny")
+    res = _frozen_set(table, bk, tmp_path)
+    shared = list((tmp_path / "store").glob("text-*.npz"))
+    assert len(shared) == 1 and shared[0] == store_path(tmp_path / "store", "text", shared[0].stem[5:])
+    rows = A._prepare_rows(table)
+    want = A.encode_texts(bk.model, bk.tokenizer, list(rows.texts), 16, "cpu", progress=False)
+    assert len(rows.texts) == 14  # 2 findings x 7 cases; the test rows' reports are not needed
+    monkeypatch.setattr(A, "encode_texts", lambda *a, **k: pytest.fail("encoded although the file holds them"))
+    for path in (res["text"], shared[0]):
+        text, _ = _cache(table, bk, text_features=path)
+        assert text.n_encoded == 0 and text.source == str(path)
+        assert text.cache.shape == want.shape and torch.allclose(text.cache, want, atol=1e-5)
+        assert f"14 of 14 distinct reports read from {path}" in capsys.readouterr().out
+
+
+def test_a_file_of_another_tower_or_table_is_ignored_and_said_so(table, tmp_path, capsys):
+    """Another text tower, another precision, other reports (a test row's) or no file: encoded as before."""
+    import dataclasses
+
+    from cxrlib.backbones import text_fingerprint
+
+    table = _varied_reports(table)
+    bk = load_backbone("tiny")
+    rows = A._prepare_rows(table)
+    want = A.encode_texts(bk.model, bk.tokenizer, list(rows.texts), 16, "cpu", progress=False)
+    other = load_backbone("tiny")
+    with torch.no_grad():
+        other.model.token_embedding.weight.add_(0.5)
+    other = dataclasses.replace(other, text_fingerprint=text_fingerprint(other.model, other.tokenizer,
+                                                                         other.context_length))
+    changed = table.copy()
+    changed.loc[changed["split"] == "test", "report"] = "another test report"
+    from cxrlib.embed import extract_embeddings
+
+    files = {"another text tower": _frozen_set(table, other, tmp_path / "tower")["text"],
+             "bf16 features": extract_embeddings(table, bk, tmp_path / "bf16" / "emb", modalities=["text"],
+                                                 batch_size=5, num_workers=0, precision="bf16",
+                                                 progress=False)["text"],
+             "other reports": _frozen_set(changed, bk, tmp_path / "table")["text"],
+             "absent": tmp_path / "none" / "text.npz"}
+    for why, path in files.items():
+        text, _ = _cache(table, bk, text_features=path)
+        out = capsys.readouterr().out.strip().splitlines()
+        assert len(out) == 1 and why in out[0] and str(path) in out[0], (why, out)
+        assert "14 distinct reports encoded with the locked text tower" in out[0]
+        assert text.n_encoded == 14 and text.source == "encoded"
+        assert torch.equal(text.cache, want), why  # exactly what encode_texts gives: nothing read
+
+
+def test_a_report_missing_from_the_file_is_encoded_and_counted(table, tmp_path, monkeypatch, capsys):
+    """An empty report is a skip of the extractor (not in its file): the adaptation encodes that one only."""
+    table = _varied_reports(table)
+    table.loc[[3, 10], "report"] = ""  # one distinct report (two studies) the frozen set skips
+    bk = load_backbone("tiny")
+    res = _frozen_set(table, bk, tmp_path)
+    assert {s["id"] for s in res.skipped["text"]} == {"s3", "s10"}
+    rows = A._prepare_rows(table)
+    want = A.encode_texts(bk.model, bk.tokenizer, list(rows.texts), 16, "cpu", progress=False)
+    real, encoded = A.encode_texts, []
+    monkeypatch.setattr(A, "encode_texts", lambda m, t, texts, *a, **k: encoded.append(texts) or real(m, t, texts, *a, **k))
+    text, _ = _cache(table, bk, text_features=res["text"])
+    assert encoded == [[""]] and text.n_encoded == 1 and text.source == str(res["text"])
+    n = len(rows.texts)
+    assert f"{n - 1} of {n} distinct reports read from {res['text']}; 1 not in it encoded here" in capsys.readouterr().out
+    assert torch.allclose(text.cache, want, atol=1e-5)
+
+
+def test_adapted_checkpoint_records_where_the_report_features_came_from(table, tmp_path):
+    table = _varied_reports(table)
+    bk = load_backbone("tiny")
+    path = _frozen_set(table, bk, tmp_path)["text"]
+    read = A.adapt(table, bk, _cfg(epochs=1, max_steps=1, text_features=path), progress=False)
+    ckpt = A.read_run(A.save_adapted(tmp_path / "m" / "tiny-adapted.pt", read)).config["adapt"]
+    assert ckpt["text_features_from"] == str(path) == ckpt["text_features"]
+    assert ckpt["n_reports_encoded"] == 0 and ckpt["text_cache_seconds"] >= 0
+    assert "14 of 14 distinct reports read" in ckpt["text_features_note"]
+    encoded = A.adapt(table, load_backbone("tiny"), _cfg(epochs=1, max_steps=1), progress=False)
+    rec = encoded.config["adapt"]
+    assert rec["text_features_from"] == "encoded" and rec["n_reports_encoded"] == 14 and rec["text_features"] is None
+    # epoch 0 (the start weights): the read features score as the encoded ones
+    assert read.history["val_loss"][0] == pytest.approx(encoded.history["val_loss"][0], abs=1e-5)
