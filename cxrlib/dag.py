@@ -18,8 +18,9 @@ Output folders: results, figures and build stamps of a profile on its own datase
 ``results/<profile>/``, ``figures/<profile>/``, ``build/<profile>/``; with another ``DATASET`` to
 ``results/<profile>-<dataset>/`` etc. (:func:`out_key`), so the datasets' results sit side by side.
 Embedding keys: each backbone of the profile's ``backbones`` list is embedded frozen under its own name;
-when the profile adapts (``adapt: true``) the training backbone is adapted in notebook 00 and embedded
-again under ``<backbone>-adapted``, the set the projector trains on.
+when the profile adapts (``adapt: true``) the training backbone is adapted in notebook 00 (after its frozen
+set, whose report features it reads: ``embed:base``) and embedded again under ``<backbone>-adapted``, the set
+the projector trains on.
 With ``EVAL_SET`` (notebook 03's ``eval_set``, a peer's evaluation set) node ``evalset`` builds that set's
 study table and embeds it with every key before notebook 03; what each is built from is written to
 ``build/evalsets/<set>/`` (:meth:`Plan.eval_set_params`), shared like the set's table and embeddings.
@@ -57,10 +58,12 @@ DATA_DEPS = {"cxrlib/backbones.py": "configs/models"}
 
 @dataclass(frozen=True)
 class Node:
-    """One DAG node. ``needs``: upstream node names, ``embed:train`` (the training embedding set) or
-    ``embed:all`` (every set); ``backbone``: ``train`` (the set the projector trains on) or ``base`` (the
-    profile's backbone before adaptation); ``only_if_adapt``: the node exists only when the profile adapts;
-    ``module``: a script node run as ``python -m <module>`` (no notebook); ``switch``: a boolean setting
+    """One DAG node. ``needs``: upstream node names or embedding sets (:data:`EMBED_NEEDS`: ``embed:train``
+    the set the projector trains on, ``embed:base`` the base backbone's frozen set when the profile embeds
+    it, ``embed:all`` every set, ``embed:evalset`` the evaluation set's); ``backbone``: ``train`` (the set the
+    projector trains on) or ``base`` (the profile's backbone before adaptation); ``only_if_adapt``: the node
+    exists only when the profile adapts; ``module``: a script node run as ``python -m <module>`` (no
+    notebook); ``switch``: a boolean setting
     (a profile's top-level key, or its make variable) without which the node is off; ``only_if_eval_set``:
     the node exists only when notebook 03 evaluates on a peer's evaluation set (``eval_set``, ``EVAL_SET``)."""
 
@@ -79,16 +82,29 @@ class Node:
 
 NODES: dict[str, Node] = {}
 
+#: ``Node.needs`` naming embedding sets -> their ``done.json`` stamps, from the plan and the stamps by set
+#: (``{"dataset": {key: stamp}, "evalset": {key: stamp}}``); an absent set is no prerequisite
+EMBED_NEEDS = {
+    "embed:train": lambda p, sets: [sets["dataset"][p.train_key]],
+    "embed:base": lambda p, sets: [sets["dataset"][p.backbone]] if p.backbone in sets["dataset"] else [],
+    "embed:all": lambda p, sets: list(sets["dataset"].values()),
+    "embed:evalset": lambda p, sets: list(sets["evalset"].values()),
+}
+
 
 def register(node: Node) -> Node:
     if node.name in NODES:
         raise ValueError(f"node {node.name!r} registered twice")
+    unknown = [n for n in node.needs if n not in NODES and n not in EMBED_NEEDS]
+    if unknown:
+        raise ValueError(f"node {node.name!r} needs {unknown}: neither registered nodes nor {sorted(EMBED_NEEDS)}")
     NODES[node.name] = node
     return node
 
 
 register(Node("01_data_prep"))
-register(Node("00_adapt_backbone", needs=("01_data_prep",), backbone="base", only_if_adapt=True))
+# node 00 reads the base backbone's frozen report features (its locked text tower's) instead of encoding them
+register(Node("00_adapt_backbone", needs=("01_data_prep", "embed:base"), backbone="base", only_if_adapt=True))
 register(Node("embed", needs=("01_data_prep",), module="cxrlib.embed"))
 register(Node("02_train", needs=("embed:train",)))
 # a peer's evaluation set (EVAL_SET, cxrlib.evalsets): its study table, then its embedding set per backbone key
@@ -422,15 +438,13 @@ def make_text(p: Plan) -> str:
                   f"EVAL_RESULTS := {paths.results_dir(f'{p.out}-{p.eval_set}')}",
                   f"EVAL_FIGURES := {paths.figures_dir(f'{p.out}-{p.eval_set}')}"]
 
+    sets = {"dataset": emb_done, "evalset": eval_done}
+
     def upstream(node: Node) -> list[str]:
         deps = []
         for need in node.needs:
-            if need == "embed:train":
-                deps.append(emb_done[p.train_key])
-            elif need == "embed:all":
-                deps.extend(emb_done.values())
-            elif need == "embed:evalset":
-                deps.extend(eval_done.values())
+            if need in EMBED_NEEDS:
+                deps.extend(EMBED_NEEDS[need](p, sets))
             elif need in stamp:
                 deps.append(stamp[need])
         return deps

@@ -239,3 +239,54 @@ def test_ablation_reuses_its_grid_when_only_the_main_weights_change(tmp_path, sp
 def test_an_explicit_grid_always_holds_the_main_weights():
     assert ablation.parse_grid([[0, 0, 1]], (1.0, 0.5, 1.0)) == [(0.0, 0.0, 1.0), (1.0, 0.5, 1.0)]
     assert ablation.parse_grid([[1, 0.5, 1]], (1.0, 0.5, 1.0)) == [(1.0, 0.5, 1.0)]
+
+
+# ---- node 00 reads the base backbone's frozen report features --------------------------------------
+
+def test_adaptation_runs_after_the_frozen_set_of_its_base_backbone(tmp_path):
+    """make -n on an empty work folder: 01, the frozen set, 00 (which reads its report features), the adapted
+    set, then the projector; 00's prerequisites hold the frozen set's stamp, never the adapted one."""
+    from conftest import run_make
+
+    out = run_make(["-n", "dag", "PROFILE=smoke"], tmp_path).stdout
+    steps = re.findall(r'>> smoke: ([^"\n]+)', out)
+    assert steps[:5] == ["01_data_prep", "embed tiny", "00_adapt_backbone", "embed tiny-adapted", "02_train"], steps
+    line = next(ln for ln in (tmp_path / "build" / "smoke" / "dag.mk").read_text().splitlines()
+                if ln.startswith("$(B)/00_adapt_backbone.ipynb:"))
+    assert "$(EMB_ROOT)/tiny/done.json" in line.split() and "$(EMB_ROOT)/tiny-adapted/done.json" not in line
+
+
+def test_embed_base_is_a_prerequisite_only_where_the_base_set_exists(workdir):
+    p = dag.plan("smoke", environ={})
+    assert "embed:base" in dag.NODES["00_adapt_backbone"].needs and p.backbone in p.embed_keys
+
+    def line_00(plan: dag.Plan) -> list[str]:
+        return next(ln for ln in dag.make_text(plan).splitlines()
+                    if ln.startswith("$(B)/00_adapt_backbone.ipynb:")).split()[1:]
+
+    assert "$(EMB_ROOT)/tiny/done.json" in line_00(p)
+    # a profile that did not embed the base backbone frozen: 00 needs data prep only, as before
+    without = dataclasses.replace(p, embed_keys=[p.train_key])
+    assert [d for d in line_00(without) if d.startswith("$(")] == ["$(B)/01_data_prep.ipynb"]
+    # the paper profile does not adapt: no node 00, so no such prerequisite
+    paper = dag.plan("paper", environ={})
+    assert "00_adapt_backbone" not in [n.name for n in paper.nodes]
+    assert "00_adapt_backbone" not in dag.make_text(paper)
+    with pytest.raises(ValueError, match="embed:nothing"):
+        dag.register(dag.Node("99_unknown_need", needs=("embed:nothing",)))
+
+
+def test_a_new_frozen_set_reruns_the_adaptation(touched_dag):
+    """The frozen set's stamp newer than node 00's: 00 and everything after it rerun, not the frozen set."""
+    root, _, would_run = touched_dag
+    plan = dag.plan("smoke", environ={})
+    stamp = root / "work" / "data" / "embeddings" / plan.dataset / dag.embedding_key(plan.backbone) / "done.json"
+    st = stamp.stat()
+    future = time.time_ns() + 10**11
+    os.utime(stamp, ns=(future, future))
+    try:
+        ran = would_run()
+    finally:
+        os.utime(stamp, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert ran == {"00_adapt_backbone", "embed tiny-adapted", "02_train", "03_retrieval_eval", "04_embedding_viz",
+                   "05_loss_ablation"}, ran
