@@ -48,7 +48,7 @@ from cxrlib.io import write_text_if_changed
 TRAIN_NODE = "02_train"
 #: command-line make variables that are not settings (make's own and the environment's)
 NON_SETTING_VARS = frozenset({"PROFILE", "CXR_WORKDIR", "PYTHON_BOOT", "TORCH_SPEC", "PYTEST_ARGS", "TEST_WORKERS",
-                              "KERNEL",
+                              "KERNEL", "JOBS",
                               "MAKEFLAGS", "MFLAGS", "SHELL", "PY", "V"})
 #: settings make variables also read from the environment (paths users export once)
 ENV_MAKE_VARS = ("OPENI_ROOT", "MIMIC_ROOT")
