@@ -61,7 +61,18 @@ strip: $(ENV_STAMP) ## Strip outputs from every notebook (nbstripout)
 # and cxrlib.dag validates each one given on the command line before anything runs (an unknown one is an error).
 ## VAR PROFILE paper (default) | offline (= make demo) | smoke; settings in configs/<profile>.yaml
 ## VAR CXR_WORKDIR put data/ build/ results/ figures/ under another folder
+## VAR JOBS DAG nodes run at once (default 2; 1: one after another); a -jN given to make wins
 PROFILE ?= paper
+JOBS ?= 2
+# the DAG's make runs JOBS nodes at once (each its own process, threads pinned by cxrlib.determinism, so
+# results do not depend on the schedule), unless make already has a -j of its own (then its jobserver
+# serves the inner make; another -j there would reset it); `make -n` lists the same nodes either way
+DAG_JOBS = $(if $(filter -j%,$(MAKEFLAGS)),,-j$(JOBS))
+ifneq ($(origin JOBS),file)
+ifeq ($(shell [[ '$(JOBS)' =~ ^[1-9][0-9]*$$ ]] && echo ok),)
+$(error JOBS=$(JOBS): the number of DAG nodes run at once must be a whole number >= 1)
+endif
+endif
 export OPENI_ROOT MIMIC_ROOT CXR_WORKDIR
 # every variable set on the command line, passed to cxrlib.dag for validation
 CLI_VARS = $(foreach v,$(sort $(.VARIABLES)),$(if $(filter command line,$(origin $(v))),'$(v)=$($(v))'))
@@ -91,12 +102,12 @@ endif
 paper: $(ENV_STAMP) ## Rebuild every figure and table of PROFILE (default paper: Open-I, BiomedCLIP, CLIP; needs network or local copies)
 	@$(DAG_CHECK)
 	@$(PREFLIGHT)
-	@+$(LOCKED) $(MAKE) --no-print-directory dag PROFILE=$(PROFILE)
+	@+$(LOCKED) $(MAKE) --no-print-directory $(DAG_JOBS) dag PROFILE=$(PROFILE)
 
 embed: $(ENV_STAMP) ## Build PROFILE's embedding sets only (data prep, adaptation where the profile adapts, extraction)
 	@$(DAG_CHECK)
 	@$(PREFLIGHT)
-	@+$(LOCKED) $(MAKE) --no-print-directory dag-embed PROFILE=$(PROFILE)
+	@+$(LOCKED) $(MAKE) --no-print-directory $(DAG_JOBS) dag-embed PROFILE=$(PROFILE)
 
 demo: ## The offline profile: real Open-I reports + synthetic radiographs, no network (= make paper PROFILE=offline)
 	@+$(MAKE) --no-print-directory paper PROFILE=offline
