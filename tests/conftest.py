@@ -3,14 +3,13 @@ per test session (``smoke_dag``) that the notebook tests assert on instead of re
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
-import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import smokebuild
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -60,25 +59,74 @@ def run_make(args: list[str], workdir: Path, check: bool = True) -> subprocess.C
     return out
 
 
+def _smoke_shared(config: pytest.Config) -> Path:
+    """The session's temp folder that every xdist worker shares (the one process's own without xdist)."""
+    base = config._tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
-def smoke_dag(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+def smoke_dag(pytestconfig) -> tuple[Path, subprocess.CompletedProcess]:
     """``make smoke`` once per session (every notebook node in one DAG); tests read what each node wrote.
 
-    Under pytest-xdist (``make test``) the workers share one build: the first to ask runs it under a file lock
-    in the session's common temp folder, the others wait for it and read make's recorded output.
+    Under pytest-xdist (``make test``) the workers share one build (tests/smokebuild.py): it starts in the
+    background once the collection holds a test that needs it (``pytest_collection_finish``), and this
+    fixture waits for it under its file lock (or runs it, where nothing started it) and reads make's record.
     Tests must not change its folder (one that runs make with other settings there works on a copy)."""
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    work, record = shared / "smoke-dag", shared / "smoke-dag.json"
-    with open(shared / "smoke-dag.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not record.is_file():
-            shutil.rmtree(work, ignore_errors=True)  # an earlier worker's build that failed
-            work.mkdir()
-            out = run_make(["smoke"], work)
-            record.write_text(json.dumps({"args": out.args, "stdout": out.stdout, "stderr": out.stderr}))
-        done = json.loads(record.read_text())
-    return work, subprocess.CompletedProcess(done["args"], 0, done["stdout"], done["stderr"])
+    shared = _smoke_shared(pytestconfig)
+    done = smokebuild.build(shared)
+    if done["returncode"] != 0:
+        raise AssertionError(f"make smoke failed ({done['returncode']}):\n{done['stdout'][-4000:]}\n"
+                             f"{done['stderr'][-4000:]}")
+    return smokebuild.paths(shared)[0], subprocess.CompletedProcess(done["args"], 0, done["stdout"], done["stderr"])
+
+
+_SMOKE_BUILD: list[subprocess.Popen] = []
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the smoke build in the background when a collected test needs it (one worker starts it)."""
+    if session.config.option.collectonly or not any("smoke_dag" in getattr(i, "fixturenames", ())
+                                                    for i in session.items):
+        return
+    shared = _smoke_shared(session.config)
+    try:
+        os.close(os.open(shared / "smoke-dag.started", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    _SMOKE_BUILD.append(subprocess.Popen([sys.executable, str(Path(__file__).with_name("smokebuild.py")),
+                                          str(shared)], cwd=REPO))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The worker that started the smoke build outlives it (another worker may still wait for it)."""
+    for proc in _SMOKE_BUILD:
+        if exitstatus == pytest.ExitCode.INTERRUPTED:
+            proc.terminate()
+        proc.wait()
+
+
+# Files that start first under ``make test`` (pytest-xdist ``--dist loadfile`` hands out whole files in
+# collection order): the longest first, so that no long file is left for the end while the other worker idles.
+# test_evalset_dag waits for the background smoke build and then runs make on a copy of it; the files that
+# only read the build come once it is likely done. The others follow in their usual order.
+FIRST_FILES = (
+    "test_evalset_dag.py", "test_gpu_path.py", "test_dag.py", "test_lora_dist.py", "test_embedding_viz.py",
+    "test_embed_distributed.py", "test_adapt.py", "test_synthetic.py", "test_determinism.py", "test_losses.py",
+    "test_pipeline.py", "test_browser.py", "test_search.py", "test_retrieval_notebook.py",
+    "test_text_encoder_notebook.py", "test_backbones.py", "test_train.py", "test_evalset_notebook.py",
+    "test_datasets_synth.py", "test_interactive.py",
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False  # xdist would order the files by their number of tests
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(FIRST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST_FILES)))  # stable: file order kept
 
 
 @pytest.fixture
