@@ -2,14 +2,13 @@
 (the renderer itself is tested in its own module); and notebook 01 end to end through papermill."""
 
 import json
-import os
-import subprocess
 import sys
 import types
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from nbexec import run_notebook
 from PIL import Image
 
 from cxrlib.datasets import build_study_table, load_study_table, skip_counts
@@ -58,15 +57,11 @@ def test_notebook_01_on_fake_kaggle_tree(tmp_path):
     from cxrlib.datasets.fixtures import make_fake_openi_kaggle
 
     root = make_fake_openi_kaggle(tmp_path / "kaggle", n_studies=32)
-    env = {**os.environ, "CXR_WORKDIR": str(tmp_path / "work"), "HF_HUB_OFFLINE": "1"}
-    for var in ("CXR_DATA_DIR", "CXR_RESULTS_DIR", "CXR_FIGURES_DIR", "OPENI_ROOT"):
-        env.pop(var, None)
-    out = subprocess.run([sys.executable, "-m", "papermill", "-k", "cxr-retrieval", "--no-progress-bar",
-                          "--cwd", str(REPO / "notebooks"), str(REPO / "notebooks" / "01_data_prep.ipynb"),
-                          str(tmp_path / "out.ipynb"), "-p", "profile", "smoke", "-p", "dataset", "openi",
-                          "-p", "openi_root", str(root), "-p", "n_examples", "4"],
-                         env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-3000:]
+    env = {"CXR_WORKDIR": str(tmp_path / "work"), "HF_HUB_OFFLINE": "1",
+           **dict.fromkeys(("CXR_DATA_DIR", "CXR_RESULTS_DIR", "CXR_FIGURES_DIR", "OPENI_ROOT"))}
+    # in this process (papermill runs 01 in the smoke DAG)
+    run_notebook("01_data_prep.ipynb", {"profile": "smoke", "dataset": "openi", "openi_root": str(root),
+                                        "n_examples": 4}, tmp_path / "out.ipynb", env)
     work = tmp_path / "work"
     table = load_study_table(work / "data" / "processed" / "openi.parquet")
     assert len(table) == 32 and (work / "data" / "processed" / "openi.splits.csv").is_file()

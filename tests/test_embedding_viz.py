@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import warnings
@@ -14,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import REPO
+from nbexec import run_notebook
 
 from cxrlib import embedding_viz as ev
 
@@ -395,13 +395,11 @@ def test_notebook_04_runs_on_fixture(workdir):
     _write_fixture(40, dataset="fixture", backbone="tiny", run="bce1-supcon0.5-clip1")
     nb = REPO / "notebooks" / "04_embedding_viz.ipynb"
     out = workdir / "04.out.ipynb"
-    env = {**os.environ, "CXR_WORKDIR": str(workdir), "HF_HUB_OFFLINE": "1"}
+    env = {"CXR_WORKDIR": str(workdir), "HF_HUB_OFFLINE": "1"}
     # "fixture" is no registered data set: the run is given, as make passes it (dag names it from the recipe)
-    params = ["-p", "profile", "smoke", "-p", "dataset", "fixture", "-p", "backbone", "tiny",
-              "-p", "run", "bce1-supcon0.5-clip1", "-y", "methods: [tsne]", "-p", "perplexity", "30", "-p", "sample_size", "0", "-p", "k", "3"]
-    run = subprocess.run([sys.executable, "-m", "papermill", "-k", "cxr-retrieval", "--cwd", str(nb.parent),
-                          str(nb), str(out), *params], env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
+    params = {"profile": "smoke", "dataset": "fixture", "backbone": "tiny", "run": "bce1-supcon0.5-clip1",
+              "methods": ["tsne"], "perplexity": 30, "sample_size": 0, "k": 3}
+    run_notebook(nb.name, params, out, env)  # in this process (papermill runs 04 in the smoke DAG)
     res, fig = workdir / "results" / "smoke-fixture", workdir / "figures" / "smoke-fixture"
     frame = pd.read_csv(res / "embedding_metrics.csv")
     assert set(frame["stage"]) == {"before", "after"} and (frame["n"] == 20).all()

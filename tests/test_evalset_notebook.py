@@ -3,14 +3,9 @@ BenchX's published numbers beside ours (papermill, tiny backbone, no network).""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pandas as pd
 import pytest
-import yaml
-from conftest import REPO
+from nbexec import run_notebook
 
 from cxrlib import config, evalsets
 from cxrlib.datasets.fixtures import make_fake_mimic
@@ -30,14 +25,9 @@ def test_notebook_03_on_mimic_5x200(workdir, tmp_path, monkeypatch):
     params = {**config.resolve_params("smoke", "03_retrieval_eval", {"dataset": "mimic", "backbone": "tiny"}),
               "eval_set": "mimic_5x200", "protocols": ["strict", "label_match_class", "graded"],
               "models": [{"name": "tiny (frozen)", "backbone": "tiny"}], "paired": [], "ks": [1, 5]}
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(params))
-    nb = REPO / "notebooks" / "03_retrieval_eval.ipynb"
-    env = {**os.environ, "CXR_WORKDIR": str(workdir), "HF_HUB_OFFLINE": "1", "MIMIC_5X200_IDS": str(ids)}
-    run = subprocess.run([sys.executable, "-m", "papermill", "-k", "cxr-retrieval", "--cwd", str(nb.parent),
-                          "-f", str(params_file), str(nb), str(tmp_path / "out.ipynb")], env=env,
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
+    env = {"CXR_WORKDIR": str(workdir), "HF_HUB_OFFLINE": "1", "MIMIC_5X200_IDS": str(ids)}
+    # in this process (papermill runs 03 in the smoke DAG)
+    run_notebook("03_retrieval_eval.ipynb", params, tmp_path / "out.ipynb", env)
     res = workdir / "results" / "smoke-mimic-mimic_5x200"
     df = pd.read_csv(res / "retrieval.csv")
     assert set(df["protocol"]) == {"strict", "label_match_class", "graded"}

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import nbformat
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
-from conftest import REPO
+from nbexec import run_notebook
 from PIL import Image
 
 from cxrlib import config, paths
@@ -64,14 +59,9 @@ def test_notebook_03_on_fixture(workdir):
     # "fixture" is no registered data set: the smoke parameters with the fixture's table and run set afterwards
     params = {**config.resolve_params("smoke", "03_retrieval_eval", {"backbone": "tiny-adapted"}),
               "dataset": "fixture", "run": "main"}
-    params_file = workdir / "params.yaml"
-    params_file.write_text(yaml.safe_dump(params))
-    nb = REPO / "notebooks" / "03_retrieval_eval.ipynb"
     out = workdir / "03.out.ipynb"
-    env = {**os.environ, "CXR_WORKDIR": str(workdir), "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, "-m", "papermill", "-k", "cxr-retrieval", "--cwd", str(nb.parent),
-                          "-f", str(params_file), str(nb), str(out)], env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
+    env = {"CXR_WORKDIR": str(workdir), "HF_HUB_OFFLINE": "1"}
+    run_notebook("03_retrieval_eval.ipynb", params, out, env)  # in this process (papermill: the smoke DAG's 03)
     res, fig = workdir / "results" / "smoke-fixture", workdir / "figures" / "smoke-fixture"
     df = pd.read_csv(res / "retrieval.csv")
     assert set(df["model"]) == {"tiny (frozen)", "tiny-adapted (frozen)", "tiny-adapted + projector"}

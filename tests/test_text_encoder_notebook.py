@@ -4,14 +4,12 @@ of hand-written reports, cached fixture image embeddings; asserts on the files i
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import REPO
+from nbexec import run_notebook
 
 from cxrlib import dag, paths
 from cxrlib.embstore import Embeddings, save_embeddings
@@ -54,11 +52,8 @@ def test_notebook_06_on_tiny_settings(workdir):
               "mntp_epochs": 1, "styles": ["abbreviated", "reordered"], "n_boot": 20, "ks": [1, 5], "threads": 1}
     nb = REPO / "notebooks" / "06_text_encoder.ipynb"
     out = workdir / "06.out.ipynb"
-    env = {**os.environ, "CXR_WORKDIR": str(workdir), "HF_HUB_OFFLINE": "1"}
-    args = [x for k, v in params.items() for x in ("-y", json.dumps({k: v}))]
-    run = subprocess.run([sys.executable, "-m", "papermill", "-k", "cxr-retrieval", "--cwd", str(nb.parent),
-                          *args, str(nb), str(out)], env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
+    env = {"CXR_WORKDIR": str(workdir), "HF_HUB_OFFLINE": "1"}
+    run_notebook(nb.name, params, out, env)  # in this process (papermill runs 06 in the smoke DAG)
     res = workdir / "results" / dag.out_key("smoke", "fixture")
     fig = workdir / "figures" / dag.out_key("smoke", "fixture")
     df = pd.read_csv(res / "text_bench.csv")

@@ -6,16 +6,14 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
-import sys
 
 import nbformat
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 from conftest import REPO
+from nbexec import run_notebook
 
 from cxrlib import paths
 from cxrlib.embstore import Embeddings, save_embeddings
@@ -197,18 +195,13 @@ def test_notebook_02_runs_on_fixture(workdir):
     write_fixture_dataset()
     nb = REPO / "notebooks" / "02_train.ipynb"
     out = workdir / "02_train.out.ipynb"
-    env = {**os.environ, "CXR_WORKDIR": str(workdir), "HF_HUB_OFFLINE": "1"}
+    env = {"CXR_WORKDIR": str(workdir), "HF_HUB_OFFLINE": "1"}
     # "fixture" is no registered data set: the smoke parameters resolved first, the fixture's name set afterwards
     from cxrlib import config as cfg_mod
 
     resolved = {**cfg_mod.resolve_params("smoke", "02_train", {"backbone": "tiny", "epochs": 3, "batch_size": 32,
                                                                  "width": 32, "w_supcon": 0.5}), "dataset": "fixture"}
-    params_file = workdir / "params.yaml"
-    params_file.write_text(yaml.safe_dump(resolved))
-    params = ["-f", str(params_file)]
-    run = subprocess.run([sys.executable, "-m", "papermill", "-k", "cxr-retrieval", "--cwd", str(nb.parent),
-                          str(nb), str(out), *params], env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_notebook(nb.name, resolved, out, env)  # in this process (papermill runs 02 in the smoke DAG)
     runs = list((workdir / "results" / "smoke-fixture" / "models").glob("bce1-supcon0.5-clip1-*"))
     assert len(runs) == 1, runs
     run_dir = runs[0]
