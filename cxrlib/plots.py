@@ -31,6 +31,57 @@ LABEL_NAMES = {0: "normal", 1: "abnormal"}
 #: zlib level of saved PNGs: lossless at every level; below PIL's default 6 encodes faster for slightly larger
 #: files (every node saves its figures on each rerun, the galleries are megapixels)
 PNG_COMPRESS_LEVEL = 3
+#: distinct font subsets kept per process by :func:`cache_font_subsets`
+FONT_SUBSET_CACHE_SIZE = 256
+
+
+def cache_font_subsets() -> bool:
+    """Memoise matplotlib's TrueType subsetting (``pdf.fonttype`` 42) per (font file, face, glyph set).
+
+    Every PDF embeds each font it uses as a subset made by fontTools, which re-reads and subsets the whole
+    font file each time (most of a small figure's PDF time); the figures of one notebook share titles,
+    legends and the subtitle, so the same glyph sets recur. A repeated set gets the bytes matplotlib
+    embedded the first time (and the subset font re-opened from them, for the glyph map); the PDF bytes are
+    unchanged (test). Installed once, on import; a matplotlib without these private hooks keeps its own
+    subsetting (False)."""
+    import contextlib
+    import functools
+    from io import BytesIO
+
+    try:
+        from fontTools.ttLib import TTFont
+        from matplotlib.backends import _backend_pdf_ps as pdf_ps
+
+        original, as_file, results = pdf_ps.get_glyphs_subset, pdf_ps.font_as_file, pdf_ps.SubsetResults
+    except (ImportError, AttributeError):
+        return False
+    if getattr(original, "_cxr_cached", False):
+        return True
+
+    @functools.lru_cache(maxsize=FONT_SUBSET_CACHE_SIZE)
+    def subset_bytes(fontfile, face_index: int, glyphs: frozenset) -> tuple[bytes, dict]:
+        with original(fontfile, set(glyphs)) as sub:  # what matplotlib embeds: its subset, saved its way
+            return as_file(sub.font).getvalue(), dict(sub.glyph_index_map)
+
+    @contextlib.contextmanager
+    def get_glyphs_subset(fontfile, glyphs):
+        data, index_map = subset_bytes(fontfile, getattr(fontfile, "face_index", 0), frozenset(glyphs))
+        with TTFont(BytesIO(data)) as font:
+            font._cxr_subset_bytes = data
+            yield results(font, dict(index_map))
+
+    def font_as_file(font):
+        data = getattr(font, "_cxr_subset_bytes", None)
+        return BytesIO(data) if data is not None else as_file(font)
+
+    get_glyphs_subset._cxr_cached = True
+    get_glyphs_subset.__wrapped__ = original
+    font_as_file.__wrapped__ = as_file
+    pdf_ps.get_glyphs_subset, pdf_ps.font_as_file = get_glyphs_subset, font_as_file
+    return True
+
+
+cache_font_subsets()
 
 
 def apply_style() -> None:
