@@ -7,7 +7,7 @@ The notebook is read and its parameters injected by papermill's own code (``load
 the ``injected-parameters`` cell after the ``parameters`` cell, ``# Parameters`` first, which
 :func:`cxrlib.interactive.in_papermill` reads from the shell's ``In`` history as in a kernel); each code
 cell then runs in one IPython shell with a fresh namespace. A failing cell raises, naming the cell and its
-source. What a notebook changes in this process (cwd, environment, torch threads and deterministic flags,
+source. What a notebook changes in this process (cwd, sys.path, environment, torch threads and deterministic flags,
 warning filters, random states, matplotlib's backend, rcParams and figures, cxrlib's interactive output
 folders) is restored afterwards."""
 
@@ -17,6 +17,7 @@ import contextlib
 import copy
 import os
 import random
+import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -39,7 +40,7 @@ def _restored_process_state(env: Mapping[str, str | None]) -> Iterator[None]:
 
     from cxrlib import paths
 
-    cwd, environ = os.getcwd(), dict(os.environ)
+    cwd, environ, sys_path = os.getcwd(), dict(os.environ), list(sys.path)
     threads, interop = torch.get_num_threads(), torch.get_num_interop_threads()
     det, det_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     cudnn = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
@@ -66,6 +67,7 @@ def _restored_process_state(env: Mapping[str, str | None]) -> Iterator[None]:
         paths._INTERACTIVE.clear()
         paths._INTERACTIVE.update(interactive)
         os.chdir(cwd)
+        sys.path[:] = sys_path
         os.environ.clear()
         os.environ.update(environ)
         if torch.get_num_threads() != threads:

@@ -171,16 +171,16 @@ def _cli(*args: str, root) -> subprocess.CompletedProcess:
                           env=env, timeout=300)
 
 
-def test_cli_table_and_json(env):
+def test_cli_table_and_json(env, capsys):
     root, _ = env
     out = _cli("--profile", "smoke", "--model", "tiny-adapted + projector", "--text", "small left pleural effusion",
-               "-k", "3", root=root)
+               "-k", "3", root=root)  # the entry point in a process of its own
     assert out.returncode == 0, out.stderr
     assert "rank" in out.stdout and "study_id" in out.stdout and len(out.stdout.strip().splitlines()) == 5
-    js = _cli("--profile", "smoke", "--model", "tiny (frozen)", "--image", str(root / "imgs" / "i2.png"),
-              "-k", "2", "--json", root=root)
-    assert js.returncode == 0, js.stderr
-    records = json.loads(js.stdout)
+    capsys.readouterr()  # the same main() in this process: no second interpreter start
+    assert search.main(["--profile", "smoke", "--model", "tiny (frozen)", "--image", str(root / "imgs" / "i2.png"),
+                        "-k", "2", "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
     assert [r["rank"] for r in records] == [1, 2] and {"study_id", "score", "report", "label_abnormal"} <= set(records[0])
 
 

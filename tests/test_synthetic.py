@@ -323,16 +323,16 @@ LEARN_TARGETS = {
 
 
 @pytest.mark.slow
-def test_small_cnn_learns_the_findings(tmp_path):
-    """A 4-layer CNN trained for a fixed budget (~half a CPU minute) on 64 px images tells findings apart
-    on held-out studies, far above chance (AUROC 0.5)."""
+def test_small_cnn_learns_the_findings(tmp_path, one_torch_thread):
+    """A 4-layer CNN trained for a fixed budget (8 epochs of 1000 images) on 64 px images tells findings apart
+    on held-out studies, far above chance (AUROC 0.5). With seeds 0-2 for data and weights every bound below
+    held with a wide margin (the test uses seed 0)."""
     import torch
     from torch import nn
     from torchmetrics.functional.classification import binary_auroc
 
-    torch.manual_seed(0)
-    torch.set_num_threads(1)  # ~25 s of CPU for the training below; one thread behaves on a shared machine
-    size, n_test, epochs = 64, 400, 14
+    torch.manual_seed(0)  # one thread (one_torch_thread): it behaves on a shared machine
+    size, n_test, epochs = 64, 400, 8
     t0 = time.perf_counter()
     table = make_synthetic_studies(1400, tmp_path, seed=0, size=size, n_jobs=1)
     render_s = time.perf_counter() - t0
