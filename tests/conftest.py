@@ -84,10 +84,17 @@ def smoke_dag(pytestconfig) -> tuple[Path, subprocess.CompletedProcess]:
 _SMOKE_BUILD: list[subprocess.Popen] = []
 
 
+def _needs_smoke_build(item: pytest.Item) -> bool:
+    """``item`` asks for ``smoke_dag`` and no skip / true boolean skipif mark skips it before its fixtures."""
+    if "smoke_dag" not in getattr(item, "fixturenames", ()):
+        return False
+    return not any(m.name == "skip" or (m.name == "skipif" and m.args and m.args[0] is True)
+                   for m in item.iter_markers())
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start the smoke build in the background when a collected test needs it (one worker starts it)."""
-    if session.config.option.collectonly or not any("smoke_dag" in getattr(i, "fixturenames", ())
-                                                    for i in session.items):
+    if session.config.option.collectonly or not any(map(_needs_smoke_build, session.items)):
         return
     shared = _smoke_shared(session.config)
     try:
