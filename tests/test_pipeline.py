@@ -75,6 +75,32 @@ def test_loss_weight_reruns_only_dependent_nodes(smoke_run, tmp_path):
     assert not any(r.startswith("embed") for r in ran)
 
 
+def _dry_run(tmp_path: Path, *args: str) -> tuple[list[str], str]:
+    """``make -n`` in a fresh work folder: the nodes it would run, in order, and the inner make's command."""
+    out = _make(["-n", *args], tmp_path).stdout
+    inner = next(ln for ln in out.splitlines() if "cxrlib.lock run" in ln and " dag " in ln)
+    return re.findall(r'>> smoke: ([^"\n]+)', out), inner
+
+
+def test_jobs_run_the_same_nodes(tmp_path):
+    """JOBS=2 (the default) runs nodes side by side: the inner make gets -j2, JOBS=1 gets -j1, a -jN of the
+    user's own is left to make's jobserver; each lists the same nodes in the same order, and the settings
+    validator takes JOBS (it is no setting)."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir(), (tmp_path / "c").mkdir()
+    nodes, inner = _dry_run(tmp_path / "a", "smoke")
+    serial, inner1 = _dry_run(tmp_path / "b", "smoke", "JOBS=1")
+    own, inner3 = _dry_run(tmp_path / "c", "-j3", "smoke", "JOBS=4")
+    assert nodes == serial == own and {"01_data_prep", "02_train", "05_loss_ablation"} <= set(nodes)
+    assert " -j2 dag " in inner and " -j1 dag " in inner1 and " -j" not in inner3
+
+
+@pytest.mark.parametrize("jobs", ["0", "two", ""])
+def test_bad_jobs_stops_make_with_one_line(tmp_path, jobs):
+    out = _make(["-n", "smoke", f"JOBS={jobs}"], tmp_path, check=False)
+    assert out.returncode != 0 and f"JOBS={jobs}: " in out.stderr and "whole number >= 1" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "build").exists()
+
+
 def test_bad_weight_stops_make_with_one_line(tmp_path):
     out = _make(["dag", "PROFILE=smoke", "W_CLIP=-1"], tmp_path, check=False)
     assert out.returncode != 0
@@ -108,6 +134,29 @@ def test_make_shows_progress_and_a_summary(smoke_run):
     assert re.search(r"== make smoke: \d+ node\(s\) ran", summary) and "02_train" in summary
     assert "results: " in summary and "figures: " in summary
     assert len(summary.splitlines()) <= 30  # one screen
+
+
+def test_smoke_runs_nodes_side_by_side_with_readable_output(smoke_run):
+    """make smoke runs JOBS=2 nodes at once: after 02_train two of 03/04/05 run before either ends (a node's
+    status lines start before another's end line); papermill's per-node chatter is gone from make's output."""
+    _, out = smoke_run
+    text = out.stdout + out.stderr
+    # node progress is on stderr, in order: a node is running from its first status line to its end line
+    running, overlapped, order = set(), False, []
+    for line in out.stderr.splitlines():
+        if (m := re.match(r"   \[(\d\d_\w+)\] cell ", line)) and m.group(1) not in running:
+            overlapped |= bool(running)
+            running.add(m.group(1))
+            order.append(line)
+        elif m := re.match(r"<< (\d\d_\w+) (done|FAILED)", line):
+            running.discard(m.group(1))
+            order.append(line)
+    assert {f"<< {n} done" for n in ("03_retrieval_eval", "04_embedding_viz", "05_loss_ablation")} \
+        <= {" ".join(ln.split()[:3]) for ln in order}
+    assert overlapped, order
+    for noise in ("Input Notebook:", "Output Notebook:", "Working directory:", "Executing notebook with kernel",
+                  "without encryption"):
+        assert noise not in text, noise
 
 
 def test_notebook_00_outputs(smoke_run):
