@@ -224,6 +224,7 @@ _TOY_CFG = TrainConfig(width=8, batch_size=64, epochs=2, dropout=0.0, lr=1e-2, w
 def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
+    torch.set_num_threads(1)  # forked: one thread, no OpenMP parallel region after the fork
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         img, txt, labels = _toy_batch()
@@ -245,7 +246,9 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
     batch each give the loss and the (averaged) gradients of one process holding the whole batch."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    # forked ranks start at once (spawned ones import torch and cxrlib again); each runs on one torch thread
+    mp.start_processes(_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]  # our own files
     img, txt, labels = _toy_batch()
     terms, grads = _toy_loss(img, txt, labels, MultiTaskLoss(rank=0, world_size=1))
