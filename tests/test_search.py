@@ -159,8 +159,8 @@ def test_export_parquet(env, tmp_path):
     assert len(emb) == 14 and np.allclose(np.stack(emb["image_embedding"]), r.gallery.img, atol=1e-6)
     ranked = pd.read_parquet(written["ranked_image_to_text"])
     assert len(ranked) == 14 * 3
-    first = ranked[ranked["query"] == 0]["study_id"].tolist()
-    assert first == r.by_study(str(r.gallery.study_ids[0]), k=3)["study_id"].tolist()
+    first = ranked[ranked["query"] == 0].reset_index(drop=True)  # one batched ranking vs one query alone:
+    _same_ranking(first, r.by_study(str(r.gallery.study_ids[0]), k=6), k=3)  # near-ties may swap by ~1e-7
 
 
 def _cli(*args: str, root) -> subprocess.CompletedProcess:
