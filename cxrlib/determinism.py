@@ -11,7 +11,7 @@ every node of its DAG, and the profile pins ``precision: fp32`` for extraction):
 - **instruction set**: ATen's vectorised kernels (``ATEN_CPU_CAPABILITY``), oneDNN's convolutions
   (``ONEDNN_MAX_CPU_ISA``) and MKL's BLAS (``MKL_CBWR``, conditional numerical reproducibility) each
   pick AVX2 or AVX-512 code by CPU; pinned to AVX2, every x86-64 CPU from 2013 on runs the same code.
-- ``torch.use_deterministic_algorithms(True)`` (:func:`apply`), which on CUDA also needs
+- ``torch.use_deterministic_algorithms(True)`` (:func:`apply`, :func:`use_deterministic_algorithms`), which on CUDA also needs
   ``CUBLAS_WORKSPACE_CONFIG`` (set before the first cuBLAS call). Every node of a deterministic
   profile switches it on: the notebooks through :func:`cxrlib.interactive.setup`
   (:func:`enable_for_profile`, applied when the node first imports torch, so a node without torch
@@ -70,7 +70,7 @@ def apply(threads: int | None = THREADS, seed: int | None = None) -> None:
 
     if threads is not None:
         torch.set_num_threads(int(threads))
-    torch.use_deterministic_algorithms(True, warn_only=WARN_ONLY)
+    use_deterministic_algorithms(torch, warn_only=WARN_ONLY)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     if seed is not None:
@@ -81,6 +81,22 @@ def apply(threads: int | None = THREADS, seed: int | None = None) -> None:
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
+
+
+def use_deterministic_algorithms(torch: ModuleType, warn_only: bool = WARN_ONLY) -> None:
+    """``torch.use_deterministic_algorithms(True, warn_only=...)`` without importing ``torch._inductor``.
+
+    torch's function does two things: it sets inductor's ``deterministic`` config, importing
+    ``torch._inductor.config`` (and with it inductor and dynamo: 2-3 s per node on the 2-core reference
+    machine, in a node that never compiles), and sets the ATen flag. Here the flag is set at once and the
+    config when inductor is first imported (at once if it is). ``tests/test_determinism.py`` checks that
+    torch's function still does exactly these two things."""
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None:  # another torch: its public function, whatever it costs
+        torch.use_deterministic_algorithms(True, warn_only=warn_only)
+        return
+    setter(True, warn_only=warn_only)
+    when_imported("torch._inductor.config", lambda cfg: setattr(cfg, "deterministic", True))
 
 
 def when_imported(module: str, callback: Callable[[ModuleType], None]) -> None:

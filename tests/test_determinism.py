@@ -97,3 +97,37 @@ def test_extractor_applies_the_flag_make_exports():
     off = subprocess.run([sys.executable, "-c", code], env={**base, "OMP_NUM_THREADS": "1"}, capture_output=True,
                          text=True, check=True).stdout.split()
     assert on == ["True", "True", str(determinism.THREADS)] and off == ["False", "False", "1"]
+
+
+def test_torch_public_switch_still_does_only_what_apply_does():
+    """:func:`determinism.use_deterministic_algorithms` replays torch's function without its inductor import:
+    that holds only while torch's function sets inductor's config and the ATen flag and nothing else."""
+    import ast
+    import inspect
+    import textwrap
+
+    import torch
+
+    fn = ast.parse(textwrap.dedent(inspect.getsource(torch.use_deterministic_algorithms))).body[0]
+    body = [ast.unparse(n) for n in fn.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+    assert body == ["import torch._inductor.config as inductor_config", "inductor_config.deterministic = mode",
+                    "_C._set_deterministic_algorithms(mode, warn_only=warn_only)"], body
+
+
+_SWITCH = """
+import sys, torch
+from cxrlib import determinism
+assert not torch.are_deterministic_algorithms_enabled()
+determinism.use_deterministic_algorithms(torch, warn_only=%s)
+print(torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+      "torch._inductor" in sys.modules)
+import torch._inductor.config as cfg
+print(cfg.deterministic)
+"""
+
+
+def test_switch_sets_the_flag_now_and_inductor_config_on_import():
+    for warn_only in (False, True):
+        out = subprocess.run([sys.executable, "-c", _SWITCH % warn_only], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["True", str(warn_only), "False", "True"], out.stdout
