@@ -1,12 +1,12 @@
-"""LoRA training under torchrun: 2 CPU ranks (gloo) train the same adapters and projection as one process,
-for the text tower on cached image embeddings, with image-tower LoRA, and for variant training (SupCon)."""
+"""LoRA training on 2 CPU ranks (gloo) trains the same adapters and projection as one process: for the text
+tower on cached image embeddings under a real torchrun (the command line), and with image-tower LoRA and for
+variant training (SupCon) on forked ranks that run the same entry points (:func:`cxrlib.lora_dist.main`,
+:func:`cxrlib.text_adapt.adapt_text_tower` in :func:`cxrlib.runtime.process_group`) without starting torch again."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
+import socket
 
 import numpy as np
 import pytest
@@ -90,8 +90,27 @@ def test_torchrun_two_cpu_ranks_equal_one_process(tmp_path):
     assert any(float((a["state"][k] - v).abs().max()) > 1e-3 for k, v in moved.items())  # it trained
 
 
+def _rank_main(rank: int, world: int, port: int, fn, args: tuple) -> None:
+    """One forked rank with torchrun's environment (gloo over env://), on one torch thread, running ``fn``."""
+    torch.set_num_threads(1)  # forked: no OpenMP parallel region after the fork
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    fn(*args)
+
+
+def _fork_ranks(fn, *args, nproc: int = 2) -> None:
+    """Run ``fn(*args)`` on ``nproc`` forked ranks (spawned interpreters would import torch and cxrlib again)."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_rank_main, args=(nproc, port, fn, args), nprocs=nproc, join=True, start_method="fork")
+
+
 @pytest.mark.slow
-def test_torchrun_two_cpu_ranks_with_image_tower_lora(tmp_path):
+def test_two_cpu_ranks_with_image_tower_lora(tmp_path):
+    """Forked ranks run the torchrun entry point, ``lora_dist.main`` with the arguments ``launch`` gives it."""
     from PIL import Image
 
     rng = np.random.default_rng(1)
@@ -102,10 +121,14 @@ def test_torchrun_two_cpu_ranks_with_image_tower_lora(tmp_path):
     cfg, il = _cfg(epochs=1), lora.LoraSettings(r=2, alpha=4, dropout=0.0)
     one = lora_dist.launch("tiny-llama", TEXTS, LABELS, cfg, tmp_path / "one.pt", nproc=1, image_paths=paths,
                            image_backbone="tiny", image_lora=il, progress=False)
-    two = lora_dist.launch("tiny-llama", TEXTS, LABELS, cfg, tmp_path / "two.pt", nproc=2, image_paths=paths,
-                           image_backbone="tiny", image_lora=il)
+    inputs = lora_dist.write_inputs(tmp_path / "inputs.pt", TEXTS, LABELS, image_paths=paths)
+    cmd = lora_dist.torchrun_command(inputs, tmp_path / "two.pt", "tiny-llama", cfg, 2, "tiny", il)
+    argv = cmd[cmd.index("cxrlib.lora_dist") + 1:]  # what torchrun hands each rank's main
+    _fork_ranks(lora_dist.main, argv)
+    two = tmp_path / "two.pt"
     a, b = lora.read_lora(one), lora.read_lora(two)
     assert any(k.startswith("image.") for k in a["state"])
+    assert b["config"]["info"]["world_size"] == 2 and a["config"]["info"]["world_size"] == 1
     _assert_same_state(_trained(a), _trained(b), atol=1e-4)
 
 
@@ -124,30 +147,23 @@ def _variant_run():
     return reports * 2, np.array([0, 1, 2, 3] * 2), cfg, spec
 
 
-_ADAPT = """
-import sys, torch
-sys.path.insert(0, sys.argv[2])
-from test_lora_dist import _variant_run
-from cxrlib import lora, runtime, text_adapt
-with runtime.process_group("cpu"):
-    reports, labels, cfg, spec = _variant_run()
-    tower, _, info = text_adapt.adapt_text_tower(spec, reports, labels, cfg, progress=False)
-    if torch.distributed.get_rank() == 0:
-        lora.save_lora(sys.argv[1], tower, {"info": info})
-"""
+def _adapt_rank(out: str) -> None:
+    """What a torchrun rank of variant training runs: adapt in the process group, rank 0 saves."""
+    from cxrlib import runtime
+
+    with runtime.process_group("cpu"):
+        reports, labels, cfg, spec = _variant_run()
+        tower, _, info = text_adapt.adapt_text_tower(spec, reports, labels, cfg, progress=False)
+        if torch.distributed.get_rank() == 0:
+            lora.save_lora(out, tower, {"info": info})
 
 
 @pytest.mark.slow
 def test_variant_supcon_two_cpu_ranks_equal_one_process(tmp_path):
+    _fork_ranks(_adapt_rank, str(tmp_path / "two.pt"))
     reports, labels, cfg, spec = _variant_run()
     tower, _, info = text_adapt.adapt_text_tower(spec, reports, labels, cfg, progress=False)
     one = lora.save_lora(tmp_path / "one.pt", tower, {"info": info})
-    script = tmp_path / "adapt.py"
-    script.write_text(_ADAPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    str(script), str(tmp_path / "two.pt"), str(Path(__file__).parent)], check=True, env=env,
-                   cwd=tmp_path)
     a, b = lora.read_lora(one), lora.read_lora(tmp_path / "two.pt")
     assert b["config"]["info"]["world_size"] == 2
     _assert_same_state(_trained(a), _trained(b), atol=1e-4)
