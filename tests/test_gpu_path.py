@@ -381,13 +381,23 @@ def test_batched_resize_equals_one_by_one(monkeypatch):
         torch.testing.assert_close(got[i], pre(img), atol=1e-5, rtol=0)
 
 
+@pytest.fixture(scope="module")
+def biomedclip_arch():
+    """BiomedCLIP's released architecture with seeded random weights (``embed_throughput.biomedclip_random``),
+    built once for the tests that embed with it (building ViT-B/16 + BERT-base takes seconds here)."""
+    _gpu_check_module()  # puts benchmarks/ on sys.path
+    import embed_throughput as et
+
+    return et.biomedclip_random("cpu")
+
+
 @pytest.mark.slow
-def test_biomedclip_architecture_device_decode_equals_cpu(tmp_path):
+def test_biomedclip_architecture_device_decode_equals_cpu(tmp_path, biomedclip_arch):
     """BiomedCLIP's ViT-B/16 at 224 px (random weights) on full-resolution-like JPEGs: cosine >= 0.995."""
     gc = _gpu_check_module()  # puts benchmarks/ on sys.path
     import embed_throughput as et
 
-    bb = et.biomedclip_random("cpu")
+    bb = biomedclip_arch
     files = et.make_images(tmp_path / "jpg", 4, "jpeg")
     table = pd.DataFrame({"image_id": [f"i{i}" for i in range(4)], "image_path": list(map(str, files)),
                           "study_id": [f"s{i}" for i in range(4)], "report": "x"})
@@ -398,16 +408,21 @@ def test_biomedclip_architecture_device_decode_equals_cpu(tmp_path):
 
 
 @pytest.mark.slow
-def test_embed_throughput_benchmark_runs_and_says_cpu(tmp_path):
+def test_embed_throughput_benchmark_runs_and_says_cpu(tmp_path, biomedclip_arch, monkeypatch):
+    """The benchmark end to end on CPU, on the module's BiomedCLIP-architecture model (the same function
+    builds it; the device-decode test above checks that model) and the fewest images each stage needs."""
     _gpu_check_module()  # puts benchmarks/ on sys.path
     import embed_throughput as et
 
-    res = et.main(["--device", "cpu", "--n-png", "4", "--n-jpeg", "2", "--n-naive", "1", "--batch-size", "4",
+    asked = []
+    monkeypatch.setattr(et, "biomedclip_random", lambda device: asked.append(device) or biomedclip_arch)
+    res = et.main(["--device", "cpu", "--n-png", "2", "--n-jpeg", "2", "--n-naive", "1", "--batch-size", "4",
                    "--num-workers", "0", "--precision", "fp32", "--workdir", str(tmp_path)])
     assert res["gpu"] is None and "no GPU" in res["note"] and res["targets"]["jpeg_device_decode>=2000/s"] is None
     assert res["extractor"]["jpeg_device_decode"]["decode"] == "device"
     assert res["extractor"]["jpeg_cpu_decode"]["decode"] == "cpu"
     assert res["device_vs_cpu_decode_min_cosine"] >= 0.995 and res["low_precision_vs_fp32_min_cosine"] > 0.999
+    assert asked == ["cpu"]
 
 
 def test_encoded_images_route_each_file(tiny, tmp_path):
