@@ -177,8 +177,9 @@ def test_biomedclip_release_format_loads_offline(tmp_path, monkeypatch):
     assert [type(x).__name__ for x in m.text.proj] == ["Linear", "GELU", "Linear"]
     assert b.context_length == 256 and b.embed_dim == 512
     assert sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in ref.parameters())
+    loaded = m.state_dict()  # once: each state_dict() call walks every module
     for k, v in ref.state_dict().items():
-        assert torch.equal(m.state_dict()[k], v), k
+        assert torch.equal(loaded[k], v), k
     tokens = b.tokenizer(["No acute cardiopulmonary abnormality."])
     assert tokens.shape == (1, 256) and tokens[0, 0] == 2  # [CLS] of the fixture vocabulary
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 260), dtype=np.uint8)).convert("RGB")
