@@ -134,6 +134,11 @@ def embedding_key(key: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
 
 
+def embedding_dir(dataset: str, key: str) -> Path:
+    """An embedding set's folder, ``embeddings_dir()/<dataset>/<backbone key>/`` (``{image,text}.npz``, ``done.json``)."""
+    return paths.embeddings_dir() / dataset / embedding_key(key)
+
+
 def out_key(profile: str, dataset: str | None = None) -> str:
     """``<profile>`` for the profile's own dataset, else ``<profile>-<dataset>``: the results/figures/build folder."""
     default = config.load_profile(profile)["common"].get("dataset", settings.lookup("01_data_prep", "dataset").default)
@@ -181,7 +186,7 @@ def main_run(profile: str, dataset: str | None = None, backbone: str | None = No
 def inputs_fingerprint(dataset: str, backbone: str) -> dict[str, Any]:
     """What a projector run was trained on: the study table's SHA-256 and the embedding files' cache keys."""
     table = paths.study_table_path(dataset)
-    stamp = paths.embeddings_dir() / dataset / embedding_key(backbone) / "done.json"
+    stamp = embedding_dir(dataset, backbone) / "done.json"
     if not table.is_file() or not stamp.is_file():
         raise FileNotFoundError(f"no study table {table} or embedding stamp {stamp}: build them with `make embed PROFILE=<profile>` (offline: `make demo`)")
     digest = hashlib.sha256(table.read_bytes()).hexdigest()

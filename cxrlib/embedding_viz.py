@@ -448,14 +448,13 @@ class VizData:
 def load_viz_data(dataset: str, backbone: str, projector_path: str | Path | None, split: str = "test",
                   sample_size: int | None = None, seed: int = 0) -> VizData:
     """Frozen embeddings of ``split`` (before) and the projector's output (after, when a path is given)."""
-    from cxrlib import paths
-    from cxrlib.dag import embedding_key
+    from cxrlib.dag import embedding_dir
     from cxrlib.datasets.labels import FINDING_LABELS
     from cxrlib.pairs import load_paired
 
     # the one paired-split loader: it refuses embeddings cached for another backbone
     pair = load_paired(dataset, backbone, (split,), finding_columns=list(FINDING_LABELS))[split]
-    emb_dir = paths.embeddings_dir() / dataset / embedding_key(backbone)
+    emb_dir = embedding_dir(dataset, backbone)
     idx = sample_rows(len(pair), sample_size, seed)
     names = [c for c in FINDING_LABELS if c in pair.table.columns]
     findings = pair.findings[idx] if pair.findings is not None else None

@@ -37,11 +37,11 @@ def check_eval_set(name: str | None) -> str | None:
 
 def require_built(name: str, backbones) -> None:
     """Raise naming the command to run when evaluation set ``name``'s table or an embedding set is missing."""
-    from cxrlib.dag import embedding_key
+    from cxrlib.dag import embedding_dir
 
     missing = [] if paths.study_table_path(name).is_file() else ["its study table"]
     missing += [f"{b} embeddings" for b in dict.fromkeys(backbones)
-                if not (paths.embeddings_dir() / name / embedding_key(b) / "image.npz").is_file()]
+                if not (embedding_dir(name, b) / "image.npz").is_file()]
     if missing:
         raise FileNotFoundError(f"evaluation set {name!r} lacks {', '.join(missing)}: `make paper EVAL_SET={name}` "
                                 f"builds and embeds it before notebook 03; by hand, `python -m cxrlib.evalsets "
@@ -81,7 +81,7 @@ def build_table(name: str, **params) -> Path:
 def embed(name: str, backbone: str, checkpoint: str | os.PathLike | None = None, **embed_kw) -> Path:
     """Embed evaluation set ``name`` with ``backbone`` (an adapted one needs its ``checkpoint``) into
     ``paths.embeddings_dir()/<name>/<backbone key>/``; returns that folder."""
-    from cxrlib.dag import embedding_key
+    from cxrlib.dag import embedding_dir
     from cxrlib.embed import extract_embeddings
 
     table = paths.study_table_path(name)
@@ -93,7 +93,7 @@ def embed(name: str, backbone: str, checkpoint: str | os.PathLike | None = None,
     if is_adapted(backbone) and checkpoint is None:
         raise ValueError(f"{backbone!r} is an adapted backbone: give its checkpoint (notebook 00 writes it to "
                          f"data/models/<training dataset>/{backbone}.pt)")
-    out = paths.embeddings_dir() / name / embedding_key(backbone)
+    out = embedding_dir(name, backbone)
     extract_embeddings(table, base_name(backbone), out, checkpoint=checkpoint, name=backbone, **embed_kw)
     return out
 

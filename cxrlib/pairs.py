@@ -72,7 +72,7 @@ def load_paired(dataset: str, backbone: str, splits: tuple[str, ...] = ("train",
     a missing table, a row without a 0/1 ``label_abnormal`` or an id without an embedding is an error naming it.
     """
     from cxrlib import paths
-    from cxrlib.dag import embedding_key
+    from cxrlib.dag import embedding_dir
     from cxrlib.embstore import load_embeddings
 
     table_path = paths.study_table_path(dataset)
@@ -85,7 +85,7 @@ def load_paired(dataset: str, backbone: str, splits: tuple[str, ...] = ("train",
     if bad.any():
         raise ValueError(f"{table_path.name}: {int(bad.sum())} rows of {list(splits)} have no 0/1 label_abnormal, "
                          f"e.g. study_ids {rows.loc[bad, 'study_id'].astype(str).head(5).tolist()}")
-    emb_dir = paths.embeddings_dir() / dataset / embedding_key(backbone)
+    emb_dir = embedding_dir(dataset, backbone)
     image = load_embeddings(emb_dir / "image.npz", expect_backbone=backbone)
     text = load_embeddings(emb_dir / "text.npz", expect_backbone=backbone)
     return {s: paired_split(table, image, text, s, finding_columns=finding_columns) for s in splits}

@@ -151,9 +151,9 @@ class Retriever:
         against the cache's fingerprint so a query and the gallery are always in one space."""
         if self._encoder is None:
             from cxrlib.backbones import load_backbone
-            from cxrlib.dag import embedding_key
+            from cxrlib.dag import embedding_dir
 
-            emb_dir = paths.embeddings_dir() / self.dataset / embedding_key(self.backbone)
+            emb_dir = embedding_dir(self.dataset, self.backbone)
             stamp = json.loads((emb_dir / "done.json").read_text()) if (emb_dir / "done.json").is_file() else {}
             source = stamp.get("source_backbone", self.backbone)
             checkpoint = stamp.get("checkpoint")
