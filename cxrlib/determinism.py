@@ -8,9 +8,16 @@ every node of its DAG, and the profile pins ``precision: fp32`` for extraction):
 - **threads** (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``; torch reads them at start): a parallel
   reduction splits its sum by thread, so 1 and 2 threads round differently and ten epochs of training
   amplify that. A fixed count makes a 16-core machine compute what the 2-core reference computed.
-- **instruction set**: ATen's vectorised kernels (``ATEN_CPU_CAPABILITY``), oneDNN's convolutions
-  (``ONEDNN_MAX_CPU_ISA``) and MKL's BLAS (``MKL_CBWR``, conditional numerical reproducibility) each
-  pick AVX2 or AVX-512 code by CPU; pinned to AVX2, every x86-64 CPU from 2013 on runs the same code.
+- **instruction set**: ATen's vectorised kernels (``ATEN_CPU_CAPABILITY``) and oneDNN's convolutions
+  (``ONEDNN_MAX_CPU_ISA``) pick AVX2 or AVX-512 code by CPU; pinned to AVX2, every x86-64 CPU from 2013
+  on runs the same code. numpy dispatches its ufuncs (``exp``, ``cos``: the synthetic radiographs) by CPU
+  too; ``NPY_DISABLE_CPU_FEATURES`` (:data:`NUMPY_ABOVE_AVX2`) caps it at its AVX2 level, and
+  ``OPENBLAS_CORETYPE`` pins numpy's and scipy's OpenBLAS to its Haswell (AVX2) kernels.
+- **BLAS**: MKL (torch's ``Linear`` layers: the text towers, the projector) honours its AVX2 code
+  branch (``MKL_CBWR=AVX2``) only on Intel CPUs; on an AMD CPU it falls back to its ``AUTO`` branch,
+  which dispatches by CPU (measured: the branch in effect read back from MKL, :func:`mkl_branch`).
+  ``COMPATIBLE`` (SSE2) is the branch MKL runs alike on every x86-64 CPU, Intel or not; it costs speed
+  in MKL's matrix products (measured in ``benchmarks/cpu_pins.py``), nothing in oneDNN's convolutions.
 - ``torch.use_deterministic_algorithms(True)`` (:func:`apply`, :func:`use_deterministic_algorithms`), which on CUDA also needs
   ``CUBLAS_WORKSPACE_CONFIG`` (set before the first cuBLAS call). Every node of a deterministic
   profile switches it on: the notebooks through :func:`cxrlib.interactive.setup`
@@ -18,8 +25,8 @@ every node of its DAG, and the profile pins ``precision: fp32`` for extraction):
   pays no torch import), the extractor through ``CXR_DETERMINISTIC`` in :func:`env`. An op without a
   deterministic implementation then raises, naming itself, unless :data:`WARN_ONLY`.
 
-Where it cannot hold: oneDNN may still choose its blocking from the cache sizes, and an ARM or
-non-AVX2 CPU runs other kernels; a GPU run is not bit-identical to a CPU run. ``make check-demo``
+Where it cannot hold: oneDNN may still choose its blocking from the cache sizes (not pinnable; turning
+oneDNN off makes a training step several times slower), and an ARM or non-AVX2 CPU runs other kernels; a GPU run is not bit-identical to a CPU run. ``make check-demo``
 therefore compares the headline numbers against the reference run's confidence intervals, and
 :func:`describe` records what a run used in its manifest.
 """
@@ -37,12 +44,23 @@ from typing import Any
 #: thread count of the reference runs (the 2-core machine the README numbers come from)
 THREADS = 2
 #: environment read by torch / MKL / oneDNN when they start (so it must be set before ``import torch``)
+#: numpy's dispatch targets above AVX2, in the names of numpy 2.4 (X86_V4, ...) and of numpy 1.x / 2.0-2.3
+#: (AVX512F, ...); numpy ignores a name it does not know. Commas, not spaces: make exports ``NAME=value`` words
+NUMPY_ABOVE_AVX2 = ("X86_V4,AVX512_ICL,AVX512_SPR,AVX512F,AVX512CD,AVX512_KNL,AVX512_KNM,AVX512_SKX,"
+                    "AVX512_CLX,AVX512_CNL")
 PINNED_ENV = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
-    "MKL_CBWR": "AVX2",
+    "MKL_CBWR": "COMPATIBLE",
+    "NPY_DISABLE_CPU_FEATURES": NUMPY_ABOVE_AVX2,
     "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
 }
+#: OpenBLAS's AVX2 kernels, pinned only where the CPU has AVX2 and FMA (forced on another CPU they would
+#: stop the process on an illegal instruction; such a CPU runs other kernels anyway)
+OPENBLAS_ENV = {"OPENBLAS_CORETYPE": "Haswell"}
+#: MKL's code branches by the number ``mkl_cbwr_get`` returns (mkl_cbwr.h)
+MKL_BRANCHES = {1: "OFF", 2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 6: "SSSE3", 7: "SSE4_1", 8: "SSE4_2",
+                9: "AVX", 10: "AVX2", 11: "AVX512_MIC", 12: "AVX512", 13: "AVX512_MIC_E1", 14: "AVX512_E1"}
 
 
 #: not numerics but speed: OpenMP threads that sleep instead of spinning at each barrier. Same results;
@@ -56,8 +74,48 @@ WARN_ONLY = False
 
 def env(threads: int = THREADS) -> dict[str, str]:
     """Every variable a deterministic run sets before torch starts."""
-    return {**PINNED_ENV, **SPEED_ENV, FLAG_ENV: "1", "OMP_NUM_THREADS": str(threads),
+    blas = OPENBLAS_ENV if cpu_has("avx2", "fma") else {}
+    return {**PINNED_ENV, **blas, **SPEED_ENV, FLAG_ENV: "1", "OMP_NUM_THREADS": str(threads),
             "MKL_NUM_THREADS": str(threads)}
+
+
+def cpu_has(*flags: str) -> bool:
+    """Whether this (Linux, x86) CPU lists every one of ``flags`` in /proc/cpuinfo; False where unreadable."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return all(flag in have for flag in flags)
+    except OSError:
+        pass
+    return False
+
+
+def numpy_simd() -> list[str]:
+    """numpy's dispatch targets this process may use (those the CPU has, less NPY_DISABLE_CPU_FEATURES)."""
+    import importlib
+
+    umath = importlib.import_module("numpy._core._multiarray_umath" if importlib.util.find_spec("numpy._core")
+                                    else "numpy.core._multiarray_umath")  # numpy 2 / 1.x
+    return sorted(f for f in umath.__cpu_dispatch__ if umath.__cpu_features__.get(f))
+
+
+def mkl_branch() -> str | None:
+    """The MKL code branch in effect in this process (``MKL_CBWR`` as MKL applied it: ``AUTO`` where it
+    declined the asked branch), read from torch's statically linked MKL; None where it cannot be read."""
+    if "torch" not in sys.modules:
+        return None
+    import ctypes
+
+    torch = sys.modules["torch"]
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        get = lib.mkl_serv_cbwr_get  # mkl_cbwr_get's implementation (the public name is not exported)
+    except (OSError, AttributeError):
+        return None
+    get.restype, get.argtypes = ctypes.c_int, [ctypes.c_int]
+    return MKL_BRANCHES.get(get(1), str(get(1)))  # 1: MKL_CBWR_BRANCH
 
 
 def apply(threads: int | None = THREADS, seed: int | None = None) -> None:
@@ -164,7 +222,9 @@ def describe() -> dict[str, Any]:
 
         out.update(torch_threads=torch.get_num_threads(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
                    deterministic_algorithms=torch.are_deterministic_algorithms_enabled(),
-                   torch=torch.__version__)
+                   mkl_branch=mkl_branch(), torch=torch.__version__)
+    if "numpy" in sys.modules:
+        out["numpy_simd"] = numpy_simd()
     out["pinned"] = all(os.environ.get(k) == v for k, v in env(int(os.environ.get("OMP_NUM_THREADS") or THREADS)).items())
     return out
 

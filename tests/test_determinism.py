@@ -17,15 +17,25 @@ m(x)
 opt = torch.optim.AdamW(m.parameters(), 1e-2)
 for _ in range(3):
     loss = torch.nn.functional.cross_entropy(m(x), y); opt.zero_grad(); loss.backward(); opt.step()
+from threadpoolctl import threadpool_info
+from cxrlib import determinism
+d = determinism.describe()
+blas = sorted({i.get("architecture") for i in threadpool_info() if i.get("internal_api") == "openblas"})
 print(hashlib.sha1(b"".join(p.detach().numpy().tobytes() for p in m.parameters())).hexdigest(),
-      torch.get_num_threads(), torch.backends.cpu.get_cpu_capability())
+      torch.get_num_threads(), torch.backends.cpu.get_cpu_capability(), d["mkl_branch"],
+      ",".join(d["numpy_simd"]) or "-", ",".join(blas) or "-")
 """
+
+#: numpy's dispatch targets at or below AVX2 (numpy 2.4's X86_V2 / X86_V3 groups and numpy 1.x's names)
+NUMPY_UP_TO_AVX2 = {"X86_V2", "X86_V3", "SSE", "SSE2", "SSE3", "SSSE3", "SSE41", "SSE42", "POPCNT", "AVX", "F16C",
+                    "FMA3", "AVX2", "FMA4", "XOP"}
 
 
 def test_offline_profile_is_pinned_others_are_not():
     pins = determinism.profile_env("offline")
     assert pins["OMP_NUM_THREADS"] == str(determinism.THREADS) and pins["ATEN_CPU_CAPABILITY"] == "avx2"
-    assert pins["MKL_CBWR"] and pins["ONEDNN_MAX_CPU_ISA"]
+    assert pins["MKL_CBWR"] == "COMPATIBLE" and pins["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    assert pins["NPY_DISABLE_CPU_FEATURES"] == determinism.NUMPY_ABOVE_AVX2
     assert determinism.profile_env("smoke") == {} and determinism.profile_env("paper") == {}
 
 
@@ -40,7 +50,43 @@ def test_pinned_run_repeats_and_uses_the_pinned_kernels():
     runs = [subprocess.run([sys.executable, "-c", CODE], env=env, capture_output=True, text=True, check=True)
             .stdout.split() for _ in range(2)]
     assert runs[0] == runs[1]
-    assert runs[0][1] == str(determinism.THREADS) and runs[0][2] in ("AVX2", "DEFAULT")  # DEFAULT: a CPU without AVX2
+    _, threads, aten, mkl, numpy_simd, openblas = runs[0]
+    assert threads == str(determinism.THREADS) and aten in ("AVX2", "DEFAULT")  # DEFAULT: a CPU without AVX2
+    # MKL honours MKL_CBWR=AVX2 on Intel CPUs only (AMD: its AUTO branch, which dispatches by CPU);
+    # COMPATIBLE is the branch it runs alike everywhere, read back from MKL itself
+    assert mkl == "COMPATIBLE"
+    assert set(numpy_simd.split(",")) - {"-"} <= NUMPY_UP_TO_AVX2, numpy_simd
+    if determinism.cpu_has("avx2", "fma"):
+        assert openblas == "Haswell"
+
+
+def test_numpy_cap_names_every_dispatch_target_above_avx2():
+    """The synthetic radiographs call numpy's exp / cos, whose code numpy picks by CPU (an AVX-512 CPU and an
+    AVX2 one rendered other pixels). Every target this numpy can dispatch to above AVX2 must be capped."""
+    import importlib
+
+    umath = importlib.import_module("numpy._core._multiarray_umath" if importlib.util.find_spec("numpy._core")
+                                    else "numpy.core._multiarray_umath")
+    capped = set(determinism.PINNED_ENV["NPY_DISABLE_CPU_FEATURES"].split(","))
+    assert set(umath.__cpu_dispatch__) - NUMPY_UP_TO_AVX2 <= capped, umath.__cpu_dispatch__
+    assert " " not in determinism.PINNED_ENV["NPY_DISABLE_CPU_FEATURES"]  # make exports NAME=value words
+
+
+def test_rendering_follows_numpys_dispatch_so_the_cap_matters(tmp_path):
+    """The reason for the cap, shown on this CPU: one radiograph (found by trying a few) rendered with numpy's AVX2
+    code and with its baseline (SSE) code differs; under the pins the same numpy code runs on every AVX2-or-better CPU."""
+    if not determinism.cpu_has("avx2", "fma"):
+        import pytest
+
+        pytest.skip("a CPU without AVX2 has no second numpy code path to compare")
+    code = ("import hashlib, numpy as np; from cxrlib.datasets.synthetic import render_radiograph; "
+            "print(hashlib.sha1(np.asarray(render_radiograph({'cardiomegaly', 'effusion'}, 'lateral', 256, 3)).tobytes())"
+            ".hexdigest())")
+    base = {k: v for k, v in os.environ.items() if k not in determinism.env()}
+    got = {cap: subprocess.run([sys.executable, "-c", code], env={**base, "NPY_DISABLE_CPU_FEATURES": cap},
+                               capture_output=True, text=True, check=True).stdout for cap in
+           (determinism.PINNED_ENV["NPY_DISABLE_CPU_FEATURES"], "X86_V3,AVX2,FMA3")}
+    assert len(set(got.values())) == 2, got
 
 
 def test_describe_reports_the_pins(monkeypatch):
