@@ -17,7 +17,7 @@ every node of its DAG, and the profile pins ``precision: fp32`` for extraction):
   branch (``MKL_CBWR=AVX2``) only on Intel CPUs; on an AMD CPU it falls back to its ``AUTO`` branch,
   which dispatches by CPU (measured: the branch in effect read back from MKL, :func:`mkl_branch`).
   ``COMPATIBLE`` (SSE2) is the branch MKL runs alike on every x86-64 CPU, Intel or not; it costs speed
-  in MKL's matrix products (measured in ``benchmarks/cpu_pins.py``), nothing in oneDNN's convolutions.
+  in MKL's matrix products (the text towers), nothing in oneDNN's convolutions (the image towers).
 - ``torch.use_deterministic_algorithms(True)`` (:func:`apply`, :func:`use_deterministic_algorithms`), which on CUDA also needs
   ``CUBLAS_WORKSPACE_CONFIG`` (set before the first cuBLAS call). Every node of a deterministic
   profile switches it on: the notebooks through :func:`cxrlib.interactive.setup`
