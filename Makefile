@@ -138,11 +138,10 @@ $(foreach kv,$(shell $(PY) -m cxrlib.determinism env --profile $(PROFILE)),$(eva
 DAG_START := $(shell date -u +%Y-%m-%dT%H:%M:%S+00:00)
 
 # papermill runs into <node>.run.ipynb; only a complete run is renamed to the stamp <node>.ipynb
-# (a background node, cxrlib.dag.Node.background, under $(NICE_<node>): a lower CPU priority)
 # (through cxrlib.progress: the running cell and progress bar, and each node's wall time, on the terminal)
 define papermill
 	@echo ">> $(PROFILE): $(1)"
-	@$(NICE_$(1)) $(PY) -m cxrlib.manifest timed --log $(B)/timings.jsonl --node $(1) -- \
+	@$(PY) -m cxrlib.manifest timed --log $(B)/timings.jsonl --node $(1) -- \
 	  env CXR_MAKE_NODE=$(1) CXR_PLAIN_PROGRESS=1 \
 	  $(PY) -m cxrlib.progress run --node $(1) -- -k $(KERNEL) --no-progress-bar --cwd notebooks -f $(B)/params/$(1).yaml \
 	  notebooks/$(1).ipynb $(B)/$(1).run.ipynb

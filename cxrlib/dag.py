@@ -65,9 +65,7 @@ class Node:
     exists only when the profile adapts; ``module``: a script node run as ``python -m <module>`` (no
     notebook); ``switch``: a boolean setting
     (a profile's top-level key, or its make variable) without which the node is off; ``only_if_eval_set``:
-    the node exists only when notebook 03 evaluates on a peer's evaluation set (``eval_set``, ``EVAL_SET``);
-    ``background``: off the paper's path (it feeds no table of 00-05), so it runs at a lower CPU priority
-    (:data:`BACKGROUND_NICE`): beside the paper's nodes on a small machine it takes only the CPU they leave."""
+    the node exists only when notebook 03 evaluates on a peer's evaluation set (``eval_set``, ``EVAL_SET``)."""
 
     name: str
     needs: tuple[str, ...] = ()
@@ -76,7 +74,6 @@ class Node:
     module: str | None = None
     switch: str | None = None
     only_if_eval_set: bool = False
-    background: bool = False
 
     @property
     def notebook(self) -> Path | None:
@@ -84,8 +81,6 @@ class Node:
 
 
 NODES: dict[str, Node] = {}
-#: the command a background node's recipe runs under (make text ``NICE_<node>``; same results, later)
-BACKGROUND_NICE = "nice -n 10"
 
 #: ``Node.needs`` naming embedding sets -> their ``done.json`` stamps, from the plan and the stamps by set
 #: (``{"dataset": {key: stamp}, "evalset": {key: stamp}}``); an absent set is no prerequisite
@@ -119,7 +114,7 @@ register(Node("04_embedding_viz", needs=("02_train", "embed:train")))
 register(Node("05_loss_ablation", needs=("02_train", "embed:train")))
 # text towers (Ko et al.): on in the offline demo (`text_encoders: true`), off in the paper's main path;
 # `make paper TEXT_ENCODERS=true` adds it to the paper's comparison
-register(Node("06_text_encoder", needs=("embed:train",), switch="text_encoders", background=True))
+register(Node("06_text_encoder", needs=("embed:train",), switch="text_encoders"))
 #: the last step (not a node with parameters): results/<out>/run_manifest.json
 MANIFEST_MODULE = "cxrlib.manifest"
 
@@ -476,8 +471,6 @@ def make_text(p: Plan) -> str:
                 lines.append(f"{emb_done[k]}: $(B)/params/{node.name}.yaml {' '.join(upstream(node))}{extra} {src}")
         else:
             lines.append(f"{stamp[node.name]}: {' '.join(upstream(node))} {src}")
-            if node.background:
-                lines.append(f"NICE_{node.name} := {BACKGROUND_NICE}")
     lines.append(f"MANIFEST_SRC := {' '.join(closure([MANIFEST_MODULE]))}")
     return "\n".join(lines) + "\n"
 

@@ -26,13 +26,14 @@ every node of its DAG, and the profile pins ``precision: fp32`` for extraction):
   deterministic implementation then raises, naming itself, unless :data:`WARN_ONLY`.
 
 Where it cannot hold: oneDNN may still choose its blocking from the cache sizes (not pinnable; turning
-oneDNN off makes a training step several times slower), and an ARM or non-AVX2 CPU runs other kernels; a GPU run is not bit-identical to a CPU run. ``make check-demo``
-therefore compares the headline numbers against the reference run's confidence intervals, and
+oneDNN off makes a training step several times slower), and an ARM or non-AVX2 CPU runs other kernels;
+a GPU run is not bit-identical to a CPU run. ``make check-demo`` therefore compares the headline numbers against the reference run's confidence intervals, and
 :func:`describe` records what a run used in its manifest.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.util
 import os
@@ -43,11 +44,11 @@ from typing import Any
 
 #: thread count of the reference runs (the 2-core machine the README numbers come from)
 THREADS = 2
-#: environment read by torch / MKL / oneDNN when they start (so it must be set before ``import torch``)
 #: numpy's dispatch targets above AVX2, in the names of numpy 2.4 (X86_V4, ...) and of numpy 1.x / 2.0-2.3
 #: (AVX512F, ...); numpy ignores a name it does not know. Commas, not spaces: make exports ``NAME=value`` words
 NUMPY_ABOVE_AVX2 = ("X86_V4,AVX512_ICL,AVX512_SPR,AVX512F,AVX512CD,AVX512_KNL,AVX512_KNM,AVX512_SKX,"
                     "AVX512_CLX,AVX512_CNL")
+#: environment read by torch / MKL / oneDNN / numpy when they start (so it must be set before they are imported)
 PINNED_ENV = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
@@ -92,13 +93,21 @@ def cpu_has(*flags: str) -> bool:
     return False
 
 
+def _numpy_umath() -> ModuleType:
+    """numpy's ufunc extension, which holds its CPU dispatch tables (``numpy._core`` in 2.x, ``numpy.core`` in 1.x)."""
+    return importlib.import_module("numpy._core._multiarray_umath" if importlib.util.find_spec("numpy._core")
+                                   else "numpy.core._multiarray_umath")
+
+
+def numpy_dispatch_targets() -> list[str]:
+    """Every CPU target this numpy has code for beyond its baseline (whether or not this CPU has it)."""
+    return sorted(_numpy_umath().__cpu_dispatch__)
+
+
 def numpy_simd() -> list[str]:
     """numpy's dispatch targets this process may use (those the CPU has, less NPY_DISABLE_CPU_FEATURES)."""
-    import importlib
-
-    umath = importlib.import_module("numpy._core._multiarray_umath" if importlib.util.find_spec("numpy._core")
-                                    else "numpy.core._multiarray_umath")  # numpy 2 / 1.x
-    return sorted(f for f in umath.__cpu_dispatch__ if umath.__cpu_features__.get(f))
+    features = _numpy_umath().__cpu_features__
+    return [f for f in numpy_dispatch_targets() if features.get(f)]
 
 
 def mkl_branch() -> str | None:
@@ -115,7 +124,8 @@ def mkl_branch() -> str | None:
     except (OSError, AttributeError):
         return None
     get.restype, get.argtypes = ctypes.c_int, [ctypes.c_int]
-    return MKL_BRANCHES.get(get(1), str(get(1)))  # 1: MKL_CBWR_BRANCH
+    branch = get(1)  # 1: MKL_CBWR_BRANCH
+    return MKL_BRANCHES.get(branch, str(branch))
 
 
 def apply(threads: int | None = THREADS, seed: int | None = None) -> None:

@@ -290,13 +290,3 @@ def test_a_new_frozen_set_reruns_the_adaptation(touched_dag):
         os.utime(stamp, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert ran == {"00_adapt_backbone", "embed tiny-adapted", "02_train", "03_retrieval_eval", "04_embedding_viz",
                    "05_loss_ablation"}, ran
-
-
-def test_only_background_nodes_run_at_a_lower_cpu_priority(workdir):
-    """Node 06 (text towers) feeds no table of 00-05: beside them on a small machine it runs under nice."""
-    assert [n for n, node in dag.NODES.items() if node.background] == ["06_text_encoder"]
-    text = dag.make_text(dag.plan("offline", environ={}))
-    nice = [ln for ln in text.splitlines() if ln.startswith("NICE_")]
-    assert nice == [f"NICE_06_text_encoder := {dag.BACKGROUND_NICE}"]
-    assert "NICE_" not in dag.make_text(dag.plan("smoke", environ={}))  # the node is off there
-    assert "$(NICE_$(1)) $(PY) -m cxrlib.manifest timed" in (dag.paths.repo_root() / "Makefile").read_text()

@@ -63,25 +63,22 @@ def test_pinned_run_repeats_and_uses_the_pinned_kernels():
 def test_numpy_cap_names_every_dispatch_target_above_avx2():
     """The synthetic radiographs call numpy's exp / cos, whose code numpy picks by CPU (an AVX-512 CPU and an
     AVX2 one rendered other pixels). Every target this numpy can dispatch to above AVX2 must be capped."""
-    import importlib
-
-    umath = importlib.import_module("numpy._core._multiarray_umath" if importlib.util.find_spec("numpy._core")
-                                    else "numpy.core._multiarray_umath")
+    targets = determinism.numpy_dispatch_targets()
     capped = set(determinism.PINNED_ENV["NPY_DISABLE_CPU_FEATURES"].split(","))
-    assert set(umath.__cpu_dispatch__) - NUMPY_UP_TO_AVX2 <= capped, umath.__cpu_dispatch__
+    assert targets and set(targets) - NUMPY_UP_TO_AVX2 <= capped, targets
     assert " " not in determinism.PINNED_ENV["NPY_DISABLE_CPU_FEATURES"]  # make exports NAME=value words
 
 
-def test_rendering_follows_numpys_dispatch_so_the_cap_matters(tmp_path):
-    """The reason for the cap, shown on this CPU: one radiograph (found by trying a few) rendered with numpy's AVX2
-    code and with its baseline (SSE) code differs; under the pins the same numpy code runs on every AVX2-or-better CPU."""
+def test_rendering_follows_numpys_dispatch_so_the_cap_matters():
+    """The reason for the cap, shown on this CPU: one radiograph (found by trying a few) rendered with numpy's
+    AVX2 code and with its baseline (SSE) code differs; under the pins every AVX2-or-better CPU runs the former."""
     if not determinism.cpu_has("avx2", "fma"):
         import pytest
 
         pytest.skip("a CPU without AVX2 has no second numpy code path to compare")
     code = ("import hashlib, numpy as np; from cxrlib.datasets.synthetic import render_radiograph; "
-            "print(hashlib.sha1(np.asarray(render_radiograph({'cardiomegaly', 'effusion'}, 'lateral', 256, 3)).tobytes())"
-            ".hexdigest())")
+            "im = render_radiograph({'cardiomegaly', 'effusion'}, 'lateral', 256, 3); "
+            "print(hashlib.sha1(np.asarray(im).tobytes()).hexdigest())")
     base = {k: v for k, v in os.environ.items() if k not in determinism.env()}
     got = {cap: subprocess.run([sys.executable, "-c", code], env={**base, "NPY_DISABLE_CPU_FEATURES": cap},
                                capture_output=True, text=True, check=True).stdout for cap in
