@@ -65,7 +65,9 @@ class Node:
     exists only when the profile adapts; ``module``: a script node run as ``python -m <module>`` (no
     notebook); ``switch``: a boolean setting
     (a profile's top-level key, or its make variable) without which the node is off; ``only_if_eval_set``:
-    the node exists only when notebook 03 evaluates on a peer's evaluation set (``eval_set``, ``EVAL_SET``)."""
+    the node exists only when notebook 03 evaluates on a peer's evaluation set (``eval_set``, ``EVAL_SET``);
+    ``after``: nodes it waits for when they run in the same make (make's order-only prerequisites: they do
+    not make it rerun), so that a node off the paper's path leaves the job slots to the paper's nodes."""
 
     name: str
     needs: tuple[str, ...] = ()
@@ -74,6 +76,7 @@ class Node:
     module: str | None = None
     switch: str | None = None
     only_if_eval_set: bool = False
+    after: tuple[str, ...] = ()
 
     @property
     def notebook(self) -> Path | None:
@@ -98,6 +101,9 @@ def register(node: Node) -> Node:
     unknown = [n for n in node.needs if n not in NODES and n not in EMBED_NEEDS]
     if unknown:
         raise ValueError(f"node {node.name!r} needs {unknown}: neither registered nodes nor {sorted(EMBED_NEEDS)}")
+    unknown = [n for n in node.after if n not in NODES]
+    if unknown:
+        raise ValueError(f"node {node.name!r} runs after {unknown}: not registered nodes")
     NODES[node.name] = node
     return node
 
@@ -113,8 +119,10 @@ register(Node("03_retrieval_eval", needs=("02_train", "embed:all", "embed:evalse
 register(Node("04_embedding_viz", needs=("02_train", "embed:train")))
 register(Node("05_loss_ablation", needs=("02_train", "embed:train")))
 # text towers (Ko et al.): on in the offline demo (`text_encoders: true`), off in the paper's main path;
-# `make paper TEXT_ENCODERS=true` adds it to the paper's comparison
-register(Node("06_text_encoder", needs=("embed:train",), switch="text_encoders"))
+# `make paper TEXT_ENCODERS=true` adds it to the paper's comparison. It starts once 03-05 are done: beside
+# them it held one of the two job slots of a 2-core machine and they ran one after another behind it
+register(Node("06_text_encoder", needs=("embed:train",), switch="text_encoders",
+              after=("03_retrieval_eval", "04_embedding_viz", "05_loss_ablation")))
 #: the last step (not a node with parameters): results/<out>/run_manifest.json
 MANIFEST_MODULE = "cxrlib.manifest"
 
@@ -470,7 +478,8 @@ def make_text(p: Plan) -> str:
                 extra = " $(B)/00_adapt_backbone.ipynb" if adapted else ""
                 lines.append(f"{emb_done[k]}: $(B)/params/{node.name}.yaml {' '.join(upstream(node))}{extra} {src}")
         else:
-            lines.append(f"{stamp[node.name]}: {' '.join(upstream(node))} {src}")
+            wait = [stamp[n] for n in node.after if n in stamp]  # order-only: waits, never reruns for them
+            lines.append(f"{stamp[node.name]}: {' '.join(upstream(node))} {src}" + (f" | {' '.join(wait)}" if wait else ""))
     lines.append(f"MANIFEST_SRC := {' '.join(closure([MANIFEST_MODULE]))}")
     return "\n".join(lines) + "\n"
 

@@ -148,6 +148,18 @@ def test_loss_weight_reruns_only_what_depends_on_it(touched_dag):
     assert would_run() == set()  # the dry run left the recorded parameters' times as they were
 
 
+def test_loss_weight_does_not_rerun_the_text_towers_that_wait_for_its_nodes(touched_dag):
+    """Node 06 waits for 03-05 (order-only): a weight that reruns them leaves 06 as it was."""
+    _, touch, would_run = touched_dag
+    touch("TEXT_ENCODERS=true")
+    try:
+        assert would_run("TEXT_ENCODERS=true") == set()
+        assert would_run("TEXT_ENCODERS=true", "W_SUPCON=0.5") == {"02_train", "03_retrieval_eval",
+                                                                   "04_embedding_viz", "05_loss_ablation"}
+    finally:
+        touch()
+
+
 def test_projector_batch_size_twice_reruns_nothing_the_second_time(touched_dag):
     """Case 3: BATCH_SIZE is the projector's: extraction is not rerun, and a second run has nothing to do."""
     _, touch, would_run = touched_dag
@@ -290,3 +302,25 @@ def test_a_new_frozen_set_reruns_the_adaptation(touched_dag):
         os.utime(stamp, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert ran == {"00_adapt_backbone", "embed tiny-adapted", "02_train", "03_retrieval_eval", "04_embedding_viz",
                    "05_loss_ablation"}, ran
+
+
+# ---- a node off the paper's path waits for the paper's nodes -----------------------------------------
+
+def test_text_towers_wait_for_the_papers_nodes_without_rerunning_for_them(workdir):
+    """Node 06 is an order-only dependent of 03-05 (after the ``|``): make starts it once they are done, so
+    on two job slots 03-05 run beside each other; a change that reruns 05 does not rerun 06 (the loss-weight
+    rerun test checks that on a touched DAG)."""
+    p = dag.plan("offline", environ={})  # the demo runs node 06 (text_encoders: true)
+    assert "06_text_encoder" in [n.name for n in p.nodes]
+    line = next(ln for ln in dag.make_text(p).splitlines() if ln.startswith("$(B)/06_text_encoder.ipynb:"))
+    normal, _, order_only = line.partition(" | ")
+    assert set(order_only.split()) == {"$(B)/03_retrieval_eval.ipynb", "$(B)/04_embedding_viz.ipynb",
+                                       "$(B)/05_loss_ablation.ipynb"}
+    assert "$(B)/05_loss_ablation.ipynb" not in normal.split()
+    # a node it waits for that the plan does not hold is no prerequisite at all
+    without = dataclasses.replace(p, nodes=[n for n in p.nodes if n.name != "05_loss_ablation"])
+    line = next(ln for ln in dag.make_text(without).splitlines() if ln.startswith("$(B)/06_text_encoder.ipynb:"))
+    assert "05_loss_ablation" not in line and set(line.partition(" | ")[2].split()) == {
+        "$(B)/03_retrieval_eval.ipynb", "$(B)/04_embedding_viz.ipynb"}
+    with pytest.raises(ValueError, match="99_nothing"):
+        dag.register(dag.Node("99_waits", after=("99_nothing",)))
