@@ -324,3 +324,25 @@ def test_text_towers_wait_for_the_papers_nodes_without_rerunning_for_them(workdi
         "$(B)/03_retrieval_eval.ipynb", "$(B)/04_embedding_viz.ipynb"}
     with pytest.raises(ValueError, match="99_nothing"):
         dag.register(dag.Node("99_waits", after=("99_nothing",)))
+
+
+
+# ---- make test: the cores shared out among the xdist workers ------------------------------------
+def _pytest_line(workdir: Path, *extra: str) -> str:
+    from conftest import run_make
+
+    out = run_make(["-n", "test", *extra], workdir).stdout
+    return next(line for line in out.splitlines() if " -m pytest" in line)
+
+
+def test_make_test_gives_each_worker_its_share_of_the_cores(tmp_path, monkeypatch):
+    """Two workers on n cores: OMP_NUM_THREADS = max(1, n // 2) per worker, whatever OMP_NUM_THREADS the
+    caller's shell holds (nproc would otherwise report it); one process (TEST_WORKERS=0): left alone."""
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    line = _pytest_line(tmp_path, "TEST_WORKERS=2")
+    assert f"OMP_NUM_THREADS={max(1, cores // 2)} " in line and "-n 2 --dist loadfile" in line
+    assert f"OMP_NUM_THREADS={max(1, cores // 4)} " in _pytest_line(tmp_path, "TEST_WORKERS=4")
+    assert "OMP_NUM_THREADS=3 " in _pytest_line(tmp_path, "TEST_THREADS=3")
+    alone = _pytest_line(tmp_path, "TEST_WORKERS=0")
+    assert "OMP_NUM_THREADS" not in alone and " -n " not in alone
