@@ -43,7 +43,7 @@ TEST_XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfil
 # torch / OpenMP threads for each worker and the processes it starts: the usable cores (nproc, not
 # swayed by an OMP_NUM_THREADS already set) shared out among the workers (2 workers x 2 threads on 2 cores
 # oversubscribe them); TEST_WORKERS=0 leaves the environment alone
-TEST_THREADS ?= $(shell n=$$(( $$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) / $(if $(filter 0,$(TEST_WORKERS)),1,$(TEST_WORKERS)) )); echo $$(( n > 0 ? n : 1 )))
+TEST_THREADS ?= $(shell n=$$(( $$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) / $(TEST_WORKERS) )); echo $$(( n > 0 ? n : 1 )))
 TEST_THREAD_ENV = $(if $(filter 0,$(TEST_WORKERS)),,OMP_NUM_THREADS=$(TEST_THREADS))
 .PHONY: test test-fast lint
 test: $(ENV_STAMP) ## Run the whole test suite (unit + notebook smoke runs; TEST_WORKERS=2 xdist workers, 0: one process)

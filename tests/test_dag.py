@@ -326,7 +326,6 @@ def test_text_towers_wait_for_the_papers_nodes_without_rerunning_for_them(workdi
         dag.register(dag.Node("99_waits", after=("99_nothing",)))
 
 
-
 # ---- make test: the cores shared out among the xdist workers ------------------------------------
 def _pytest_line(workdir: Path, *extra: str) -> str:
     from conftest import run_make
