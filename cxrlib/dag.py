@@ -35,7 +35,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,10 +213,21 @@ def _module_file(mod: str) -> Path | None:
     return None
 
 
+def _statements(tree: ast.AST) -> Iterator[ast.AST]:
+    """Every statement in ``tree``, nested bodies included, but no expression: an import is a statement, and
+    skipping the expressions visits a few percent of the nodes ``ast.walk`` would (``make`` runs this often)."""
+    todo = list(getattr(tree, "body", []))
+    while todo:
+        node = todo.pop()
+        yield node
+        for field in ("body", "orelse", "finalbody", "handlers", "cases"):
+            todo.extend(getattr(node, field, ()))  # statements (or except / case clauses holding them)
+
+
 def _imports(tree: ast.AST, package: str) -> set[str]:
     """``cxrlib`` modules a parsed file imports (absolute, relative, and ``from pkg import submodule``)."""
     out: set[str] = set()
-    for node in ast.walk(tree):
+    for node in _statements(tree):
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names if a.name.split(".")[0] == "cxrlib")
         elif isinstance(node, ast.ImportFrom):

@@ -45,6 +45,47 @@ def test_closure_follows_relative_and_submodule_imports(tmp_path, monkeypatch):
                                            "cxrlib/sub/leaf.py"]
 
 
+
+def test_imports_found_in_every_nested_statement_body():
+    """The statement-only walk finds an import wherever Python allows one: the same set as ``ast.walk``."""
+    import ast
+
+    src = """
+import cxrlib.a
+def f():
+    if x:
+        from cxrlib import b
+    else:
+        import cxrlib.c
+class K:
+    def m(self):
+        with open(p):
+            for _ in y:
+                import cxrlib.d
+            else:
+                import cxrlib.e
+try:
+    import cxrlib.f
+except ImportError:
+    import cxrlib.g
+else:
+    import cxrlib.h
+finally:
+    while z:
+        import cxrlib.i
+match v:
+    case 1:
+        import cxrlib.j
+async def g():
+    async with q:
+        import cxrlib.k
+lam = lambda: __import__("cxrlib.not_an_import_statement")
+"""
+    tree = ast.parse(src)
+    want = {n for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)}
+    assert len(want) == 11 and {n for n in dag._statements(tree) if isinstance(n, ast.Import | ast.ImportFrom)} == want
+    assert dag._imports(tree, "") == {"cxrlib"} | {f"cxrlib.{m}" for m in "acdefghijk"}
+
 # ---- make -n on a touched DAG (a copy of the repository, the smoke profile) -----------------------
 
 @pytest.fixture(scope="module")

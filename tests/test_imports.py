@@ -50,6 +50,12 @@ def test_import_cell_leaves_heavy_packages_unimported(stem):
     assert _loaded_after(_import_lines(stem), CELLS[stem]) == []
 
 
+
+def test_the_notebook_runner_does_not_build_iri_parsers():
+    """Every node's runner imports papermill -> nbformat -> jsonschema; jsonschema 4.25+ there imports
+    rfc3987-syntax (Lark parsers built on import, seconds per node): pyproject caps jsonschema below it."""
+    assert _loaded_after("import papermill", ("rfc3987_syntax", "lark")) == []
+
 def test_training_modules_register_terms_without_loss_libraries():
     code = ("from cxrlib import ablation, losses, train\n"
             "assert list(losses.REGISTRY) == list(losses.TERMS) and {'bce', 'supcon', 'clip'} <= set(losses.TERMS)\n")
