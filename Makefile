@@ -4,6 +4,9 @@
 .SUFFIXES:
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
+# Python's bytecode cache stays on for everything make runs: a build or make test starts hundreds of short
+# Python processes, and with PYTHONDONTWRITEBYTECODE set (as some sandboxes do) each one compiled cxrlib anew
+unexport PYTHONDONTWRITEBYTECODE
 
 # ---- environment -------------------------------------------------------------------------------
 PYTHON_BOOT ?= python3

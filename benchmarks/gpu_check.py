@@ -115,12 +115,27 @@ def check_search(n_queries: int, n_gallery: int, k: int, n_verify: int, device: 
             "max_score_diff_vs_cpu": float(np.abs(cs - s[:n_verify]).max())}
 
 
+def compare_runs(one: Path, two: Path) -> dict:
+    """One process's extraction in ``one`` against ``two`` ranks' in ``two``: same ids, cosine of each pair."""
+    from cxrlib.embstore import load_embeddings
+
+    out = {}
+    for m in ("image", "text"):
+        a, b = load_embeddings(one / f"{m}.npz"), load_embeddings(two / f"{m}.npz")
+        same = a.ids.tolist() == b.ids.tolist()
+        out[m] = {"same_ids": same, "min_cosine": float(np.min(np.sum(a.emb * b.emb, axis=1))) if same else None}
+    stamp = json.loads((two / "done.json").read_text())
+    return {"ok": all(v["same_ids"] and v["min_cosine"] > 0.999 for v in out.values()),
+            "world_size": stamp["world_size"], **out}
+
+
 def check_torchrun(tmp: Path, device: str = "cuda") -> dict:
-    """2-process extraction under torchrun (NCCL on GPUs, gloo on CPU) vs one process: same ids, same embeddings."""
+    """2-process extraction under torchrun (NCCL on GPUs, gloo on CPU) vs one process: same ids, same embeddings.
+    (On the CPU, tests/test_embed_distributed.py runs the same torchrun command and this comparison.)"""
     import pandas as pd
     from PIL import Image
 
-    from cxrlib.embstore import load_embeddings
+    from cxrlib import embed
 
     if accel.is_cuda(device) and torch.cuda.device_count() < 2:
         return {"skipped": f"{torch.cuda.device_count()} GPU: the 2-process check needs two"}
@@ -132,25 +147,19 @@ def check_torchrun(tmp: Path, device: str = "cuda") -> dict:
         rows.append({"image_id": f"i{i:03d}", "image_path": str(p), "study_id": f"s{i:03d}", "report": f"report {i}"})
     pd.DataFrame(rows).to_parquet(tmp / "t.parquet")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    common = ["-m", "cxrlib.embed", "--table", str(tmp / "t.parquet"), "--backbone", "tiny", "--batch-size", "8",
-              "--num-workers", "2" if accel.is_cuda(device) else "0", "--precision", "fp32", "--no-progress"]
+    common = ["--backbone", "tiny", "--batch-size", "8", "--num-workers", "2" if accel.is_cuda(device) else "0",
+              "--precision", "fp32", "--no-progress"]
     t0 = time.perf_counter()
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *common,
-                          "--out-dir", str(tmp / "two"), "--device", device], env=env, capture_output=True, text=True)
+    two = subprocess.run(embed.torchrun_command(tmp / "t.parquet", tmp / "two", 2, [*common, "--device", device]),
+                         env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
-    one = subprocess.run([sys.executable, *common, "--out-dir", str(tmp / "one"),
+    one = subprocess.run([sys.executable, "-m", "cxrlib.embed", "--table", str(tmp / "t.parquet"),
+                          "--out-dir", str(tmp / "one"), *common,
                           "--device", "cuda:0" if accel.is_cuda(device) else device], env=env,
                          capture_output=True, text=True)
     if two.returncode or one.returncode:
         return {"ok": False, "error": (two.stderr or one.stderr)[-800:]}
-    out = {}
-    for m in ("image", "text"):
-        a, b = load_embeddings(tmp / "one" / f"{m}.npz"), load_embeddings(tmp / "two" / f"{m}.npz")
-        out[m] = {"same_ids": a.ids.tolist() == b.ids.tolist(),
-                  "min_cosine": float(np.min(np.sum(a.emb * b.emb, axis=1)))}
-    stamp = json.loads((tmp / "two" / "done.json").read_text())
-    return {"ok": all(v["same_ids"] and v["min_cosine"] > 0.999 for v in out.values()), "world_size": stamp["world_size"],
-            "seconds": round(seconds, 1), **out}
+    return {**compare_runs(tmp / "one", tmp / "two"), "seconds": round(seconds, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:

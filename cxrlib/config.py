@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
+import functools
 import json
 import os
 import sys
@@ -31,6 +33,16 @@ from cxrlib.io import write_text_if_changed
 SCRIPT_COMMON_KEYS = ("device",)
 
 
+#: PyYAML's safe loader on libyaml's C parser where PyYAML was built with it (the same safe constructor, so the
+#: same values), else its pure-Python one: every ``make`` call reads the profile files several times
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def read_yaml(text: str) -> Any:
+    """``yaml.safe_load`` through :data:`SAFE_LOADER`."""
+    return yaml.load(text, Loader=SAFE_LOADER)
+
+
 class ConfigError(ValueError):
     """A profile, a parameter or an override that cannot be used; the message says which."""
 
@@ -44,11 +56,18 @@ def load_profile(profile: str) -> dict[str, Any]:
     path = paths.configs_dir() / f"{profile}.yaml"
     if not path.is_file():
         raise ConfigError(f"unknown profile {profile!r}; choose one of {available_profiles()}")
-    cfg = yaml.safe_load(path.read_text()) or {}
+    st = path.stat()
+    cfg = copy.deepcopy(_read_profile_file(str(path), st.st_mtime_ns, st.st_size))  # callers may change theirs
     cfg.setdefault("common", {})
     cfg.setdefault("nodes", {})
     cfg["profile"] = profile
     return cfg
+
+
+@functools.lru_cache(maxsize=32)
+def _read_profile_file(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
+    """A profile file's contents, parsed once per version of the file in a process."""
+    return read_yaml(Path(path).read_text()) or {}
 
 
 def notebook_parameters(notebook: str | Path) -> dict[str, Any]:
@@ -72,7 +91,7 @@ def notebook_parameters(notebook: str | Path) -> dict[str, Any]:
 
 def parse_value(text: str) -> Any:
     """Command-line value -> Python value via YAML (``0.5`` -> float, ``true`` -> bool, ``a`` -> str)."""
-    return yaml.safe_load(text) if text != "" else None
+    return read_yaml(text) if text != "" else None
 
 
 def declared_parameters(node: str, notebook: str | Path | None = None) -> dict[str, Any]:
@@ -197,7 +216,7 @@ def _cli(argv: list[str] | None = None) -> int:
             params = resolve_params(args.profile, args.node, _parse_overrides(args.overrides)[None])
             write_text_if_changed(args.out, yaml.safe_dump(params, sort_keys=True))
         elif args.cmd == "flags":
-            params = yaml.safe_load(Path(args.file).read_text()) or {}
+            params = read_yaml(Path(args.file).read_text()) or {}
             flags = []
             for k, v in params.items():
                 if k == "profile" or v is None or v is False:

@@ -224,38 +224,104 @@ def _statements(tree: ast.AST) -> Iterator[ast.AST]:
             todo.extend(getattr(node, field, ()))  # statements (or except / case clauses holding them)
 
 
-def _imports(tree: ast.AST, package: str) -> set[str]:
-    """``cxrlib`` modules a parsed file imports (absolute, relative, and ``from pkg import submodule``)."""
-    out: set[str] = set()
+#: an import statement that may name a ``cxrlib`` module: ``[level, module, names]``, level -1 for ``import m``
+#: (``names`` empty), else ``from`` (``level`` dots) ``module import names``
+ImportRecord = list
+
+
+def _import_records(tree: ast.AST) -> list[ImportRecord]:
+    """The import statements of a parsed file that may name a ``cxrlib`` module (relative ones included)."""
+    out: list[ImportRecord] = []
     for node in _statements(tree):
         if isinstance(node, ast.Import):
-            out.update(a.name for a in node.names if a.name.split(".")[0] == "cxrlib")
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[: len(parts) - node.level + 1])
-                mod = f"{base}.{node.module}" if node.module else base
-            else:
-                mod = node.module or ""
-            if mod.split(".")[0] != "cxrlib":
-                continue
-            out.add(mod)
-            out.update(f"{mod}.{a.name}" for a in node.names if _module_file(f"{mod}.{a.name}"))
+            out.extend([-1, a.name, []] for a in node.names if a.name.split(".")[0] == "cxrlib")
+        elif isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] == "cxrlib"):
+            out.append([node.level, node.module or "", [a.name for a in node.names]])
+    return out
+
+
+def _resolve(records: Iterable[ImportRecord], package: str) -> set[str]:
+    """``cxrlib`` modules the records import from ``package`` (absolute, relative, ``from pkg import submodule``);
+    a submodule is told from a name by the files there now, so this part is never cached."""
+    out: set[str] = set()
+    for level, module, names in records:
+        if level < 0:
+            out.add(module)
+            continue
+        if level:
+            parts = package.split(".")
+            base = ".".join(parts[: len(parts) - level + 1])
+            mod = f"{base}.{module}" if module else base
+        else:
+            mod = module
+        if mod.split(".")[0] != "cxrlib":
+            continue
+        out.add(mod)
+        out.update(f"{mod}.{name}" for name in names if _module_file(f"{mod}.{name}"))
     # importing a.b.c runs a/__init__ and a/b/__init__ too
     return {".".join(m.split(".")[:i]) for m in out for i in range(1, len(m.split(".")) + 1)}
 
 
+def _imports(tree: ast.AST, package: str) -> set[str]:
+    """``cxrlib`` modules a parsed file imports (absolute, relative, and ``from pkg import submodule``)."""
+    return _resolve(_import_records(tree), package)
+
+
+#: the import records of each source text by its digest, kept between processes in
+#: :func:`cxrlib.paths.source_cache_dir` (every ``make`` call derives the prerequisites; parsing the ~80 sources
+#: was the largest part of its time); at most this many entries, the most recently used kept
+IMPORT_CACHE_ENTRIES = 2048
+IMPORT_CACHE_FILE = "dag-imports.json"
+_used: dict[str, list[ImportRecord]] = {}  # looked up in this process: saved first, so they are kept longest
+
+
+@functools.cache
+def _import_cache() -> dict[str, list[ImportRecord]]:
+    """The records on disk, read once per process ({} when absent or unreadable: the cache only saves time)."""
+    try:
+        cached = json.loads((paths.source_cache_dir() / IMPORT_CACHE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return cached if isinstance(cached, dict) else {}
+
+
+def _source_records(text: str) -> list[ImportRecord]:
+    """:func:`_import_records` of a source text: from the cache by the text's digest, else parsed now."""
+    key = hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+    records = _import_cache().get(key)
+    if records is None:
+        records = _import_records(ast.parse(text))
+    _used[key] = records
+    return records
+
+
+def save_import_cache() -> None:
+    """Write the records used in this process into the on-disk cache when it lacks any of them (atomically:
+    concurrent ``make`` calls may race, the last one wins; a read-only checkout just keeps no cache)."""
+    cache = _import_cache()
+    if all(k in cache for k in _used):
+        return
+    merged = dict(_used)
+    merged.update((k, v) for k, v in cache.items() if k not in merged and len(merged) < IMPORT_CACHE_ENTRIES)
+    try:
+        write_text_if_changed(paths.source_cache_dir() / IMPORT_CACHE_FILE, json.dumps(merged))
+    except OSError:
+        return
+    cache.clear()
+    cache.update(merged)
+
+
 @functools.cache
 def _file_imports(file: str, mtime_ns: int, size: int, package: str) -> frozenset[str]:
-    """:func:`_imports` of one module file, parsed once per version (every node's closure shares most files)."""
-    return frozenset(_imports(ast.parse(Path(file).read_text()), package))
+    """:func:`_imports` of one module file, looked up once per version (every node's closure shares most files)."""
+    return frozenset(_resolve(_source_records(Path(file).read_text()), package))
 
 
-def _notebook_tree(nb: Path) -> ast.AST:
+def _notebook_source(nb: Path) -> str:
+    """A notebook's code cells as one Python text, IPython magics left out."""
     cells = json.loads(nb.read_text())["cells"]
     src = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
-    lines = [ln for ln in src.splitlines() if not ln.lstrip().startswith(("%", "!"))]  # IPython magics
-    return ast.parse("\n".join(lines))
+    return "\n".join(ln for ln in src.splitlines() if not ln.lstrip().startswith(("%", "!")))
 
 
 def closure(start: Iterable[str]) -> list[str]:
@@ -280,7 +346,7 @@ def closure(start: Iterable[str]) -> list[str]:
 def node_sources(node: Node | str) -> list[str]:
     """The ``cxrlib`` files ``node`` runs (its notebook's or module's import closure), plus data files they read."""
     node = NODES[node] if isinstance(node, str) else node
-    start = {node.module} if node.module else _imports(_notebook_tree(node.notebook), "")
+    start = {node.module} if node.module else _resolve(_source_records(_notebook_source(node.notebook)), "")
     files = closure(start)
     root = paths.repo_root()
     for mod_file, folder in DATA_DEPS.items():
@@ -492,6 +558,7 @@ def make_text(p: Plan) -> str:
             wait = [stamp[n] for n in node.after if n in stamp]  # order-only: waits, never reruns for them
             lines.append(f"{stamp[node.name]}: {' '.join(upstream(node))} {src}" + (f" | {' '.join(wait)}" if wait else ""))
     lines.append(f"MANIFEST_SRC := {' '.join(closure([MANIFEST_MODULE]))}")
+    save_import_cache()
     return "\n".join(lines) + "\n"
 
 

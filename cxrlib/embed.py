@@ -54,7 +54,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -633,6 +633,14 @@ def _init_distributed(device: str) -> str:
 
 def _int_or_auto(value: str) -> int | str:
     return "auto" if value == "auto" else int(value)
+
+
+def torchrun_command(table: str | os.PathLike, out_dir: str | os.PathLike, nproc: int,
+                     args: Iterable[str] = ()) -> list[str]:
+    """The ``torchrun`` command that extracts ``table`` into ``out_dir`` on ``nproc`` ranks (``args``: more of
+    this module's command-line options, e.g. ``--backbone``)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "cxrlib.embed", "--table", str(table), "--out-dir", str(out_dir), *args]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,24 +4,25 @@ Each function reads its environment variable at call time, so a test or a smoke 
 all outputs by setting ``CXR_WORKDIR`` (one folder for data/, build/, results/, figures/) or the
 individual overrides below. Users who keep data sets elsewhere set ``OPENI_ROOT`` / ``MIMIC_ROOT``.
 
-=====================  ===============================  ==========================================
-function               environment variable             default
-=====================  ===============================  ==========================================
-``repo_root()``        --                               the folder holding ``pyproject.toml``
-``workdir()``          ``CXR_WORKDIR``                  ``repo_root()``
-``data_dir()``         ``CXR_DATA_DIR``                 ``workdir()/data``
-``raw_dir()``          ``CXR_RAW_DIR``                  ``data_dir()/raw`` (downloads, synthetic images)
-``processed_dir()``    --                               ``data_dir()/processed`` (study tables)
-``embeddings_dir()``   ``CXR_EMBEDDINGS_DIR``           ``data_dir()/embeddings`` (embedding cache)
-``text_store_dir()``   --                               ``embeddings_dir()/.shared/text`` (text features by key)
-``models_dir()``       --                               ``data_dir()/models`` (adapted backbones)
-``build_dir()``        ``CXR_BUILD_DIR``                ``workdir()/build`` (executed notebooks)
-``results_dir(p)``     ``CXR_RESULTS_DIR``              ``workdir()/results/<profile>``
-``figures_dir(p)``     ``CXR_FIGURES_DIR``              ``workdir()/figures/<profile>``
-``configs_dir()``      --                               ``repo_root()/configs``
-``openi_root()``       ``OPENI_ROOT``                   ``raw_dir()/openi``
-``mimic_root()``       ``MIMIC_ROOT``                   None (credentialed data: never guessed)
-=====================  ===============================  ==========================================
+=======================  ===============================  ==========================================
+function                 environment variable             default
+=======================  ===============================  ==========================================
+``repo_root()``          --                               the folder holding ``pyproject.toml``
+``workdir()``            ``CXR_WORKDIR``                  ``repo_root()``
+``data_dir()``           ``CXR_DATA_DIR``                 ``workdir()/data``
+``raw_dir()``            ``CXR_RAW_DIR``                  ``data_dir()/raw`` (downloads, synthetic images)
+``processed_dir()``      --                               ``data_dir()/processed`` (study tables)
+``embeddings_dir()``     ``CXR_EMBEDDINGS_DIR``           ``data_dir()/embeddings`` (embedding cache)
+``text_store_dir()``     --                               ``embeddings_dir()/.shared/text`` (text features by key)
+``models_dir()``         --                               ``data_dir()/models`` (adapted backbones)
+``build_dir()``          ``CXR_BUILD_DIR``                ``workdir()/build`` (executed notebooks)
+``results_dir(p)``       ``CXR_RESULTS_DIR``              ``workdir()/results/<profile>``
+``figures_dir(p)``       ``CXR_FIGURES_DIR``              ``workdir()/figures/<profile>``
+``configs_dir()``        --                               ``repo_root()/configs``
+``source_cache_dir()``   ``CXR_SOURCE_CACHE_DIR``         ``repo_root()/.cache`` (derived from the sources)
+``openi_root()``         ``OPENI_ROOT``                   ``raw_dir()/openi``
+``mimic_root()``         ``MIMIC_ROOT``                   None (credentialed data: never guessed)
+=======================  ===============================  ==========================================
 
 Outside make, :mod:`cxrlib.interactive` calls :func:`set_interactive`: a notebook opened by hand then
 writes its results and figures under ``.../interactive/<run>/`` and never over make's outputs.
@@ -129,6 +130,11 @@ def _interactive_data(kind: str) -> Path | None:
     if not _INTERACTIVE.get("run") or _INTERACTIVE.get("data") != kind:
         return None
     return data_dir() / "interactive" / _INTERACTIVE["run"] / kind
+
+
+def source_cache_dir() -> Path:
+    """What is derived from the repository's own sources alone (the DAG's import scan), shared by every workdir."""
+    return _env_path("CXR_SOURCE_CACHE_DIR") or repo_root() / ".cache"
 
 
 def configs_dir() -> Path:

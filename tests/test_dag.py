@@ -86,6 +86,119 @@ lam = lambda: __import__("cxrlib.not_an_import_statement")
     assert len(want) == 11 and {n for n in dag._statements(tree) if isinstance(n, ast.Import | ast.ImportFrom)} == want
     assert dag._imports(tree, "") == {"cxrlib"} | {f"cxrlib.{m}" for m in "acdefghijk"}
 
+@pytest.fixture
+def fresh_import_cache(tmp_path, monkeypatch):
+    """A fake ``cxrlib`` package under ``tmp_path/repo``, the source cache in ``tmp_path/cache``, nothing cached in
+    this process yet; yields a function giving the number of files parsed since the last call."""
+    pkg = tmp_path / "repo" / "cxrlib"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from cxrlib import b\n")
+    (pkg / "b.py").write_text("x = 1\n")
+    monkeypatch.setattr(paths, "repo_root", lambda: tmp_path / "repo")
+    monkeypatch.setenv("CXR_SOURCE_CACHE_DIR", str(tmp_path / "cache"))
+    parsed: list[str] = []
+    real_parse = dag.ast.parse
+    monkeypatch.setattr(dag.ast, "parse", lambda text, *a, **k: parsed.append(text) or real_parse(text, *a, **k))
+
+    def new_process() -> None:  # what a second make call starts with
+        dag._import_cache.cache_clear()
+        dag._file_imports.cache_clear()
+        dag._used.clear()
+
+    new_process()
+
+    def n_parsed() -> int:
+        n = len(parsed)
+        parsed.clear()
+        return n
+
+    yield pkg, new_process, n_parsed
+    new_process()
+
+
+def test_import_scan_is_cached_between_processes_by_source_text(fresh_import_cache, tmp_path):
+    """Every make call derives the prerequisites: a second process reads the parsed imports from the source
+    cache; a changed source is parsed again even where its size and mtime stay (the key is its text)."""
+    pkg, new_process, n_parsed = fresh_import_cache
+    want = ["cxrlib/__init__.py", "cxrlib/a.py", "cxrlib/b.py"]
+    assert dag.closure(["cxrlib.a"]) == want and n_parsed() == 3
+    dag.save_import_cache()
+    assert len(json.loads((tmp_path / "cache" / dag.IMPORT_CACHE_FILE).read_text())) == 3
+    new_process()
+    assert dag.closure(["cxrlib.a"]) == want and n_parsed() == 0
+    st = (pkg / "a.py").stat()
+    (pkg / "a.py").write_text("from cxrlib import c\n")  # same size
+    os.utime(pkg / "a.py", ns=(st.st_atime_ns, st.st_mtime_ns))
+    (pkg / "c.py").write_text("y = 2\n")
+    new_process()
+    assert dag.closure(["cxrlib.a"]) == ["cxrlib/__init__.py", "cxrlib/a.py", "cxrlib/c.py"] and n_parsed() == 2
+
+
+def test_submodules_are_told_from_names_by_the_files_there_now(fresh_import_cache):
+    """The cache holds the import statements only: whether ``from cxrlib import b`` names a module is looked up
+    on every call, so a module file that appears later is found though the importing file is unchanged."""
+    pkg, new_process, _ = fresh_import_cache
+    (pkg / "b.py").unlink()
+    (pkg / "__init__.py").write_text("b = 1\n")
+    assert dag.closure(["cxrlib.a"]) == ["cxrlib/__init__.py", "cxrlib/a.py"]
+    dag.save_import_cache()
+    (pkg / "b.py").write_text("")
+    new_process()
+    assert dag.closure(["cxrlib.a"]) == ["cxrlib/__init__.py", "cxrlib/a.py", "cxrlib/b.py"]
+
+
+@pytest.mark.parametrize("broken", ["not json {", "[1, 2]", None])
+def test_a_broken_or_unwritable_source_cache_only_costs_time(fresh_import_cache, tmp_path, monkeypatch, broken):
+    """A corrupt cache file is parsed around; a cache folder that cannot be written (here: a file stands where
+    it should be) leaves no cache and no error."""
+    _, _, n_parsed = fresh_import_cache
+    if broken is None:
+        (tmp_path / "blocker").write_text("")
+        monkeypatch.setenv("CXR_SOURCE_CACHE_DIR", str(tmp_path / "blocker" / "cache"))
+    else:
+        (tmp_path / "cache").mkdir()
+        (tmp_path / "cache" / dag.IMPORT_CACHE_FILE).write_text(broken)
+    assert dag.closure(["cxrlib.a"]) == ["cxrlib/__init__.py", "cxrlib/a.py", "cxrlib/b.py"] and n_parsed() == 3
+    dag.save_import_cache()
+    if broken is not None:
+        assert len(json.loads((tmp_path / "cache" / dag.IMPORT_CACHE_FILE).read_text())) == 3
+
+
+def test_the_cache_keeps_this_calls_entries_and_older_ones_up_to_its_size(fresh_import_cache, tmp_path, monkeypatch):
+    pkg, new_process, _ = fresh_import_cache
+    cache_file = tmp_path / "cache" / dag.IMPORT_CACHE_FILE
+    dag.closure(["cxrlib.a"])
+    dag.save_import_cache()
+    old = set(json.loads(cache_file.read_text()))
+    monkeypatch.setattr(dag, "IMPORT_CACHE_ENTRIES", 4)
+    for i in range(3):  # three new versions of b.py, each from a new process
+        (pkg / "b.py").write_text(f"x = {i + 2}\n")
+        new_process()
+        dag.closure(["cxrlib.a"])
+        dag.save_import_cache()
+    kept = json.loads(cache_file.read_text())
+    assert len(kept) == 4 and old - set(kept)  # the oldest went
+    new_process()
+    dag.closure(["cxrlib.a"])
+    assert set(dag._used) <= set(kept)  # the latest call's entries were kept
+
+
+def test_make_text_saves_the_import_cache(monkeypatch):
+    calls: list[int] = []
+    monkeypatch.setattr(dag, "save_import_cache", lambda: calls.append(1))
+    dag.make_text(dag.plan("smoke", environ={}))
+    assert calls == [1]
+
+
+def test_make_keeps_pythons_bytecode_cache_on():
+    """Every Python process make starts may write bytecode (cxrlib compiled once, not in each of them)."""
+    probe = 'pyc-probe: ; @echo "[$${PYTHONDONTWRITEBYTECODE-unset}]"'
+    out = subprocess.run(["make", "--no-print-directory", "--eval", probe, "pyc-probe"], cwd=REPO, text=True,
+                         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}, capture_output=True, check=True)
+    assert out.stdout.strip() == "[unset]"
+
+
 # ---- make -n on a touched DAG (a copy of the repository, the smoke profile) -----------------------
 
 @pytest.fixture(scope="module")

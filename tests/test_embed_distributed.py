@@ -20,6 +20,7 @@ import pytest
 from conftest import REPO
 from PIL import Image
 
+from cxrlib import embed
 from cxrlib.embstore import load_embeddings
 
 pytestmark = pytest.mark.slow
@@ -69,13 +70,20 @@ def _assert_same(a: Path, b: Path) -> None:
 
 
 def test_torchrun_two_ranks_equals_single_process(table_and_reference):
+    """The extractor's torchrun command (also the GPU check's, benchmarks/gpu_check.py, whose verdict on
+    these two runs must be a pass)."""
+    import importlib.util
+
     root = table_and_reference
-    torchrun = Path(sys.executable).with_name("torchrun")
-    _run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "cxrlib.embed",
-          "--table", str(root / "table.parquet"), "--out-dir", str(root / "dist"), *ARGS])
+    _run(embed.torchrun_command(root / "table.parquet", root / "dist", 2, ARGS))
     assert json.loads((root / "dist" / "done.json").read_text())["world_size"] == 2
     assert not (root / "dist" / ".partial").exists()
     _assert_same(root / "single", root / "dist")
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    verdict = gpu_check.compare_runs(root / "single", root / "dist")
+    assert verdict["ok"] and verdict["world_size"] == 2, verdict
 
 
 def test_killed_run_resumes_to_the_same_embeddings(table_and_reference):

@@ -313,11 +313,53 @@ def test_gpu_check_train_and_search_steps_on_cpu():
     assert se["same_indices_as_cpu"] == 1.0 and se["max_score_diff_vs_cpu"] == 0.0
 
 
-@pytest.mark.slow
-def test_gpu_check_torchrun_step_on_cpu(tmp_path):
-    """Two gloo processes vs one: the same ids and embeddings (NCCL on a 2-GPU machine)."""
-    out = _gpu_check_module().check_torchrun(tmp_path, device="cpu")
-    assert out["ok"] and out["world_size"] == 2, out
+def test_gpu_check_compares_runs_by_ids_and_cosines(tmp_path):
+    """The torchrun step's verdict (its real run on CPU ranks is in test_embed_distributed): equal runs pass,
+    a reordered or a changed embedding set fails."""
+    from cxrlib.embstore import Embeddings, save_embeddings
+
+    gc = _gpu_check_module()
+    rng = np.random.default_rng(0)
+    ids = [f"i{i}" for i in range(6)]
+    sets = {m: rng.normal(size=(6, 4)).astype(np.float32) for m in ("image", "text")}
+    sets = {m: e / np.linalg.norm(e, axis=1, keepdims=True) for m, e in sets.items()}
+
+    def write(folder: str, order: list[int], changed: str | None = None) -> Path:
+        d = tmp_path / folder
+        d.mkdir()
+        for m, e in sets.items():
+            e = e[order].copy()
+            if m == changed:
+                e[2] = -e[2]
+            save_embeddings(d / f"{m}.npz", Embeddings([ids[i] for i in order], e))
+        (d / "done.json").write_text(json.dumps({"world_size": 2}))
+        return d
+
+    one = write("one", list(range(6)))
+    assert gc.compare_runs(one, write("same", list(range(6)))) == {
+        "ok": True, "world_size": 2, **{m: {"same_ids": True, "min_cosine": pytest.approx(1.0)} for m in sets}}
+    reordered = gc.compare_runs(one, write("reordered", [1, 0, 2, 3, 4, 5]))
+    assert not reordered["ok"] and reordered["image"]["same_ids"] is False
+    changed = gc.compare_runs(one, write("changed", list(range(6)), changed="text"))
+    assert not changed["ok"] and changed["image"]["min_cosine"] == pytest.approx(1.0)
+    assert changed["text"]["min_cosine"] == pytest.approx(-1.0)
+
+
+def test_gpu_check_torchrun_step_runs_the_extractors_torchrun_command(tmp_path, monkeypatch):
+    """The step launches :func:`cxrlib.embed.torchrun_command` (2 ranks) and one plain process with the same
+    extractor options, on a 96-image table; a failed process is reported with its error, not compared."""
+    gc = _gpu_check_module()
+    ran: list[list[str]] = []
+    monkeypatch.setattr(gc.subprocess, "run", lambda cmd, **kw: ran.append(cmd) or
+                        subprocess.CompletedProcess(cmd, 1, "", "rank 1 failed"))
+    assert gc.check_torchrun(tmp_path, device="cpu") == {"ok": False, "error": "rank 1 failed"}
+    two, one = ran
+    opts = two[two.index("cxrlib.embed") + 1:]
+    assert two == embed.torchrun_command(tmp_path / "t.parquet", tmp_path / "two", 2, opts[4:])
+    assert one[:3] == [sys.executable, "-m", "cxrlib.embed"]
+    assert one[3:] == [*opts[:3], str(tmp_path / "one"), *opts[4:]]
+    table = pd.read_parquet(tmp_path / "t.parquet")
+    assert len(table) == 96 and all(Path(p).is_file() for p in table["image_path"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or Path("/usr/bin/nvidia-smi").exists(), reason="a GPU machine runs the check")

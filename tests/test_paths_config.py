@@ -106,3 +106,24 @@ def test_script_node_gets_every_schema_setting():
     params = config.resolve_params("smoke", "embed")
     assert params["batch_size"] == 16 and params["precision"] == "fp32"  # the profile's
     assert params["decode"] == "auto" and params["compile"] is False  # the schema's defaults
+
+
+def test_profiles_read_with_libyaml_equal_pyyamls_safe_load():
+    """load_profile parses with libyaml's C parser where PyYAML has it: the same values as yaml.safe_load."""
+    for profile in config.available_profiles():
+        cfg = config.load_profile(profile)
+        want = yaml.safe_load((paths.configs_dir() / f"{profile}.yaml").read_text())
+        assert {k: v for k, v in cfg.items() if k != "profile"} == {"common": {}, "nodes": {}, **want}, profile
+    assert config.parse_value("0.5") == 0.5 and config.parse_value("true") is True and config.parse_value("a") == "a"
+
+
+def test_a_profile_read_twice_is_two_independent_copies(tmp_path, monkeypatch):
+    """Profiles are parsed once per file version in a process; a caller changing its copy changes nobody else's,
+    and an edited file is read again."""
+    monkeypatch.setattr(paths, "configs_dir", lambda: tmp_path)
+    (tmp_path / "p.yaml").write_text("common: {seed: 1}\n")
+    a = config.load_profile("p")
+    a["common"]["seed"] = 99
+    assert config.load_profile("p")["common"]["seed"] == 1
+    (tmp_path / "p.yaml").write_text("common: {seed: 22}\n")
+    assert config.load_profile("p")["common"]["seed"] == 22
