@@ -6,10 +6,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from cxrlib import determinism
 
 CODE = r"""
 import hashlib, torch
+from cxrlib import determinism
+enabled = determinism.enable_from_env()  # as the extractor and every node start
 torch.manual_seed(0)
 m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(4))
 x, y = torch.randn(16, 3, 12, 12), torch.randint(0, 4, (16,))
@@ -18,12 +22,11 @@ opt = torch.optim.AdamW(m.parameters(), 1e-2)
 for _ in range(3):
     loss = torch.nn.functional.cross_entropy(m(x), y); opt.zero_grad(); loss.backward(); opt.step()
 from threadpoolctl import threadpool_info
-from cxrlib import determinism
 d = determinism.describe()
 blas = sorted({i.get("architecture") for i in threadpool_info() if i.get("internal_api") == "openblas"})
 print(hashlib.sha1(b"".join(p.detach().numpy().tobytes() for p in m.parameters())).hexdigest(),
       torch.get_num_threads(), torch.backends.cpu.get_cpu_capability(), d["mkl_branch"],
-      ",".join(d["numpy_simd"]) or "-", ",".join(blas) or "-")
+      ",".join(d["numpy_simd"]) or "-", ",".join(blas) or "-", enabled, torch.are_deterministic_algorithms_enabled())
 """
 
 #: numpy's dispatch targets at or below AVX2 (numpy 2.4's X86_V2 / X86_V3 groups and numpy 1.x's names)
@@ -45,12 +48,18 @@ def test_cli_prints_one_line_of_assignments(capsys):
     assert "\n" not in out and dict(kv.split("=", 1) for kv in out.split()) == determinism.env()
 
 
-def test_pinned_run_repeats_and_uses_the_pinned_kernels():
+@pytest.fixture(scope="module")
+def pinned_runs() -> list[list[str]]:
+    """:data:`CODE` twice, each in a fresh process under the pins make exports."""
     env = {**{k: v for k, v in os.environ.items() if k not in determinism.env()}, **determinism.env()}
-    runs = [subprocess.run([sys.executable, "-c", CODE], env=env, capture_output=True, text=True, check=True)
+    return [subprocess.run([sys.executable, "-c", CODE], env=env, capture_output=True, text=True, check=True)
             .stdout.split() for _ in range(2)]
+
+
+def test_pinned_run_repeats_and_uses_the_pinned_kernels(pinned_runs):
+    runs = pinned_runs
     assert runs[0] == runs[1]
-    _, threads, aten, mkl, numpy_simd, openblas = runs[0]
+    _, threads, aten, mkl, numpy_simd, openblas, *_ = runs[0]
     assert threads == str(determinism.THREADS) and aten in ("AVX2", "DEFAULT")  # DEFAULT: a CPU without AVX2
     # MKL honours MKL_CBWR=AVX2 on Intel CPUs only (AMD: its AUTO branch, which dispatches by CPU);
     # COMPATIBLE is the branch it runs alike everywhere, read back from MKL itself
@@ -73,8 +82,6 @@ def test_rendering_follows_numpys_dispatch_so_the_cap_matters():
     """The reason for the cap, shown on this CPU: one radiograph (found by trying a few) rendered with numpy's
     AVX2 code and with its baseline (SSE) code differs; under the pins every AVX2-or-better CPU runs the former."""
     if not determinism.cpu_has("avx2", "fma"):
-        import pytest
-
         pytest.skip("a CPU without AVX2 has no second numpy code path to compare")
     code = ("import hashlib, numpy as np; from cxrlib.datasets.synthetic import render_radiograph; "
             "im = render_radiograph({'cardiomegaly', 'effusion'}, 'lateral', 256, 3); "
@@ -131,15 +138,16 @@ def test_node_setup_switches_on_deterministic_algorithms_for_the_offline_profile
     assert got["deterministic"] is False and got["threads"] == 1
 
 
-def test_extractor_applies_the_flag_make_exports():
+def test_extractor_applies_the_flag_make_exports(pinned_runs):
+    """Under make's pins (the runs above) ``enable_from_env`` switches deterministic algorithms on; without them
+    it leaves torch as it starts."""
+    assert pinned_runs[0][-2:] == ["True", "True"]
     code = "from cxrlib import determinism; import torch; r = determinism.enable_from_env(); " \
            "print(r, torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())"
     base = {k: v for k, v in os.environ.items() if k not in determinism.env()}
-    on = subprocess.run([sys.executable, "-c", code], env={**base, **determinism.env()}, capture_output=True,
-                        text=True, check=True).stdout.split()
     off = subprocess.run([sys.executable, "-c", code], env={**base, "OMP_NUM_THREADS": "1"}, capture_output=True,
                          text=True, check=True).stdout.split()
-    assert on == ["True", "True", str(determinism.THREADS)] and off == ["False", "False", "1"]
+    assert off == ["False", "False", "1"]
 
 
 def test_torch_public_switch_still_does_only_what_apply_does():
@@ -161,16 +169,18 @@ _SWITCH = """
 import sys, torch
 from cxrlib import determinism
 assert not torch.are_deterministic_algorithms_enabled()
-determinism.use_deterministic_algorithms(torch, warn_only=%s)
-print(torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-      "torch._inductor" in sys.modules)
+for warn_only in (False, True):
+    determinism.use_deterministic_algorithms(torch, warn_only=warn_only)
+    print(torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+          "torch._inductor" in sys.modules)
 import torch._inductor.config as cfg
 print(cfg.deterministic)
 """
 
 
 def test_switch_sets_the_flag_now_and_inductor_config_on_import():
-    for warn_only in (False, True):
-        out = subprocess.run([sys.executable, "-c", _SWITCH % warn_only], capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr
-        assert out.stdout.split() == ["True", str(warn_only), "False", "True"], out.stdout
+    """Strict, then warn-only, in one process (each call sets both flags anew); inductor's config, imported
+    after them, has the deterministic switch on."""
+    out = subprocess.run([sys.executable, "-c", _SWITCH], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "False", "False", "True", "True", "False", "True"], out.stdout

@@ -1,5 +1,5 @@
 """Heavy libraries stay out of the nodes that do not use them: each notebook's import cell, run in a fresh
-process, leaves open_clip / timm / transformers (and, where nothing trains, pytorch-metric-learning and
+process (a fork of one that has imported torch only), leaves open_clip / timm / transformers (and, where nothing trains, pytorch-metric-learning and
 the map libraries) unimported; the contrastive terms import theirs when built, and the CLIP term's
 stand-alone ``open_clip.loss`` computes what open_clip's own ``ClipLoss`` does."""
 
@@ -37,37 +37,104 @@ def _import_lines(stem: str) -> str:
     return "\n".join(lines)
 
 
-def _loaded_after(code: str, names: tuple[str, ...]) -> list[str]:
+#: one interpreter that has imported torch (which every probe imports, and which imports none of the packages
+#: checked: the server refuses a probe otherwise) forks a fresh child per probe; the child's output goes to files
+_SERVER = r"""
+import json, os, sys, traceback
+import torch
+for line in sys.stdin:
+    req = json.loads(line)
+    preloaded = sorted(n for n in req["names"] if n in sys.modules)
+    if preloaded:
+        print(json.dumps({"rc": -1, "error": f"the probe server itself imported {preloaded}"}), flush=True)
+        continue
+    pid = os.fork()
+    if pid == 0:
+        rc = 0
+        with open(req["out"], "w") as out, open(req["err"], "w") as err:
+            os.dup2(out.fileno(), 1)
+            os.dup2(err.fileno(), 2)
+            try:
+                exec(compile(req["code"], "<probe>", "exec"), {"__name__": "__main__"})
+            except SystemExit as exc:
+                rc = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+            except BaseException:
+                traceback.print_exc()
+                rc = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(rc)
+    print(json.dumps({"rc": os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])}), flush=True)
+"""
+
+
+class _ProbeServer:
+    """Runs code as a fresh interpreter with torch imported would (a forked child of :data:`_SERVER`)."""
+
+    def __init__(self, tmp: Path):
+        self.tmp, self.n = tmp, 0
+        self.proc = subprocess.Popen([sys.executable, "-c", _SERVER], cwd=ROOT, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def run(self, code: str, names: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+        self.n += 1
+        out, err = self.tmp / f"probe{self.n}.out", self.tmp / f"probe{self.n}.err"
+        self.proc.stdin.write(json.dumps({"code": code, "names": list(names), "out": str(out), "err": str(err)}) + "\n")
+        self.proc.stdin.flush()
+        reply = json.loads(self.proc.stdout.readline())
+        assert reply["rc"] != -1, reply["error"]
+        return subprocess.CompletedProcess(code, reply["rc"], out.read_text(), err.read_text())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory):
+    server = _ProbeServer(tmp_path_factory.mktemp("probes"))
+    yield server
+    server.close()
+
+
+def _loaded_after(probe: _ProbeServer, code: str, names: tuple[str, ...]) -> list[str]:
     """The top-level packages of ``names`` that ``code`` leaves in ``sys.modules`` of a fresh interpreter."""
-    probe = code + f"\nimport sys\nprint(sorted(n for n in {names!r} if n in sys.modules))\n"
-    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = probe.run(code + f"\nimport sys\nprint(sorted(n for n in {names!r} if n in sys.modules))\n", names)
     assert done.returncode == 0, done.stderr[-3000:]
     return ast.literal_eval(done.stdout.strip().splitlines()[-1])
 
 
+def test_the_probe_sees_what_its_code_imports(probe):
+    """The check can fail: code importing a checked package is caught, and each probe starts without the
+    previous probe's imports."""
+    assert _loaded_after(probe, "import sklearn", ("sklearn", "umap")) == ["sklearn"]
+    assert _loaded_after(probe, "x = 1", ("sklearn",)) == []
+    assert probe.run("raise SystemExit(3)").returncode == 3
+
+
 @pytest.mark.parametrize("stem", sorted(CELLS))
-def test_import_cell_leaves_heavy_packages_unimported(stem):
-    assert _loaded_after(_import_lines(stem), CELLS[stem]) == []
+def test_import_cell_leaves_heavy_packages_unimported(stem, probe):
+    assert _loaded_after(probe, _import_lines(stem), CELLS[stem]) == []
 
 
-
-def test_the_notebook_runner_does_not_build_iri_parsers():
+def test_the_notebook_runner_does_not_build_iri_parsers(probe):
     """Every node's runner imports papermill -> nbformat -> jsonschema; jsonschema 4.25+ there imports
     rfc3987-syntax (Lark parsers built on import, seconds per node): pyproject caps jsonschema below it."""
-    assert _loaded_after("import papermill", ("rfc3987_syntax", "lark")) == []
+    assert _loaded_after(probe, "import papermill", ("rfc3987_syntax", "lark")) == []
 
-def test_training_modules_register_terms_without_loss_libraries():
+
+def test_training_modules_register_terms_without_loss_libraries(probe):
     code = ("from cxrlib import ablation, losses, train\n"
             "assert list(losses.REGISTRY) == list(losses.TERMS) and {'bce', 'supcon', 'clip'} <= set(losses.TERMS)\n")
-    assert _loaded_after(code, NEVER + ("pytorch_metric_learning",)) == []
+    assert _loaded_after(probe, code, NEVER + ("pytorch_metric_learning",)) == []
 
 
-def test_built_terms_import_only_their_libraries():
+def test_built_terms_import_only_their_libraries(probe):
     code = "from cxrlib import losses\nlosses.MultiTaskLoss({t: 1.0 for t in losses.TERMS})\n"
-    assert _loaded_after(code, NEVER + ("pytorch_metric_learning",)) == ["pytorch_metric_learning"]
+    assert _loaded_after(probe, code, NEVER + ("pytorch_metric_learning",)) == ["pytorch_metric_learning"]
 
 
-def test_stand_alone_clip_loss_equals_open_clip():
+def test_stand_alone_clip_loss_equals_open_clip(probe):
     """The CLIP term built without the open_clip package gives open_clip's ClipLoss value and gradients."""
     code = """
 import sys, torch
@@ -80,7 +147,7 @@ assert 'open_clip' not in sys.modules, sorted(m for m in sys.modules if m.starts
 v = term(img, txt, scale); v.backward()
 print(repr([float(v)] + img.grad.flatten().tolist() + txt.grad.flatten().tolist()))
 """
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = probe.run(code, ("open_clip",))
     assert done.returncode == 0, done.stderr[-3000:]
     got = ast.literal_eval(done.stdout.strip().splitlines()[-1])
 
