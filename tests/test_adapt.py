@@ -233,16 +233,17 @@ def test_trimmed_text_encoding_equals_full_context():
 
 @pytest.mark.slow
 def test_torchrun_two_cpu_ranks_write_a_loadable_checkpoint(tmp_path):
-    """`python -m cxrlib.adapt` under torchrun (2 gloo ranks on the CPU): DDP path, rank 0 saves."""
-    import os
-    import subprocess
+    """``adapt.main`` with the arguments :func:`adapt.torchrun_command` gives each rank, on 2 forked gloo ranks
+    with torchrun's environment (tests/ranks.py; the launcher itself runs in test_embed_distributed and
+    test_lora_dist): DDP path, rank 0 saves."""
+    from ranks import fork_ranks
 
     table = _make_table(tmp_path)
     table.to_parquet(tmp_path / "t.parquet")
     cfg = _cfg(epochs=1, num_workers=0)
-    out = subprocess.run(A.torchrun_command(tmp_path / "t.parquet", cfg, tmp_path / "ddp.pt", nproc=2),
-                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
+    cmd = A.torchrun_command(tmp_path / "t.parquet", cfg, tmp_path / "ddp.pt", nproc=2)
+    assert cmd[cmd.index("--nproc_per_node=2") + 1:cmd.index("cxrlib.adapt") + 1] == ["-m", "cxrlib.adapt"]
+    fork_ranks(A.main, cmd[cmd.index("cxrlib.adapt") + 1:])
     run = A.read_run(tmp_path / "ddp.pt")
     assert run.config["adapt"]["world_size"] == 2
     # 32 train rows, 8 per rank per step -> 2 steps of 16 images

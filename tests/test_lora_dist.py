@@ -5,12 +5,10 @@ variant training (SupCon) on forked ranks that run the same entry points (:func:
 
 from __future__ import annotations
 
-import os
-import socket
-
 import numpy as np
 import pytest
 import torch
+from ranks import fork_ranks
 
 from cxrlib import lora, lora_dist, text_adapt, text_towers, variants
 
@@ -90,24 +88,6 @@ def test_torchrun_two_cpu_ranks_equal_one_process(tmp_path):
     assert any(float((a["state"][k] - v).abs().max()) > 1e-3 for k, v in moved.items())  # it trained
 
 
-def _rank_main(rank: int, world: int, port: int, fn, args: tuple) -> None:
-    """One forked rank with torchrun's environment (gloo over env://), on one torch thread, running ``fn``."""
-    torch.set_num_threads(1)  # forked: no OpenMP parallel region after the fork
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    fn(*args)
-
-
-def _fork_ranks(fn, *args, nproc: int = 2) -> None:
-    """Run ``fn(*args)`` on ``nproc`` forked ranks (spawned interpreters would import torch and cxrlib again)."""
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_rank_main, args=(nproc, port, fn, args), nprocs=nproc, join=True, start_method="fork")
-
-
 @pytest.mark.slow
 def test_two_cpu_ranks_with_image_tower_lora(tmp_path):
     """Forked ranks run the torchrun entry point, ``lora_dist.main`` with the arguments ``launch`` gives it."""
@@ -124,7 +104,7 @@ def test_two_cpu_ranks_with_image_tower_lora(tmp_path):
     inputs = lora_dist.write_inputs(tmp_path / "inputs.pt", TEXTS, LABELS, image_paths=paths)
     cmd = lora_dist.torchrun_command(inputs, tmp_path / "two.pt", "tiny-llama", cfg, 2, "tiny", il)
     argv = cmd[cmd.index("cxrlib.lora_dist") + 1:]  # what torchrun hands each rank's main
-    _fork_ranks(lora_dist.main, argv)
+    fork_ranks(lora_dist.main, argv)
     two = tmp_path / "two.pt"
     a, b = lora.read_lora(one), lora.read_lora(two)
     assert any(k.startswith("image.") for k in a["state"])
@@ -160,7 +140,7 @@ def _adapt_rank(out: str) -> None:
 
 @pytest.mark.slow
 def test_variant_supcon_two_cpu_ranks_equal_one_process(tmp_path):
-    _fork_ranks(_adapt_rank, str(tmp_path / "two.pt"))
+    fork_ranks(_adapt_rank, str(tmp_path / "two.pt"))
     reports, labels, cfg, spec = _variant_run()
     tower, _, info = text_adapt.adapt_text_tower(spec, reports, labels, cfg, progress=False)
     one = lora.save_lora(tmp_path / "one.pt", tower, {"info": info})
