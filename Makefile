@@ -32,6 +32,8 @@ $(ENV_STAMP): pyproject.toml
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e '.[dev,offline]'
 	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (cxr-retrieval)" >/dev/null
+	@# the map libraries' numba functions compiled once, into numba's cache (else the first maps compile them)
+	$(PY) -m cxrlib.embedding_viz warm-jit
 	@# notebooks stay clean: JupyterLab saves them stripped; git sees them through nbstripout (cxrlib.nbclean)
 	$(PY) -m cxrlib.nbclean install-jupyter --config-dir $(ENV_DIR)/etc/jupyter >/dev/null
 	@if git rev-parse --git-dir >/dev/null 2>&1; then $(PY) -m cxrlib.nbclean install-git; fi

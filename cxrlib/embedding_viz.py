@@ -543,3 +543,34 @@ def project_views(data: VizData, methods: Iterable[str], seed: int = 0, perplexi
         log.append({"method": method, "stage": stage, "space": space, **info,
                     "fallbacks": "; ".join(info["fallbacks"])})
     return maps, pd.DataFrame(log)
+
+
+def warm_jit_cache(n: int = 200, dim: int = 32, seed: int = 0) -> dict[str, str]:
+    """Map ``n`` random points once by UMAP and once by openTSNE, so that the numba functions a map of this
+    size compiles (umap-learn's and pynndescent's, through :func:`import_umap`) land in numba's on-disk cache.
+
+    ``make env`` runs it: a fresh environment would otherwise compile them in its first maps (notebook 04's
+    first run, the first ``make test``). Returns the backend each method used."""
+    x = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    used = {}
+    for method in METHODS:
+        info: dict = {}
+        project_2d(x, method, seed=seed, perplexity=10.0, opentsne_above=n // 2, info=info)
+        used[method] = info["backend"]
+    return used
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m cxrlib.embedding_viz", description="embedding map helpers")
+    ap.add_argument("command", choices=["warm-jit"], help="warm-jit: compile the map libraries' numba cache")
+    ap.parse_args(argv)
+    print(f"numba cache warmed: {warm_jit_cache()}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -413,6 +414,31 @@ def test_notebook_04_runs_on_fixture(workdir):
     assert all((fig / f"{s}.pdf").is_file() for s in stems)
     executed = nbformat.read(out, as_version=4)
     assert any("SMOKE TEST" in "".join(o.get("text", "")) for c in executed.cells for o in c.get("outputs", []))
+
+
+def test_warm_jit_maps_once_by_each_method_through_the_jit_libraries(monkeypatch, capsys):
+    """``make env``'s warm-up (``python -m cxrlib.embedding_viz warm-jit``) maps by UMAP and by t-SNE on the
+    openTSNE path (the two that JIT-compile), seeded, on float32 rows as the notebooks' embeddings are."""
+    calls = []
+
+    def fake(x, method, **kw):
+        calls.append((method, x.dtype, x.shape, kw["opentsne_above"] < len(x), kw["seed"]))
+        kw["info"]["backend"] = {"tsne": "openTSNE", "umap": "umap-learn"}[method]
+        return np.zeros((len(x), 2), np.float32)
+
+    monkeypatch.setattr(ev, "project_2d", fake)
+    assert ev.main(["warm-jit"]) == 0
+    assert sorted(calls) == [("tsne", np.float32, (200, 32), True, 0), ("umap", np.float32, (200, 32), True, 0)]
+    assert "openTSNE" in capsys.readouterr().out
+
+
+def test_make_env_warms_the_jit_cache():
+    out = subprocess.run(["make", "-n", "-B", ".venv/.cxr-env-stamp"], cwd=REPO, capture_output=True, text=True,
+                         check=True, env={k: v for k, v in os.environ.items() if k != "CONDA_PREFIX"})
+    lines = out.stdout.splitlines()
+    warm = [i for i, ln in enumerate(lines) if ln.endswith("-m cxrlib.embedding_viz warm-jit")]
+    install = [i for i, ln in enumerate(lines) if "pip install" in ln and "-e" in ln]
+    assert warm and install and warm[0] > install[-1]  # after the package is installed
 
 
 def test_umap_is_imported_with_numba_caching_and_numba_restored():
