@@ -269,7 +269,7 @@ def _imports(tree: ast.AST, package: str) -> set[str]:
 
 #: the import records of each source text by its digest, kept between processes in
 #: :func:`cxrlib.paths.source_cache_dir` (every ``make`` call derives the prerequisites; parsing the ~80 sources
-#: was the largest part of its time); at most this many entries, the most recently used kept
+#: was the largest part of its time); a save keeps every entry its process used, then older ones up to this many
 IMPORT_CACHE_ENTRIES = 2048
 IMPORT_CACHE_FILE = "dag-imports.json"
 _used: dict[str, list[ImportRecord]] = {}  # looked up in this process: saved first, so they are kept longest
@@ -558,7 +558,6 @@ def make_text(p: Plan) -> str:
             wait = [stamp[n] for n in node.after if n in stamp]  # order-only: waits, never reruns for them
             lines.append(f"{stamp[node.name]}: {' '.join(upstream(node))} {src}" + (f" | {' '.join(wait)}" if wait else ""))
     lines.append(f"MANIFEST_SRC := {' '.join(closure([MANIFEST_MODULE]))}")
-    save_import_cache()
     return "\n".join(lines) + "\n"
 
 
@@ -571,6 +570,7 @@ def write_make_text(profile: str, assignments: Iterable[str] = ()) -> Path:
         config.write_params_files(p.eval_build, p.eval_set_params())
         nbclean.write_source_keys(p.build / "src", [n.notebook for n in p.nodes if n.notebook])
         target, text = p.build / "dag.mk", make_text(p)
+        save_import_cache()  # what this call parsed, for the next make call
     except (config.ConfigError, settings.SettingError) as exc:
         msg = str(exc).replace("\n", " ").replace("$", "$$")
         target, text = paths.build_dir() / "dag-error.mk", f"$(error error: {msg})\n"

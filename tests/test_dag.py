@@ -184,11 +184,12 @@ def test_the_cache_keeps_this_calls_entries_and_older_ones_up_to_its_size(fresh_
     assert set(dag._used) <= set(kept)  # the latest call's entries were kept
 
 
-def test_make_text_saves_the_import_cache(monkeypatch):
+def test_makevars_saves_the_import_cache(workdir, monkeypatch):
+    """What make includes is written with the cache saved after it; an invalid setting saves nothing."""
     calls: list[int] = []
     monkeypatch.setattr(dag, "save_import_cache", lambda: calls.append(1))
-    dag.make_text(dag.plan("smoke", environ={}))
-    assert calls == [1]
+    assert dag.write_make_text("smoke").name == "dag.mk" and calls == [1]
+    assert dag.write_make_text("smoke", ["W_SUPCON=-1"]).name == "dag-error.mk" and calls == [1]
 
 
 def test_make_keeps_pythons_bytecode_cache_on():
