@@ -131,8 +131,10 @@ ifneq ($(filter dag dag-embed,$(MAKECMDGOALS)),)
 # and each node's prerequisites (upstream stamps + its notebook's cxrlib import closure); it prints that
 # file's name (on an error, a file holding the one-line $(error)).
 # Under cxrlib.lock: while another build of the profile runs, nothing is rewritten and make stops with a message.
-include $(shell $(PY) -m cxrlib.lock run --profile $(PROFILE) --no-wait --make-error -- \
-  $(PY) -m cxrlib.dag makevars --profile $(PROFILE) $(CLI_VARS))
+# A profile with `deterministic: true` (the offline demo) pins threads, CPU kernels and MKL for every node: the
+# make text exports them (cxrlib.determinism; they must be set before torch starts, so they travel as
+# environment variables)
+include $(shell $(PY) -m cxrlib.dag makevars --locked --profile $(PROFILE) $(CLI_VARS))
 
 dag: $(RESULTS)/run_manifest.json
 	@echo "done: $(PROFILE) -> $(RESULTS) and $(FIGURES)"
@@ -142,9 +144,6 @@ dag: $(RESULTS)/run_manifest.json
 dag-embed: $(EMB_DONE) $(EVAL_EMB_DONE)
 	@echo "embeddings of $(PROFILE): $(EMB_DONE)"
 
-# a profile with `deterministic: true` (the offline demo) pins threads, CPU kernels and MKL for every node
-# (cxrlib.determinism; these must be set before torch starts, so they travel as environment variables)
-$(foreach kv,$(shell $(PY) -m cxrlib.determinism env --profile $(PROFILE)),$(eval export $(kv)))
 DAG_START := $(shell date -u +%Y-%m-%dT%H:%M:%S+00:00)
 
 # papermill runs into <node>.run.ipynb; only a complete run is renamed to the stamp <node>.ipynb

@@ -1,13 +1,16 @@
 """The make DAG, computed in Python: its nodes, their prerequisites, the run names, the output folders.
 
-``python -m cxrlib.dag makevars --profile P [VAR=VALUE ...]`` (the Makefile's one call at parse time)
+``python -m cxrlib.dag makevars --locked --profile P [VAR=VALUE ...]`` (the Makefile's one call at parse
+time, under the profile's build lock: :func:`cxrlib.lock.make_include`)
 
 1. validates every make variable with :mod:`cxrlib.settings` (one line naming the variable; nothing runs),
 2. resolves and writes each node's parameters (``build/<out>/params/<node>.yaml``, rewritten only when
    they change, so make reruns exactly the nodes whose parameters changed),
 3. prints make text: paths (through :mod:`cxrlib.paths`, so ``CXR_WORKDIR`` redirects them), the embedding
    sets and their extractor arguments, and one prerequisite line per node: its notebook's (or module's)
-   transitive ``cxrlib`` import closure, found with :mod:`ast`, plus its upstream stamps.
+   transitive ``cxrlib`` import closure, found with :mod:`ast`, plus its upstream stamps; for a profile with
+   ``deterministic: true`` also the ``export`` lines of the pins every node runs under
+   (:func:`cxrlib.determinism.profile_env`).
 
 Nodes are registered once in :data:`NODES` (:func:`register`); a new notebook node is one entry here and
 its notebook. The run a projector node trains and the runs later nodes evaluate are named once, by
@@ -40,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cxrlib import backbones, config, nbclean, paths, settings
+from cxrlib import backbones, config, determinism, lock, nbclean, paths, settings
 from cxrlib.backbones import ADAPTED_SUFFIX
 from cxrlib.io import write_text_if_changed
 
@@ -558,6 +561,8 @@ def make_text(p: Plan) -> str:
             wait = [stamp[n] for n in node.after if n in stamp]  # order-only: waits, never reruns for them
             lines.append(f"{stamp[node.name]}: {' '.join(upstream(node))} {src}" + (f" | {' '.join(wait)}" if wait else ""))
     lines.append(f"MANIFEST_SRC := {' '.join(closure([MANIFEST_MODULE]))}")
+    # threads, CPU kernels, MKL: read when torch starts, so they reach every node as environment variables
+    lines += [f"export {k} := {v}" for k, v in determinism.profile_env(p.profile).items()]
     return "\n".join(lines) + "\n"
 
 
@@ -584,6 +589,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("makevars", help="validate make variables, write params files and the DAG's make text; "
                                         "print that file's path")
+    m.add_argument("--locked", action="store_true",
+                   help="hold the profile's build lock while writing (never wait: while another build runs, print "
+                        "a make file holding one $(error ...) instead)")
     c = sub.add_parser("check", help="validate make variables and the profile (one line on error, exit 2)")
     for q in (m, c):
         q.add_argument("--profile", required=True)
@@ -595,7 +603,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("assignments", nargs="*", help="VAR=VALUE make variables")
     args = ap.parse_args(argv)
     try:
-        if args.cmd == "makevars":
+        if args.cmd == "makevars" and args.locked:
+            print(lock.make_include(args.profile, lambda: write_make_text(args.profile, args.assignments)))
+        elif args.cmd == "makevars":
             print(write_make_text(args.profile, args.assignments))
         elif args.cmd == "check":
             plan(args.profile, args.assignments)

@@ -1,7 +1,7 @@
 """Results that do not depend on which CPU ran them: fp32, a fixed thread count, a pinned instruction set.
 
-Why each piece (a profile with ``deterministic: true``, the offline demo: make exports :func:`env` to
-every node of its DAG, and the profile pins ``precision: fp32`` for extraction):
+Why each piece (a profile with ``deterministic: true``, the offline demo: the DAG's make text exports
+:func:`env` to every node (:func:`cxrlib.dag.make_text`), and the profile pins ``precision: fp32`` for extraction):
 
 - **precision fp32**: ``precision: auto`` picks bf16 autocast on CPUs with native bf16 (AVX512-BF16,
   AMX) and fp32 elsewhere, so the same commit gave different tables on two machines.
@@ -45,7 +45,7 @@ from typing import Any
 #: thread count of the reference runs (the 2-core machine the README numbers come from)
 THREADS = 2
 #: numpy's dispatch targets above AVX2, in the names of numpy 2.4 (X86_V4, ...) and of numpy 1.x / 2.0-2.3
-#: (AVX512F, ...); numpy ignores a name it does not know. Commas, not spaces: make exports ``NAME=value`` words
+#: (AVX512F, ...); numpy ignores a name it does not know (one word: the names are comma-separated)
 NUMPY_ABOVE_AVX2 = ("X86_V4,AVX512_ICL,AVX512_SPR,AVX512F,AVX512CD,AVX512_KNL,AVX512_KNM,AVX512_SKX,"
                     "AVX512_CLX,AVX512_CNL")
 #: environment read by torch / MKL / oneDNN / numpy when they start (so it must be set before they are imported)
@@ -244,18 +244,3 @@ def profile_env(profile: str) -> dict[str, str]:
     threads = profile_threads(profile)
     return env(threads) if threads is not None else {}
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m cxrlib.determinism env --profile P`` prints ``NAME=value`` pairs on one line (make exports them)."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m cxrlib.determinism")
-    ap.add_argument("what", choices=["env"])
-    ap.add_argument("--profile", required=True)
-    args = ap.parse_args(argv)
-    print(" ".join(f"{k}={v}" for k, v in profile_env(args.profile).items()))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

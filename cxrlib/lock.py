@@ -6,10 +6,11 @@ however it ends, so a crashed or killed build never leaves a stale lock. The loc
 (pid, start time, command) for the message a second build prints.
 
 A second ``make`` on the same profile waits for the first (``--no-wait``, and any dry run ``make -n``, says
-a build is running and exits instead). The make DAG writes its parameter files at parse time; the Makefile
-runs that step under ``run --no-wait`` too, so neither ``make -n`` nor a second build ever rewrites the
-parameter files of a running build. The wrapper's children inherit ``CXR_BUILD_LOCK`` (a token also written
-into the lock file), so the build's own nested ``make`` calls pass straight through.
+a build is running and exits instead). The make DAG writes its parameter files at parse time; that step
+(``python -m cxrlib.dag makevars --locked``) holds the lock too, in its own process and without waiting
+(:func:`make_include`), so neither ``make -n`` nor a second build ever rewrites the parameter files of a
+running build. The wrapper's children inherit ``CXR_BUILD_LOCK`` (a token also written into the lock file),
+so the build's own nested ``make`` calls pass straight through.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -141,14 +142,26 @@ def run(profile: str, cmd: list[str], wait: bool = True) -> int:
         return BUSY
 
 
+def make_include(profile: str, write: Callable[[], Path]) -> Path:
+    """The file the Makefile includes at parse time: ``write()``'s, called holding ``profile``'s build lock (or
+    inside the build that holds it); while another build runs, a make file holding one ``$(error ...)`` that
+    names it, and ``write`` is not called (it would rewrite the running build's parameter files)."""
+    path = lock_path(profile)
+    if inherited(path):
+        return write()
+    try:
+        with build_lock(path, wait=False, command=" ".join(sys.argv)):
+            return write()
+    except BuildRunning as exc:
+        return _error_file(profile, f"{exc}; its parameter files are left as they are")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cxrlib.lock")
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run a command holding build/<profile>/'s lock")
     r.add_argument("--profile", required=True)
     r.add_argument("--no-wait", action="store_true", help="exit with a message when a build is running")
-    r.add_argument("--make-error", action="store_true",
-                   help="when busy, print the name of a make file holding `$(error ...)` (for an include) instead")
     r.add_argument("command", nargs=argparse.REMAINDER)
     s = sub.add_parser("status", help="say whether a build of the profile is running")
     s.add_argument("--profile", required=True)
@@ -163,16 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not cmd:
         ap.error("give the command to run after --")
-    wait = not (args.no_wait or dry_run())
-    if args.make_error:
-        path = lock_path(args.profile)
-        if not inherited(path) and _is_held(path):
-            print(_error_file(args.profile, f"{BuildRunning(path, holder(path))}; its parameter files are left as they are"))
-            return 0
-    code = run(args.profile, cmd, wait=wait)
-    if code == BUSY and args.make_error:  # it started between the check above and the attempt
-        print(_error_file(args.profile, f"a build of {args.profile!r} started meanwhile; its parameter files are left as they are"))
-    return code
+    return run(args.profile, cmd, wait=not (args.no_wait or dry_run()))
 
 
 def _error_file(profile: str, message: str) -> Path:

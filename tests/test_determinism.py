@@ -42,10 +42,15 @@ def test_offline_profile_is_pinned_others_are_not():
     assert determinism.profile_env("smoke") == {} and determinism.profile_env("paper") == {}
 
 
-def test_cli_prints_one_line_of_assignments(capsys):
-    assert determinism.main(["env", "--profile", "offline"]) == 0
-    out = capsys.readouterr().out.strip()
-    assert "\n" not in out and dict(kv.split("=", 1) for kv in out.split()) == determinism.env()
+def test_the_dag_make_text_exports_the_pins_of_a_deterministic_profile(workdir):
+    """make reads the pins from the DAG's make text (one ``export`` line each) and passes them to every node."""
+    from cxrlib import dag
+
+    def exported(profile: str) -> dict[str, str]:
+        text = dag.make_text(dag.plan(profile, [], environ={}))
+        return dict(ln.removeprefix("export ").split(" := ", 1) for ln in text.splitlines() if ln.startswith("export "))
+
+    assert exported("offline") == determinism.env() and exported("smoke") == {}
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +189,18 @@ def test_switch_sets_the_flag_now_and_inductor_config_on_import():
     out = subprocess.run([sys.executable, "-c", _SWITCH], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "False", "False", "True", "True", "False", "True"], out.stdout
+
+
+def test_make_passes_the_pins_to_every_recipe_of_a_deterministic_profile(tmp_path):
+    """What a node's recipe sees under ``make dag`` (a ``+`` recipe runs even under ``make -n``)."""
+    from conftest import run_make
+
+    names = sorted(determinism.env())
+    probe = "probe: ; +@" + "; ".join(f'echo "{n}=$${{{n}:-unset}}"' for n in names)
+
+    def seen(profile: str) -> dict[str, str]:
+        out = run_make(["-n", "dag", "probe", f"PROFILE={profile}", f"--eval={probe}"], tmp_path / profile).stdout
+        return dict(ln.split("=", 1) for ln in out.splitlines() if ln.split("=", 1)[0] in names)
+
+    assert seen("offline") == determinism.env()
+    assert set(seen("smoke").values()) <= {"unset"} | {os.environ.get(n) for n in names}

@@ -37,6 +37,12 @@ def _holding(workdir: Path, started: Path, release: Path) -> subprocess.Popen:
                             env=_env(workdir), stderr=subprocess.PIPE, text=True)
 
 
+def _makevars(workdir: Path) -> subprocess.CompletedProcess:
+    """The Makefile's parse-time step, as make runs it."""
+    return subprocess.run([PY, "-m", "cxrlib.dag", "makevars", "--locked", "--profile", "smoke"], env=_env(workdir),
+                          capture_output=True, text=True, timeout=120)
+
+
 def _run(workdir: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([PY, "-m", "cxrlib.lock", *args], env=_env(workdir, **env), capture_output=True,
                           text=True, timeout=120)
@@ -53,10 +59,12 @@ def test_second_build_is_refused_then_waits_and_runs_after_the_first(workdir, tm
         # a dry run (make -n puts `n` in MAKEFLAGS) does not wait either
         dry = _run(workdir, "run", "--profile", "smoke", "--", PY, "-c", "print('ran')", MAKEFLAGS="n")
         assert dry.returncode == lock.BUSY
-        # for the Makefile's parse-time include: a make error, not the command's output
-        inc = _run(workdir, "run", "--profile", "smoke", "--no-wait", "--make-error", "--", PY, "-c", "print('X := 1')")
-        assert "X := 1" not in inc.stdout
-        assert Path(inc.stdout.strip()).read_text().startswith("$(error error: a build is running")
+        # the Makefile's parse-time step: a make error naming the build, and no parameter file written
+        inc = _makevars(workdir)
+        assert inc.returncode == 0, inc.stderr
+        assert Path(inc.stdout.strip()).read_text().startswith(f"$(error error: a build is running in {workdir}")
+        assert f"pid {first.pid}" in Path(inc.stdout.strip()).read_text()
+        assert not (workdir / "build" / "smoke" / "params").exists() and not (workdir / "build" / "smoke" / "dag.mk").exists()
         # another profile is not locked
         other = _run(workdir, "run", "--profile", "offline", "--no-wait", "--", PY, "-c", "print('ran')")
         assert other.returncode == 0 and "ran" in other.stdout
@@ -91,11 +99,38 @@ def test_a_killed_build_releases_the_lock(workdir, tmp_path):
 
 
 def test_the_build_itself_passes_through_its_own_lock(workdir):
-    """A nested call inside the locked build (make's parse-time step) runs; the exit code passes through."""
-    inner = f"{PY} -m cxrlib.lock run --profile smoke --no-wait --make-error -- {PY} -c 'print(\"X := 1\"); raise SystemExit(3)'"
-    out = _run(workdir, "run", "--profile", "smoke", "--no-wait", "--", "bash", "-c", f"{inner}; echo code=$?")
+    """A nested call inside the locked build runs (the exit code passes through), and so does make's
+    parse-time step inside it."""
+    inner = f"{PY} -m cxrlib.lock run --profile smoke --no-wait -- {PY} -c 'print(\"X := 1\"); raise SystemExit(3)'"
+    step = f"{PY} -m cxrlib.dag makevars --locked --profile smoke"
+    out = _run(workdir, "run", "--profile", "smoke", "--no-wait", "--", "bash", "-c", f"{inner}; echo code=$?; {step}")
     assert out.returncode == 0, out.stderr
     assert "X := 1" in out.stdout and "code=3" in out.stdout
+    assert out.stdout.split()[-1] == str(workdir / "build" / "smoke" / "dag.mk")
+
+
+def test_makevars_step_holds_the_lock_while_it_writes(workdir, monkeypatch):
+    """``makevars --locked`` writes the make text holding the lock (a second build is refused meanwhile) and
+    releases it when done."""
+    from cxrlib import dag
+
+    seen = []
+
+    def write(profile, assignments=()):
+        seen.append(lock._is_held(lock.lock_path(profile)))
+        try:
+            with lock.build_lock(lock.lock_path(profile), wait=False):
+                seen.append("acquired")
+        except lock.BuildRunning as exc:
+            seen.append(str(exc))
+        return Path("written.mk")
+
+    monkeypatch.delenv(lock.TOKEN_ENV, raising=False)
+    monkeypatch.setattr(dag, "write_make_text", write)
+    assert dag.main(["makevars", "--locked", "--profile", "smoke"]) == 0
+    assert seen[0] is True and "a build is running" in seen[1] and str(os.getpid()) in seen[1]
+    assert not lock._is_held(lock.lock_path("smoke"))
+    assert dag.main(["makevars", "--profile", "smoke"]) == 0 and seen[2] is False  # unlocked without --locked
 
 
 @pytest.mark.parametrize("flags,expected", [("n", True), ("rn", True), ("", False), ("-j2", False),
