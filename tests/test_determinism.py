@@ -99,11 +99,17 @@ def test_rendering_follows_numpys_dispatch_so_the_cap_matters():
 
 
 def test_describe_reports_the_pins(monkeypatch):
+    # MKL reads MKL_CBWR once, when first used: reading its branch here first keeps the pins set below from
+    # becoming this worker's branch (which changed the last bit of later tests' matmuls in this process)
+    import torch  # noqa: F401  (mkl_branch reads torch's MKL)
+
+    branch = determinism.mkl_branch()
     for k, v in determinism.env().items():
         monkeypatch.setenv(k, v)
     assert determinism.describe()["pinned"] is True
     monkeypatch.delenv("MKL_CBWR")
     assert determinism.describe()["pinned"] is False
+    assert determinism.mkl_branch() == branch
 
 
 SETUP = r"""
