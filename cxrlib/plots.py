@@ -1,4 +1,5 @@
-"""One style for every figure: palette, fonts, and a saver that writes PNG + PDF atomically.
+"""One style for every figure: palette, fonts, and a saver that writes PNG + PDF atomically (and, in a
+notebook, shows the PNG it wrote).
 
 Every notebook calls :func:`apply_style` once and saves through :func:`save_figure`, so all
 figures share colours (normal/abnormal, models, modalities) and land in ``figures/<profile>/``.
@@ -118,7 +119,30 @@ def save_figure(fig: plt.Figure, stem: str, out_dir: str | Path, formats: tuple[
         with atomic_path(target, suffix=f".{fmt}") as tmp:
             fig.savefig(tmp, format=fmt, **({"pil_kwargs": {"compress_level": PNG_COMPRESS_LEVEL}} if fmt == "png" else {}))
         written.append(target)
+    show_saved(fig, written)
     return written
+
+
+def show_saved(fig: plt.Figure, written: list[Path]) -> bool:
+    """In a notebook on matplotlib's inline backend: display the PNG just written and close ``fig``.
+
+    Otherwise the backend renders the figure once more at the cell's end (after the PNG and the PDF, a third
+    rendering of every figure, about a quarter of a node's figure time); the notebook now shows the saved
+    file itself, at the size the inline figure had (``figure.dpi`` over ``savefig.dpi``). Anywhere else (a
+    script, an interactive backend such as ipympl, no PNG written): nothing, and False."""
+    png = next((p for p in written if p.suffix == ".png"), None)
+    if png is None or "backend_inline" not in matplotlib.get_backend():
+        return False
+    from IPython.display import Image, display
+    from PIL import Image as PILImage
+
+    saved_dpi = plt.rcParams["savefig.dpi"]
+    scale = fig.dpi / saved_dpi if isinstance(saved_dpi, (int, float)) else 1.0
+    with PILImage.open(png) as im:
+        width = round(im.width * scale)
+    display(Image(data=png.read_bytes(), format="png", width=width))
+    plt.close(fig)
+    return True
 
 
 def _legend_below(ax, ncol: int = 2, fontsize: float = 7) -> None:

@@ -56,6 +56,24 @@ def test_smoke_dag_writes_every_output(smoke_run):
     assert len(pngs) >= 6 and all(p.with_suffix(".pdf").is_file() for p in pngs)
 
 
+def test_each_node_shows_the_figures_it_saved(smoke_run):
+    """A node's notebook shows each saved figure as the PNG file itself (plots.show_saved), not a fresh
+    rendering: every image in the executed notebooks is the bytes of one saved PNG, and each PNG is shown."""
+    import base64
+
+    work, _ = smoke_run
+    saved = {p.read_bytes(): p.name for p in (work / "figures" / "smoke").glob("*.png")}
+    shown = []
+    for nb_path in sorted((work / "build" / "smoke").glob("0*.ipynb")):
+        for cell in json.loads(nb_path.read_text())["cells"]:
+            for out in cell.get("outputs", []):
+                if "image/png" in out.get("data", {}):
+                    data = base64.b64decode(out["data"]["image/png"])
+                    assert data in saved, f"{nb_path.name}: a figure shown that is not a saved PNG"
+                    shown.append(saved[data])
+    assert sorted(shown) == sorted(saved.values())
+
+
 def _would_run(work: Path, *extra: str) -> set[str]:
     out = _make(["-n", "dag", "PROFILE=smoke", *extra], work).stdout
     return set(re.findall(r'>> smoke: ([^"\n]+)', out))
