@@ -26,11 +26,15 @@ def _results(rng: np.random.Generator) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _write_run(results: pd.DataFrame) -> None:
+PARAMS = {"02_train": {"w_supcon": 1.0, "seed": 0}, "embed": {"precision": "fp32"}}
+
+
+def _write_run(results: pd.DataFrame, parameters: dict = PARAMS) -> None:
     res = paths.ensure_dir(paths.results_dir("offline"))
     results.to_csv(res / "retrieval.csv", index=False)
     (res / "run_manifest.json").write_text(json.dumps({"git": {"commit": "abc1234def", "dirty": False},
-                                                        "created": "2026-12-01T21:00:00"}))
+                                                        "created": "2026-12-01T21:00:00",
+                                                        "parameters": parameters}))
 
 
 @pytest.fixture
@@ -104,3 +108,21 @@ def test_duplicate_rows_are_an_error(workdir):
     results = _results(np.random.default_rng(2))
     with pytest.raises(ValueError, match="expected one"):
         check_demo.headline_values(pd.concat([results, results.iloc[:1]]))
+
+
+def test_a_run_with_other_settings_is_named_setting_by_setting(run, capsys):
+    results, ref = run
+    assert json.loads(ref.read_text())["parameters"] == PARAMS
+    check_demo.main(["--reference", str(ref)])
+    assert "settings differ" not in capsys.readouterr().out  # the same settings: nothing said
+    _write_run(results, {"02_train": {"w_supcon": 0.5, "seed": 0}, "embed": {"precision": "fp32", "x": 1}})
+    assert check_demo.main(["--reference", str(ref)]) == 0  # the verdict is the numbers' alone
+    out = capsys.readouterr().out
+    assert "differ from the reference's in 2 place(s)" in out and "make demo" in out
+    assert "02_train.w_supcon: reference 1.0, this run 0.5" in out
+    assert "embed.x: reference '(not set)', this run 1" in out
+
+
+def test_setting_differences_without_recorded_parameters_says_nothing():
+    assert check_demo.setting_differences(None, PARAMS) == [] and check_demo.setting_differences(PARAMS, {}) == []
+    assert check_demo.setting_differences(PARAMS, PARAMS) == []
