@@ -115,9 +115,9 @@ def setting_differences(reference: dict[str, dict] | None, run: dict[str, dict] 
     for node in sorted(set(reference) | set(run)):
         ref, got = reference.get(node) or {}, run.get(node) or {}
         for name in sorted(set(ref) | set(got)):
-            a, b = ref.get(name, "(not set)"), got.get(name, "(not set)")
-            if a != b:
-                lines.append(f"{node}.{name}: reference {a!r}, this run {b!r}")
+            if name not in ref or name not in got or ref[name] != got[name]:
+                a, b = (repr(d[name]) if name in d else "not set" for d in (ref, got))
+                lines.append(f"{node}.{name}: reference {a}, this run {b}")
     return lines
 
 

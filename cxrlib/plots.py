@@ -134,13 +134,12 @@ def show_saved(fig: plt.Figure, written: list[Path]) -> bool:
     if png is None or "backend_inline" not in matplotlib.get_backend():
         return False
     from IPython.display import Image, display
-    from PIL import Image as PILImage
 
+    data = png.read_bytes()
     saved_dpi = plt.rcParams["savefig.dpi"]
     scale = fig.dpi / saved_dpi if isinstance(saved_dpi, (int, float)) else 1.0
-    with PILImage.open(png) as im:
-        width = round(im.width * scale)
-    display(Image(data=png.read_bytes(), format="png", width=width))
+    width = int.from_bytes(data[16:20], "big")  # the PNG header's IHDR width
+    display(Image(data=data, format="png", width=round(width * scale)))
     plt.close(fig)
     return True
 

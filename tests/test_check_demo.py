@@ -120,7 +120,7 @@ def test_a_run_with_other_settings_is_named_setting_by_setting(run, capsys):
     out = capsys.readouterr().out
     assert "differ from the reference's in 2 place(s)" in out and "make demo" in out
     assert "02_train.w_supcon: reference 1.0, this run 0.5" in out
-    assert "embed.x: reference '(not set)', this run 1" in out
+    assert "embed.x: reference not set, this run 1" in out
 
 
 def test_setting_differences_without_recorded_parameters_says_nothing():
