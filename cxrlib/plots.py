@@ -33,18 +33,22 @@ LABEL_NAMES = {0: "normal", 1: "abnormal"}
 #: files (every node saves its figures on each rerun, the galleries are megapixels)
 PNG_COMPRESS_LEVEL = 3
 #: distinct font subsets kept per process by :func:`cache_font_subsets`
-FONT_SUBSET_CACHE_SIZE = 256
+FONT_SUBSET_CACHE_SIZE = 64
+#: characters every embedded font subset holds besides a figure's own (where the font has them): printable
+#: ASCII and the symbols figures here use, so that most figures of a process need the same subset
+FONT_SUBSET_BASE_CHARS = "".join(map(chr, range(0x20, 0x7F))) + "\u2212\u00b7\u00d7\u2264\u2265\u00b1\u2013\u2014\u00b5\u00b2\u00b0\u2026\u2192\u2190\u2191\u2193\u2194\u00e9\u00f1\u00fc\u2019\u201c\u201d\u0394"
 
 
 def cache_font_subsets() -> bool:
-    """Memoise matplotlib's TrueType subsetting (``pdf.fonttype`` 42) per (font file, face, glyph set).
+    """Subset each TrueType font (``pdf.fonttype`` 42) once per process for most figures.
 
-    Every PDF embeds each font it uses as a subset made by fontTools, which re-reads and subsets the whole
-    font file each time (most of a small figure's PDF time); the figures of one notebook share titles,
-    legends and the subtitle, so the same glyph sets recur. A repeated set gets the bytes matplotlib
-    embedded the first time (and the subset font re-opened from them, for the glyph map); the PDF bytes are
-    unchanged (test). Installed once, on import; a matplotlib without these private hooks keeps its own
-    subsetting (False)."""
+    Every PDF embeds each font it uses as a subset made by fontTools, which parses and subsets the whole font
+    file each time (most of a small figure's PDF time), and each figure asks for another glyph set. Here each
+    set is widened to the font's glyphs for :data:`FONT_SUBSET_BASE_CHARS` before subsetting, and subsets are
+    memoised per (font file, face, widened set): figures whose text stays within those characters share one
+    subset. A figure's PDF depends only on the figure (not on what the process saved before); its fonts
+    hold a few more glyphs than it draws. Installed once, on import; a matplotlib without these private hooks
+    keeps its own subsetting (False)."""
     import contextlib
     import functools
     from io import BytesIO
@@ -60,13 +64,24 @@ def cache_font_subsets() -> bool:
         return True
 
     @functools.lru_cache(maxsize=FONT_SUBSET_CACHE_SIZE)
+    def base_glyphs(fontfile) -> frozenset:
+        with TTFont(fontfile, fontNumber=getattr(fontfile, "face_index", 0), lazy=True) as font:
+            cmap = font.getBestCmap() or {}  # code point -> glyph name, read from the cmap table only
+            order = font.getReverseGlyphMap()
+        return frozenset(order[cmap[c]] for c in map(ord, FONT_SUBSET_BASE_CHARS) if c in cmap)
+
+    @functools.lru_cache(maxsize=FONT_SUBSET_CACHE_SIZE)
     def subset_bytes(fontfile, face_index: int, glyphs: frozenset) -> tuple[bytes, dict]:
-        with original(fontfile, set(glyphs)) as sub:  # what matplotlib embeds: its subset, saved its way
+        with original(fontfile, set(glyphs)) as sub:  # matplotlib's own subsetting of the widened set
             return as_file(sub.font).getvalue(), dict(sub.glyph_index_map)
 
     @contextlib.contextmanager
     def get_glyphs_subset(fontfile, glyphs):
-        data, index_map = subset_bytes(fontfile, getattr(fontfile, "face_index", 0), frozenset(glyphs))
+        try:
+            widened = frozenset(glyphs) | base_glyphs(fontfile)
+        except Exception:  # noqa: BLE001 - a font whose cmap fontTools cannot read: matplotlib's own set
+            widened = frozenset(glyphs)
+        data, index_map = subset_bytes(fontfile, getattr(fontfile, "face_index", 0), widened)
         with TTFont(BytesIO(data)) as font:
             font._cxr_subset_bytes = data
             yield results(font, dict(index_map))
