@@ -55,15 +55,21 @@ def table_and_reference(tmp_path_factory):
                      "report": f"Report {i}: {['no acute disease', 'left effusion', 'cardiomegaly'][i % 3]}."})
     rows[50]["image_path"] = str(root / "missing.png")
     pd.DataFrame(rows).to_parquet(root / "table.parquet")
+    # the same command line in this process (its interpreter start is the other tests' to pay)
+    _in_this_process(["--table", str(root / "table.parquet"), "--out-dir", str(root / "single"), *ARGS])
+    return root
+
+
+def _in_this_process(argv: list[str]) -> None:
+    """``python -m cxrlib.embed <argv>`` run here, on one thread as in every rank and subprocess."""
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in every rank
-    try:  # the same command line in this process (its interpreter start is the other tests' to pay)
-        assert embed.main(["--table", str(root / "table.parquet"), "--out-dir", str(root / "single"), *ARGS]) == 0
+    torch.set_num_threads(1)
+    try:
+        assert embed.main(argv) == 0
     finally:
         torch.set_num_threads(threads)
-    return root
 
 
 def _assert_same(a: Path, b: Path) -> None:
@@ -112,7 +118,7 @@ def test_killed_run_resumes_to_the_same_embeddings(table_and_reference):
     assert not (out / "done.json").exists() and not (out / "image.npz").exists()
     n_shards = len(list(out.glob(".partial/image-*/chunk-*.npz")))
     assert 2 <= n_shards < 15  # 120 images in chunks of 8: it really stopped part-way
-    _run(cmd)
+    _in_this_process(cmd[cmd.index("cxrlib.embed") + 1:])  # the same command line resumes (start-up paid above)
     stamp = json.loads((out / "done.json").read_text())
     assert stamp["modalities"]["image"]["chunks_reused"] == n_shards
     _assert_same(root / "single", out)
