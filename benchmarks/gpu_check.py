@@ -7,7 +7,9 @@
    the GPU; seconds per epoch and the projected time of ``--target-epochs`` epochs.
 3. Top-``k`` search of ``--queries`` against ``--gallery`` items on the GPU, checked against the CPU
    search on a sample of queries.
-4. With two GPUs or more: a 2-process ``torchrun`` extraction (NCCL), checked against one process.
+4. Backbone adaptation (notebook 00's ``cxrlib.adapt``) of the BiomedCLIP architecture on ``--adapt-images``
+   synthetic PNGs, under bf16 autocast and under fp16 with the loss scaler: training images/s, finite losses.
+5. With two GPUs or more: a 2-process ``torchrun`` extraction (NCCL), checked against one process.
 
 Targets (one recent data-centre GPU): extractor >= 90% of the forward on PNGs, >= 2,000 images/s on
 full-resolution JPEGs with GPU decode, 300k pairs x 50 epochs under 120 s, 2,000 x 300,000 top-10
@@ -32,6 +34,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from cxrlib import accel  # noqa: E402
@@ -115,6 +118,56 @@ def check_search(n_queries: int, n_gallery: int, k: int, n_verify: int, device: 
             "max_score_diff_vs_cpu": float(np.abs(cs - s[:n_verify]).max())}
 
 
+def adapt_table(folder: Path, n_images: int) -> pd.DataFrame:
+    """``n_images`` radiograph-like PNGs (embed_throughput's) with two kinds of report; a quarter for validation."""
+    import embed_throughput
+
+    files = embed_throughput.make_images(folder, n_images, "png", seed=2)
+    n_val = max(n_images // 4, 2)
+    return pd.DataFrame({"study_id": [f"s{i:05d}" for i in range(n_images)],
+                         "image_id": [f"i{i:05d}" for i in range(n_images)], "image_path": list(map(str, files)),
+                         "report": ["right lower lobe opacity" if i % 2 else "no acute cardiopulmonary findings"
+                                    for i in range(n_images)],
+                         "label_abnormal": [i % 2 for i in range(n_images)],
+                         "split": ["val" if i < n_val else "train" for i in range(n_images)]})
+
+
+def check_adapt(tmp: Path, n_images: int, epochs: int, precisions: tuple[str, ...] = ("bf16", "fp16"),
+                device: str = "cuda", batch_size: int | None = None, backbone: str = "biomedclip-random") -> dict:
+    """:func:`cxrlib.adapt.adapt` on the BiomedCLIP architecture (random weights) at each precision (fp16
+    trains through the loss scaler), notebook 00's other settings at their defaults: the last epoch's training
+    images/s (the first one warms up the kernels), whether every loss stayed finite, peak GPU memory.
+    ``batch_size`` None: notebook 00's default; ``backbone`` another registered one (the test's ``tiny``)."""
+    import embed_throughput
+
+    from cxrlib import adapt as A
+    from cxrlib.backbones import load_backbone
+
+    table = adapt_table(tmp / "adapt", n_images)
+    out: dict = {"backbone": backbone, "images": n_images, "train_images": int((table["split"] == "train").sum()), "epochs": epochs}
+    for precision in precisions:
+        bb = (embed_throughput.biomedclip_random(device) if backbone == "biomedclip-random"
+              else load_backbone(backbone, device=device))
+        cfg = A.AdaptConfig(backbone=backbone, dataset="synthetic", epochs=epochs, patience=epochs,
+                            seed=0, precision=precision, device=device,
+                            **({} if batch_size is None else {"batch_size": batch_size}))
+        _reset_peak(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        res = A.adapt(table, bb, cfg, progress=False)
+        _sync(device)
+        h = res.history.iloc[1:]
+        losses = h["train_loss"].to_numpy(dtype=float)
+        out[precision] = {"seconds": round(time.perf_counter() - t0, 2), "batch_size": cfg.batch_size,
+                          "num_workers": cfg.workers(), "cache_images": cfg.cache_images,
+                          "train_images_per_s": [round(float(v), 1) for v in h["images_per_s"]],
+                          "train_loss": [round(float(v), 4) for v in losses],
+                          "finite": bool(np.isfinite(losses).all()), "skipped": len(res.skipped),
+                          "peak_gpu_mb": _peak_mb(device)}
+        del bb, res
+    return out
+
+
 def compare_runs(one: Path, two: Path) -> dict:
     """One process's extraction in ``one`` against ``two`` ranks' in ``two``: same ids, cosine of each pair."""
     from cxrlib.embstore import load_embeddings
@@ -132,7 +185,6 @@ def compare_runs(one: Path, two: Path) -> dict:
 def check_torchrun(tmp: Path, device: str = "cuda") -> dict:
     """2-process extraction under torchrun (NCCL on GPUs, gloo on CPU) vs one process: same ids, same embeddings.
     (On the CPU, tests/test_embed_distributed.py runs the same torchrun command and this comparison.)"""
-    import pandas as pd
     from PIL import Image
 
     from cxrlib import embed
@@ -172,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--queries", type=int, default=2000)
     ap.add_argument("--gallery", type=int, default=300_000)
     ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--adapt-images", type=int, default=1024)
+    ap.add_argument("--adapt-epochs", type=int, default=2)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print(json.dumps({"benchmark": "gpu_check", "gpu": None, "message": "no GPU: nothing checked"}))
@@ -182,14 +236,17 @@ def main(argv: list[str] | None = None) -> int:
              ("train", lambda: check_train(args.train_pairs, args.val_pairs, args.epochs, args.target_epochs)),
              ("search", lambda: check_search(args.queries, args.gallery, args.k, 64))]
     with tempfile.TemporaryDirectory() as tmp:
-        steps.append(("torchrun", lambda: check_torchrun(Path(tmp))))
+        steps += [("adapt", lambda: check_adapt(Path(tmp), args.adapt_images, args.adapt_epochs)),
+                  ("torchrun", lambda: check_torchrun(Path(tmp)))]
         for name, step in steps:
             t0 = time.perf_counter()
             try:
                 summary[name] = step()
             except Exception as exc:  # noqa: BLE001 - one failed step is reported, the others still run
                 summary[name] = {"error": f"{type(exc).__name__}: {exc}"[:1000]}
-            print(f"gpu_check: {name} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+            # each step's result as it ends: a run stopped later still leaves the finished steps' figures
+            print(f"gpu_check: {name} done in {time.perf_counter() - t0:.1f} s: {json.dumps(summary[name])}",
+                  file=sys.stderr)
     emb, tr, se = summary["embed"], summary["train"], summary["search"]
     jpeg = emb.get("extractor", {}).get("jpeg_device_decode", {}).get("images_per_s")
     projected = tr.get(f"projected_{args.target_epochs}_epochs_s")
@@ -202,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         f"train_{args.train_pairs}x{args.target_epochs}<120s": projected < TARGETS["train_projected_s"] if projected else None,
         f"search_{args.queries}x{args.gallery}<2s": se["seconds"] < TARGETS["search_s"] if "seconds" in se else None,
         # fp32 sums in another order: scores agree to rounding, indices but for near-ties
+        "adapt_losses_finite": (all(summary["adapt"][p]["finite"] for p in ("bf16", "fp16"))
+                                if "error" not in summary["adapt"] else None),
         "search_equals_cpu": (se["same_indices_as_cpu"] >= 0.99 and se["max_score_diff_vs_cpu"] < 1e-4
                               if "same_indices_as_cpu" in se else None),
     }

@@ -2,8 +2,9 @@
 # The GPU check in one command, from a plain checkout (nothing installed):
 #   benchmarks/gpu_check.sh [--no-compile] [gpu_check.py options]
 # On a machine with a GPU: the extraction benchmark (CPU vs GPU JPEG decode, torch.compile), a short
-# projector training and a top-k search on the GPU, and a 2-process torchrun extraction when two GPUs
-# exist (under 5 minutes); the last line is one JSON summary. Without a GPU it exits at once saying so.
+# projector training, a top-k search and a short backbone adaptation (bf16; fp16 with the loss scaler) on
+# the GPU, and a 2-process torchrun extraction when two GPUs exist (under 5 minutes); the last line is one JSON summary
+# (each step's result is also written to stderr as it ends). Without a GPU it exits at once saying so.
 #
 # The machine needs torch, torchvision, transformers, timm, pandas, pyarrow, scikit-learn, PyYAML and
 # tqdm. Pure-Python packages it may lack are installed from wheels put in .whl/ beside this checkout,

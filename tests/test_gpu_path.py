@@ -313,6 +313,23 @@ def test_gpu_check_train_and_search_steps_on_cpu():
     assert se["same_indices_as_cpu"] == 1.0 and se["max_score_diff_vs_cpu"] == 0.0
 
 
+def test_gpu_check_adapt_step_trains_at_each_precision_on_cpu(tmp_path):
+    """The adaptation step is notebook 00's adapt() at each precision asked for (here the tiny backbone on CPU,
+    fp32 and bf16): a table with a quarter held out, one history row per epoch, finite losses, nothing skipped."""
+    gc = _gpu_check_module()
+    table = gc.adapt_table(tmp_path / "t", 24)
+    assert (table["split"] == "val").sum() == 6 and set(table["label_abnormal"]) == {0, 1}
+    assert all(Path(p).is_file() for p in table["image_path"])
+    res = gc.check_adapt(tmp_path, 24, epochs=2, precisions=("fp32", "bf16"), device="cpu", batch_size=6,
+                         backbone="tiny")
+    assert res["train_images"] == 18 and res["backbone"] == "tiny"
+    for precision in ("fp32", "bf16"):
+        r = res[precision]
+        assert r["finite"] and r["skipped"] == 0 and r["batch_size"] == 6 and r["peak_gpu_mb"] is None
+        assert len(r["train_loss"]) == 2 and all(v > 0 for v in r["train_images_per_s"])
+    assert res["fp32"]["train_loss"] != res["bf16"]["train_loss"]  # each ran at its own precision
+
+
 def test_gpu_check_compares_runs_by_ids_and_cosines(tmp_path):
     """The torchrun step's verdict (its real run on CPU ranks is in test_embed_distributed): equal runs pass,
     a reordered or a changed embedding set fails."""
