@@ -44,10 +44,12 @@ from cxrlib import accel, backbones, embed  # noqa: E402
 from cxrlib.embstore import load_embeddings  # noqa: E402
 
 #: per-device defaults: images per set, naive-loop images, batch size, workers
-DEFAULTS = {"cuda": {"n_png": 2048, "n_jpeg": 2048, "n_naive": 64, "batch_size": "auto", "num_workers": "auto"},
-            "cpu": {"n_png": 32, "n_jpeg": 8, "n_naive": 8, "batch_size": 32, "num_workers": 1}}
+#: (n_jpeg_cpu None: one batch per worker, so that every worker decodes: a worker assembles a whole batch)
+DEFAULTS = {"cuda": {"n_png": 16384, "n_jpeg": 4096, "n_jpeg_cpu": None, "n_naive": 64, "batch_size": "auto",
+                     "num_workers": "auto"},
+            "cpu": {"n_png": 32, "n_jpeg": 8, "n_jpeg_cpu": 8, "n_naive": 8, "batch_size": 32, "num_workers": 1}}
 MIMIC_HW = (3056, 2544)  # height x width of a typical MIMIC-CXR-JPG PA view
-UNIQUE_IMAGES = 16  # distinct drawings; files repeat them (decode cost is the same per file)
+UNIQUE_IMAGES = 16  # distinct drawings, one file each; the image lists repeat them (decode cost is the same per read)
 
 
 def biomedclip_random(device: str) -> backbones.Backbone:
@@ -71,7 +73,8 @@ def radiograph_like(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def make_images(folder: Path, n: int, kind: str, seed: int = 0) -> list[Path]:
-    """``n`` files of ``kind`` ``jpeg`` (MIMIC-like full resolution) or ``png`` (512 px, Open-I-like)."""
+    """``n`` paths of ``kind`` ``jpeg`` (MIMIC-like full resolution) or ``png`` (512 px, Open-I-like), over
+    :data:`UNIQUE_IMAGES` files (the page cache holds them, as it held fresh copies: decoding is what is timed)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     hw = MIMIC_HW if kind == "jpeg" else (512, 512)
@@ -85,12 +88,35 @@ def make_images(folder: Path, n: int, kind: str, seed: int = 0) -> list[Path]:
         else:
             im.save(tmp, "PNG")
         blobs.append(tmp.read_bytes())
-    out = []
-    for i in range(n):
+    files = []
+    for i, blob in enumerate(blobs):
         p = folder / f"img{i:05d}.{'jpg' if kind == 'jpeg' else 'png'}"
-        p.write_bytes(blobs[i % len(blobs)])
-        out.append(p)
+        p.write_bytes(blob)
+        files.append(p)
     (folder / "draw.tmp").unlink(missing_ok=True)
+    return [files[i % len(files)] for i in range(n)]
+
+
+def decoder_only(files: list[Path], device: str, n: int = 64, repeats: int = 3) -> dict:
+    """Images/s of the JPEG decoder alone on ``n`` files: torchvision's batched ``decode_jpeg`` on the device
+    (bytes already in memory), and PIL on one CPU core: the ceilings the two extractor paths meet."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    data = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in files[:n]]
+    out: dict = {"images": len(data)}
+    if accel.is_cuda(device):
+        decode_jpeg(data[:4], mode=ImageReadMode.GRAY, device=device)  # warm-up (decoder handle)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            decode_jpeg(data, mode=ImageReadMode.GRAY, device=device)
+        sync(device)
+        out["device_images_per_s"] = round(repeats * len(data) / (time.perf_counter() - t0), 1)
+    m = min(len(data), 8)
+    t0 = time.perf_counter()
+    for p in files[:m]:
+        Image.open(p).convert("L").load()
+    out["cpu_one_core_images_per_s"] = round(m / (time.perf_counter() - t0), 1)
     return out
 
 
@@ -158,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--n-png", type=int)
     ap.add_argument("--n-jpeg", type=int)
+    ap.add_argument("--n-jpeg-cpu", type=int, help="JPEGs of the CPU-decode run (default: one batch per worker)")
     ap.add_argument("--n-naive", type=int)
     ap.add_argument("--batch-size", type=embed._int_or_auto)
     ap.add_argument("--num-workers", type=embed._int_or_auto)
@@ -188,6 +215,9 @@ def main(argv: list[str] | None = None) -> dict:
         naive_ips = naive_loop(bb, pngs[:n_naive], device)
         print(f"naive        {naive_ips:9.1f} images/s", file=sys.stderr)
 
+        dec = decoder_only(jpgs, device)
+        print(f"decoder only {dec}", file=sys.stderr)
+
         x = torch.stack([bb.preprocess(Image.open(p).convert("RGB")) for p in pngs[:min(n_png, UNIQUE_IMAGES)]])
         x = x.repeat(-(-n_png // len(x)), 1, 1, 1)[:n_png].to(device)
         fwd_batch = embed.resolve_batch_size(batch_size, "image", bb, device, precision)
@@ -204,7 +234,11 @@ def main(argv: list[str] | None = None) -> dict:
 
         ext = {}
         # png: what users get (on CUDA: decoded by CPU workers, resized on the GPU)
-        runs = [("png", pngs, "auto", False), ("jpeg_cpu_decode", jpgs, "cpu", False),
+        workers = accel.loader_settings(device, num_workers)["num_workers"]
+        n_cpu = args.n_jpeg_cpu or d["n_jpeg_cpu"] or max(1, workers) * fwd_batch
+        uniq = jpgs[:min(n_jpeg, UNIQUE_IMAGES)]
+        jpgs_cpu = [uniq[i % len(uniq)] for i in range(n_cpu)]  # the same files, in the same order
+        runs = [("png", pngs, "auto", False), ("jpeg_cpu_decode", jpgs_cpu, "cpu", False),
                 ("jpeg_device_decode", jpgs, "device", False)]
         if args.compile:  # the first run includes compiling; the second reuses the compiled graphs
             runs += [("jpeg_device_decode_compile_first", jpgs, "device", True),
@@ -222,7 +256,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"extractor {name:28s} " + (f"failed: {e['error']}" if "error" in e else
                   f"{e['images_per_s']:9.1f} images/s (batch {e['batch_size_used']}, decode {e['decode']})"),
                   file=sys.stderr)
-        cos_decode = float(np.min(np.sum(ext["jpeg_cpu_decode"]["emb"] * ext["jpeg_device_decode"]["emb"], axis=1)))
+        m = min(n_cpu, n_jpeg)  # both lists start with the same files in the same order
+        cos_decode = float(np.min(np.sum(ext["jpeg_cpu_decode"]["emb"][:m] * ext["jpeg_device_decode"]["emb"][:m],
+                                         axis=1)))
         for v in ext.values():
             v.pop("emb")
     gpu = accel.is_cuda(device)
@@ -234,7 +270,10 @@ def main(argv: list[str] | None = None) -> dict:
         "device": device, "cores": accel.available_cores(), "precision": precision,
         "torch": torch.__version__, "images": {"png": f"{n_png} x 512 px PNG (Open-I-like, synthetic)",
                                                "jpeg": f"{n_jpeg} x ~{MIMIC_HW[1]}x{MIMIC_HW[0]} px grey JPEG "
-                                                       f"(MIMIC-like, synthetic), {mb_per_jpeg:.2f} MB each"},
+                                                       f"(MIMIC-like, synthetic), {mb_per_jpeg:.2f} MB each",
+                                               "jpeg_cpu_decode": f"{n_cpu} of those JPEGs",
+                                               "files": f"{UNIQUE_IMAGES} distinct files per kind, listed repeatedly"},
+        "decoder_only": dec,
         "batch_size": batch_size, "forward_batch_size": fwd_batch, "num_workers": num_workers,
         "naive_images_per_s": round(naive_ips, 2), "forward_images_per_s": round(fwd_ips, 2),
         "forward_peak_gpu_mb": fwd_peak, "extractor": ext,

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check in one command, from a plain checkout (nothing installed):
 #   benchmarks/gpu_check.sh [--no-compile] [gpu_check.py options]
-# On a machine with a GPU: the extraction benchmark (CPU vs GPU JPEG decode, torch.compile), a short
-# projector training, a top-k search and a short backbone adaptation (bf16; fp16 with the loss scaler) on
+# On a machine with a GPU: the extraction benchmark (CPU vs GPU JPEG decode, the decoders alone,
+# torch.compile), a short projector training (eager, then torch.compile'd), a top-k search and a short backbone adaptation (bf16; fp16 with the loss scaler) on
 # the GPU, and a 2-process torchrun extraction when two GPUs exist (under 5 minutes); the last line is one JSON summary
 # (each step's result is also written to stderr as it ends). Without a GPU it exits at once saying so.
 #

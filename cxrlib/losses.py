@@ -18,11 +18,12 @@ settings named in its ``options`` (setting name -> ``__init__`` keyword).
 
 - BCE: on the shared classifier's logits of the projected image and/or report embeddings (``bce_on``),
   optionally class-weighted (``pos_weight``).
-- SupCon: pytorch-metric-learning's ``SupConLoss`` across modalities, multi-positive (every item with the
+- SupCon: supervised contrastive loss across modalities (:func:`supcon`: pytorch-metric-learning's
+  ``SupConLoss`` with its ``MeanReducer``, computed on dense label masks), multi-positive (every item with the
   anchor's label is a positive, the paired item included), image anchors vs report references and the
   reverse, averaged. Every anchor has its own pair as a positive, and the term is the mean over *all*
-  anchors (``MeanReducer``; PML's default ``AvgNonZeroReducer`` would leave out an anchor whose float32
-  loss is exactly 0, e.g. the one member of its class at a low temperature). A batch of one class gives 0.
+  anchors (PML's default ``AvgNonZeroReducer`` would leave out an anchor whose float32 loss is exactly 0,
+  e.g. the one member of its class at a low temperature). A batch of one class gives 0.
 - CLIP: open_clip's ``ClipLoss`` on the exact image-report pairs (the diagonal); identical reports of
   two studies in one batch therefore count as negatives of each other here (SupCon treats them as
   positives, since they share the label).
@@ -32,11 +33,10 @@ both contrastive terms use each rank's anchors against the references of all ran
 gradients (open_clip's ``local_loss=True, gather_with_grad=True``), so the averaged gradient equals that of
 one process holding the whole batch.
 
-The libraries behind the contrastive terms are imported when a term is built, not with this module (nodes
-that evaluate but never train import it through :mod:`cxrlib.train`): ``pytorch_metric_learning.losses``
-imports every PML loss and ``scipy.stats``; ``open_clip.loss`` is loaded by itself (:func:`_clip_loss_class`),
-since ``import open_clip.loss`` first runs ``open_clip/__init__``, which imports its models, ``timm`` and
-``transformers``.
+The library behind the CLIP term is imported when the term is built, not with this module (nodes that
+evaluate but never train import it through :mod:`cxrlib.train`): ``open_clip.loss`` is loaded by itself
+(:func:`_clip_loss_class`), since ``import open_clip.loss`` first runs ``open_clip/__init__``, which imports
+its models, ``timm`` and ``transformers``.
 """
 
 from __future__ import annotations
@@ -179,9 +179,14 @@ class BCETerm(Term):
         if bce_on not in BCE_ON:
             raise ValueError(f"bce_on must be one of {BCE_ON}, got {bce_on!r}")
         self.pos_weight, self.bce_on = pos_weight, bce_on
+        self._pos_weight_on: dict[torch.device, torch.Tensor] = {}  # made once per device, not copied each step
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        pw = None if self.pos_weight is None else torch.tensor(self.pos_weight, device=logits.device)
+        pw = None
+        if self.pos_weight is not None:
+            pw = self._pos_weight_on.get(logits.device)
+            if pw is None:
+                pw = self._pos_weight_on[logits.device] = torch.tensor(self.pos_weight, device=logits.device)
         return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), pos_weight=pw)
 
     def compute(self, out: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
@@ -192,14 +197,35 @@ class BCETerm(Term):
         return sum(self(out[k], labels) for k in keys[self.bce_on]) / len(keys[self.bce_on])
 
 
+def supcon(anchor: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor, ref_labels: torch.Tensor,
+           temperature: float) -> torch.Tensor:
+    """Supervised contrastive loss of ``anchor`` rows against ``ref`` rows, the mean over every anchor.
+
+    Each anchor's positives are the references of its label; the loss of an anchor is minus the mean log
+    softmax (over all references, cosine similarity / ``temperature``) of its positives. With no negative
+    in the batch, or at most one positive and one negative pair, the loss is 0. This is
+    pytorch-metric-learning's ``SupConLoss(temperature, reducer=MeanReducer())(anchor, labels, ref_emb=ref,
+    ref_labels=ref_labels)`` (``ref_labels`` a distinct tensor, so no pair is dropped), op for op on the same
+    values, but on dense label masks: PML builds them from index lists (``torch.where``) and tests them with
+    ``.any()``, which holds the host until the device catches up about ten times a step; here nothing waits,
+    so a GPU trainer queues its steps ahead (``tests/test_losses.py`` checks equal values and gradients).
+    """
+    mat = torch.matmul(F.normalize(anchor, p=2, dim=1), F.normalize(ref, p=2, dim=1).t())
+    pos = (labels[:, None] == ref_labels[None, :]).to(mat.dtype)
+    mat = mat / temperature
+    mat = mat - mat.max(dim=1, keepdim=True)[0].detach()  # for numerical stability
+    log_prob = mat - torch.logsumexp(mat, dim=1, keepdim=True)
+    mean_log_prob_pos = (pos * log_prob).sum(dim=1) / (pos.sum(dim=1) + torch.finfo(mat.dtype).tiny)
+    # PML's cases of 0 (tensors, so no host sync): no negative pair, or at most one pair of each kind
+    n_pos, n_neg = pos.sum(), (1 - pos).sum()
+    counted = ((n_neg > 0) & ((n_pos > 1) | (n_neg > 1))).to(mat.dtype)
+    return torch.mean(-mean_log_prob_pos) * counted
+
+
 @register_term("supcon", default=1.0, label="SupCon", help="the supervised contrastive term")
 class CrossModalSupCon(Term):
-    """Supervised contrastive loss with image anchors vs text references and the reverse, averaged.
-
-    Uses ``pytorch_metric_learning.losses.SupConLoss`` (cosine similarity, ``temperature``). The
-    reference labels are a *different tensor object* from the anchor labels: passing the same object
-    makes PML drop the diagonal (the image's own report) from the positives (PML issue #488).
-    """
+    """Supervised contrastive loss (:func:`supcon`, cosine similarity, ``temperature``) with image anchors vs
+    text references and the reverse, averaged; under torchrun the references are every rank's."""
 
     needs_labels = True
     options = {"supcon_temperature": "temperature"}
@@ -209,18 +235,14 @@ class CrossModalSupCon(Term):
         if not temperature > 0:
             raise ValueError(f"supcon temperature must be > 0, got {temperature}")
         self.temperature, self.rank, self.world_size = temperature, rank, world_size
-        from pytorch_metric_learning.losses import SupConLoss
-        from pytorch_metric_learning.reducers import MeanReducer
-
-        self.loss = SupConLoss(temperature=temperature, reducer=MeanReducer())  # mean over every anchor
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         image, text, labels = image.float(), text.float(), labels.long()
         all_image = gather_with_grad(image, self.world_size)
         all_text = gather_with_grad(text, self.world_size)
-        all_labels = gather_labels(labels, self.world_size).clone()  # a new object even when world_size == 1
-        i2t = self.loss(image, labels, ref_emb=all_text, ref_labels=all_labels)
-        t2i = self.loss(text, labels, ref_emb=all_image, ref_labels=all_labels)
+        all_labels = gather_labels(labels, self.world_size)
+        i2t = supcon(image, labels, all_text, all_labels, self.temperature)
+        t2i = supcon(text, labels, all_image, all_labels, self.temperature)
         return (i2t + t2i) / 2
 
     def compute(self, out: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:

@@ -224,7 +224,7 @@ _TOY_CFG = TrainConfig(width=8, batch_size=64, epochs=2, dropout=0.0, lr=1e-2, w
 def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)  # forked: one thread, no OpenMP parallel region after the fork
+    torch.set_num_threads(1)  # two ranks on a 2-core machine: one thread each
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         img, txt, labels = _toy_batch()
@@ -246,9 +246,10 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
     batch each give the loss and the (averaged) gradients of one process holding the whole batch."""
     import torch.multiprocessing as mp
 
-    # forked ranks start at once (spawned ones import torch and cxrlib again); each runs on one torch thread
+    # spawned, not forked: a fork inherits this process's autograd state, and after a torch.compile'd backward
+    # (another test in the same pytest worker) a forked child's backward fails ("autograd's threading")
     mp.start_processes(_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
-                       start_method="fork")
+                       start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]  # our own files
     img, txt, labels = _toy_batch()
     terms, grads = _toy_loss(img, txt, labels, MultiTaskLoss(rank=0, world_size=1))
@@ -286,3 +287,85 @@ def test_supcon_is_the_mean_over_all_anchors_including_a_zero_loss_anchor():
     assert got == pytest.approx(cross_modal_reference(img, txt, labels, tau), rel=1e-5)
     assert got == pytest.approx(float((per_anchor.mean() + pml(txt, labels, ref_emb=img, ref_labels=labels.clone())
                                        ["loss"]["losses"].mean()) / 2), rel=1e-6)
+
+
+def _pml_mean_supcon(anchor, labels, ref, ref_labels, tau):
+    from pytorch_metric_learning.reducers import MeanReducer
+
+    return SupConLoss(temperature=tau, reducer=MeanReducer())(anchor, labels, ref_emb=ref, ref_labels=ref_labels.clone())
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_supcon_equals_pml_supcon_loss_bit_for_bit(seed):
+    """losses.supcon is PML's SupConLoss with its MeanReducer on the same inputs: the same float32 value and the
+    same gradients, bit for bit, over random batch sizes, reference sets, label counts and temperatures."""
+    from cxrlib.losses import supcon
+
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(6):
+        b = int(torch.randint(2, 80, (), generator=g))
+        r = b * int(torch.randint(1, 3, (), generator=g))
+        d, n_cls = int(torch.randint(2, 40, (), generator=g)), int(torch.randint(1, 4, (), generator=g))
+        tau = float(torch.empty(()).uniform_(0.02, 1.0, generator=g))
+        a, ref = torch.randn(b, d, generator=g, requires_grad=True), torch.randn(r, d, generator=g, requires_grad=True)
+        la = torch.randint(0, n_cls, (b,), generator=g)
+        lr = torch.cat([la, torch.randint(0, n_cls, (r - b,), generator=g)])
+        want = _pml_mean_supcon(a, la, ref, lr, tau)
+        got = supcon(a, la, ref, lr, tau)
+        assert torch.equal(got.detach(), want.detach())
+        for x, y in zip(torch.autograd.grad(got, (a, ref)), torch.autograd.grad(want, (a, ref), allow_unused=True)):
+            assert torch.equal(x, torch.zeros_like(x) if y is None else y)
+
+
+@pytest.mark.parametrize("case", ["one class", "one anchor, two references", "one of each"])
+def test_supcon_zero_cases_are_pmls(case):
+    """PML's zero cases: no negative pair, or at most one positive and one negative pair (zero gradient too)."""
+    from cxrlib.losses import supcon
+
+    g = torch.Generator().manual_seed(1)
+    la, lr = {"one class": ([1, 1, 1], [1, 1, 1]), "one anchor, two references": ([0], [0, 1]),
+              "one of each": ([0], [0])}[case]
+    a = torch.randn(len(la), 5, generator=g, requires_grad=True)
+    ref = torch.randn(len(lr), 5, generator=g, requires_grad=True)
+    la, lr = torch.tensor(la), torch.tensor(lr)
+    got = supcon(a, la, ref, lr, 0.1)
+    assert float(got.detach()) == 0.0 == float(_pml_mean_supcon(a, la, ref, lr, 0.1).detach())
+    assert torch.equal(torch.autograd.grad(got, a)[0], torch.zeros_like(a))
+
+
+def test_the_loss_forward_reads_nothing_back_to_the_host(batch):
+    """No term's forward asks for a value on the host (``.item()``, ``bool()``, ``nonzero``, one-argument
+    ``where``...): on a GPU each such call waits for the device, and a step could not be queued ahead. PML's
+    SupConLoss made about ten such calls a step."""
+    img, txt, labels = batch
+    seen = []
+
+    class Watch(torch.overrides.TorchFunctionMode):
+        HOST = {"item", "__bool__", "nonzero", "tolist", "__int__", "__float__", "__index__", "argwhere",
+                "masked_select", "unique"}
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", str(func))
+            if name in self.HOST or (name == "where" and len(args) == 1 and not kwargs):
+                seen.append(name)
+            return func(*args, **(kwargs or {}))
+
+    loss = MultiTaskLoss({t: 1.0 for t in ("bce", "supcon", "clip")}, pos_weight=2.0)
+    out = {"image": img, "text": txt, "logit_scale": torch.tensor(1 / 0.07),
+           "image_logits": img[:, 0], "text_logits": txt[:, 0]}
+    with Watch():
+        loss(out, labels)
+    assert seen == []
+    with Watch():  # the watch does see such calls
+        bool(labels.any())
+    assert seen == ["__bool__"]
+
+
+def test_bce_pos_weight_tensor_is_made_once_per_device(batch):
+    """The class weight is one tensor per device, reused by every step (no host-to-device copy per step)."""
+    img, _, labels = batch
+    term = BCETerm(pos_weight=2.5)
+    first = term(img[:, 0], labels)
+    assert torch.equal(term(img[:, 0], labels), first) and len(term._pos_weight_on) == 1
+    want = F.binary_cross_entropy_with_logits(img[:, 0], labels.float(), pos_weight=torch.tensor(2.5))
+    assert torch.equal(first, want)
