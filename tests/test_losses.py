@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -12,6 +16,8 @@ from pytorch_metric_learning.losses import SupConLoss
 
 from cxrlib.losses import BCETerm, ClipTerm, CrossModalSupCon, MultiTaskLoss
 from cxrlib.train import TrainConfig, synthetic_splits, train_projector
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _norm(x):
@@ -244,12 +250,17 @@ def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
     """Under torch.distributed both contrastive terms gather all ranks' features: two ranks with half a
     batch each give the loss and the (averaged) gradients of one process holding the whole batch."""
-    import torch.multiprocessing as mp
-
-    # spawned, not forked: a fork inherits this process's autograd state, and after a torch.compile'd backward
-    # (another test in the same pytest worker) a forked child's backward fails ("autograd's threading")
-    mp.start_processes(_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
+    # The ranks are forked (they start at once) from a fresh interpreter, not from this pytest process: a fork
+    # inherits its parent's autograd state, and after some other test's torch.compile'd backward a forked
+    # child's backward fails ("autograd's threading"); spawning instead fails in an xdist worker (no __main__
+    # spec).
+    driver = ("import sys, torch.multiprocessing as mp; sys.path.insert(0, sys.argv[1]); import test_losses as t; "
+              "mp.start_processes(t._rank_worker, args=(2, sys.argv[2] + '/init', sys.argv[2]), nprocs=2, "
+              "join=True, start_method='fork')")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", driver, str(REPO / "tests"), str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]  # our own files
     img, txt, labels = _toy_batch()
     terms, grads = _toy_loss(img, txt, labels, MultiTaskLoss(rank=0, world_size=1))
