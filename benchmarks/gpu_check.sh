@@ -9,8 +9,7 @@
 # The machine needs torch, torchvision, transformers, timm, pandas, pyarrow, scikit-learn, PyYAML and
 # tqdm. Pure-Python packages it may lack are installed from wheels put in .whl/ beside this checkout,
 # e.g. made on a machine with a network by:
-#   pip download --no-deps --only-binary=:all: -d .whl open_clip_torch==3.3.0 ftfy==6.3.1 \
-#       wcwidth==0.9.4 pytorch-metric-learning==2.9.0
+#   pip download --no-deps --only-binary=:all: -d .whl open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -254,7 +254,7 @@ def test_cli_cuda_without_cuda_fails_in_one_line_before_work(tmp_path, monkeypat
 BLOCKER = r"""
 import importlib.abc, sys
 BLOCKED = {"papermill", "umap", "jupyter", "jupyter_client", "jupyter_core", "nbformat", "nbclient",
-           "ipykernel", "ipywidgets", "IPython", "faiss", "openTSNE"}
+           "ipykernel", "ipywidgets", "IPython", "faiss", "openTSNE", "pytorch_metric_learning"}
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in BLOCKED:
@@ -272,7 +272,8 @@ assert not loaded, loaded
 print("ok")
 """
 
-#: what benchmarks/gpu_check.sh runs (a GPU machine has none of the notebook stack, nor faiss)
+#: what benchmarks/gpu_check.sh runs (a GPU machine has none of the notebook stack, nor faiss or
+#: pytorch-metric-learning: the losses it trains with are cxrlib's and open_clip's)
 GPU_CHECK_MODULES = ["cxrlib", "cxrlib.accel", "cxrlib.embed", "cxrlib.backbones", "cxrlib.train",
                      "cxrlib.retrieval", "cxrlib.projector", "cxrlib.losses", "cxrlib.pairs", "cxrlib.embstore"]
 GPU_CHECK_SCRIPTS = ["benchmarks/embed_throughput.py", "benchmarks/gpu_check.py"]
